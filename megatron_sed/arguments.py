@@ -1,0 +1,142 @@
+"""The --loss-type / --sed-* command-line flags, defined in one place.
+
+`add_sed_args(parser)` is shared by megatron_sed's own trainer and by Megatron-LM's
+`extra_args_provider`, so the flags, defaults and help texts never drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from megatron_sed.ops.config import MASKS, REGULARIZERS, SEDConfig
+
+# The authors' defaults (pppa2019/SED-SFT): lambda = 1.0 in their scripts, k = 2,
+# about 30 % of supervised tokens regularised (cumsum_ratio 0.7).
+DEFAULT_SED_COEF = 1.0
+DEFAULT_SED_TOP_K = 2
+DEFAULT_SED_THRESHOLD = 0.95
+DEFAULT_CALIBRATION_SAMPLES = 100
+
+
+def add_sed_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the SED-SFT flags to `parser` (an argparse parser) and return it."""
+    group = parser.add_argument_group(title="SED-SFT loss")
+    group.add_argument(
+        "--loss-type",
+        type=str,
+        default="ce",
+        choices=["ce", "sed"],
+        help="Language-model loss: 'ce' (plain cross-entropy) or 'sed' "
+        "(cross-entropy + selective diversity regulariser, SED-SFT).",
+    )
+    group.add_argument(
+        "--sed-coef",
+        "--sed-lambda",
+        dest="sed_coef",
+        type=float,
+        default=DEFAULT_SED_COEF,
+        help="lambda: weight of the SED regulariser (>= 0).",
+    )
+    group.add_argument(
+        "--sed-top-k",
+        type=int,
+        default=DEFAULT_SED_TOP_K,
+        help="k of the top-k probability mass that selects the regularised tokens.",
+    )
+    group.add_argument(
+        "--sed-threshold",
+        type=float,
+        default=None,
+        help="tau. --sed-mask topk_mass: regularise tokens whose top-k mass < tau; "
+        "--sed-mask entropy: tokens whose entropy (nats) > tau. Overrides --sed-mask-ratio. "
+        f"Default {DEFAULT_SED_THRESHOLD} when neither is given.",
+    )
+    group.add_argument(
+        "--sed-mask",
+        type=str,
+        default="topk_mass",
+        choices=list(MASKS),
+        help="Which tokens get the regulariser: topk_mass (the paper), entropy, all, none.",
+    )
+    group.add_argument(
+        "--sed-regularizer",
+        type=str,
+        default="quadratic",
+        choices=list(REGULARIZERS),
+        help="quadratic: (p_target - 1/2)^2 (the paper); entropy: -H(p).",
+    )
+    group.add_argument(
+        "--sed-mask-ratio",
+        type=float,
+        default=None,
+        help="Calibrate tau before training so that this fraction of supervised tokens "
+        "is regularised (the paper: 0.3). Ignored when --sed-threshold is given.",
+    )
+    group.add_argument(
+        "--sed-calibration-samples",
+        type=int,
+        default=DEFAULT_CALIBRATION_SAMPLES,
+        help="Held-out samples used to calibrate tau (--sed-mask-ratio).",
+    )
+    group.add_argument(
+        "--sed-threshold-update",
+        type=str,
+        default="fixed",
+        choices=["fixed", "ema"],
+        help="fixed: tau stays as set/calibrated; ema: re-estimate the --sed-mask-ratio "
+        "quantile on every batch and track it with an exponential moving average.",
+    )
+    group.add_argument(
+        "--sed-threshold-ema",
+        type=float,
+        default=0.9,
+        help="Decay of the EMA used by --sed-threshold-update ema.",
+    )
+    return parser
+
+
+def validate_sed_args(args: argparse.Namespace) -> None:
+    """Check the SED flags; raise ValueError naming the offending flag."""
+    if getattr(args, "loss_type", "ce") not in ("ce", "sed"):
+        raise ValueError(f"--loss-type must be 'ce' or 'sed', got {args.loss_type!r}")
+    if args.sed_coef < 0:
+        raise ValueError(f"--sed-coef must be >= 0, got {args.sed_coef}")
+    if args.sed_top_k < 1:
+        raise ValueError(f"--sed-top-k must be >= 1, got {args.sed_top_k}")
+    ratio = getattr(args, "sed_mask_ratio", None)
+    if ratio is not None and not 0.0 < ratio < 1.0:
+        raise ValueError(f"--sed-mask-ratio must lie in (0, 1), got {ratio}")
+    if getattr(args, "sed_calibration_samples", 1) < 1:
+        raise ValueError(
+            f"--sed-calibration-samples must be >= 1, got {args.sed_calibration_samples}"
+        )
+    if getattr(args, "sed_threshold_update", "fixed") == "ema" and ratio is None:
+        raise ValueError("--sed-threshold-update ema needs --sed-mask-ratio (the quantile to track)")
+    ema = getattr(args, "sed_threshold_ema", 0.9)
+    if not 0.0 <= ema < 1.0:
+        raise ValueError(f"--sed-threshold-ema must lie in [0, 1), got {ema}")
+    try:
+        sed_config_from_args(args)
+    except ValueError as err:  # re-word SEDConfig's message in flag names
+        msg = str(err).replace("SEDConfig.threshold", "--sed-threshold")
+        msg = msg.replace("SEDConfig.coef", "--sed-coef").replace("SEDConfig.top_k", "--sed-top-k")
+        raise ValueError(msg) from None
+
+
+def sed_config_from_args(args: argparse.Namespace, threshold: float | None = None) -> SEDConfig:
+    """The SEDConfig the flags describe. `threshold` (e.g. a calibrated tau) wins over
+    --sed-threshold's default but not over an explicit --sed-threshold.
+    --loss-type ce gives a config whose regulariser never acts (mask 'none')."""
+    tau = args.sed_threshold if args.sed_threshold is not None else threshold
+    if tau is None:
+        tau = DEFAULT_SED_THRESHOLD
+    loss_type = getattr(args, "loss_type", "sed")
+    return SEDConfig(
+        coef=float(args.sed_coef),
+        top_k=int(args.sed_top_k),
+        threshold=float(tau),
+        mask=args.sed_mask if loss_type == "sed" else "none",
+        regularizer=args.sed_regularizer,
+        ignore_index=-100,
+        impl=getattr(args, "sed_impl", "auto"),
+    )

@@ -1,0 +1,77 @@
+"""SEDConfig: the hyperparameters of the SED-SFT loss, validated once at construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+MASKS = ("topk_mass", "entropy", "all", "none")
+REGULARIZERS = ("quadratic", "entropy")
+IMPLS = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class SEDConfig:
+    """Per token t with target y and p = softmax(z):
+
+        L_t = -log p_y + coef * M_t * R_t
+
+    coef:        lambda, the weight of the regulariser (>= 0; 0 is plain CE).
+    top_k:       k of the top-k probability mass P_topk used by mask="topk_mass".
+    threshold:   tau. mask="topk_mass": M = P_topk < tau (a probability in (0, 1]);
+                 mask="entropy": M = H > tau (nats, >= 0). Unused by "all"/"none".
+    mask:        "topk_mass" (the paper), "entropy", "all" (every token), "none" (CE).
+    regularizer: "quadratic" R = (p_y - 1/2)^2 (the paper) or "entropy" R = -H.
+    ignore_index: targets equal to it contribute 0 loss and 0 gradient.
+    impl:        "auto" (Triton on CUDA tensors when available, else torch),
+                 "torch" or "triton".
+    """
+
+    coef: float = 1.0
+    top_k: int = 2
+    threshold: float = 0.95
+    mask: str = "topk_mass"
+    regularizer: str = "quadratic"
+    ignore_index: int = -100
+    impl: str = "auto"
+
+    def __post_init__(self):
+        if isinstance(self.coef, bool) or not isinstance(self.coef, (int, float)):
+            raise ValueError(f"SEDConfig.coef must be a number, got {self.coef!r}")
+        if not math.isfinite(self.coef) or self.coef < 0:
+            raise ValueError(f"SEDConfig.coef must be a finite number >= 0, got {self.coef!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ValueError(f"SEDConfig.top_k must be an integer >= 1, got {self.top_k!r}")
+        if self.mask not in MASKS:
+            raise ValueError(f"SEDConfig.mask must be one of {MASKS}, got {self.mask!r}")
+        if self.regularizer not in REGULARIZERS:
+            raise ValueError(
+                f"SEDConfig.regularizer must be one of {REGULARIZERS}, got {self.regularizer!r}"
+            )
+        if self.impl not in IMPLS:
+            raise ValueError(f"SEDConfig.impl must be one of {IMPLS}, got {self.impl!r}")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
+            raise ValueError(f"SEDConfig.threshold must be a number, got {self.threshold!r}")
+        if not math.isfinite(self.threshold):
+            raise ValueError(f"SEDConfig.threshold must be finite, got {self.threshold!r}")
+        if self.mask == "topk_mass" and not 0.0 < self.threshold <= 1.0:
+            raise ValueError(
+                "SEDConfig.threshold is a top-k probability mass for mask='topk_mass' and must "
+                f"lie in (0, 1], got {self.threshold!r}"
+            )
+        if self.mask == "entropy" and self.threshold < 0.0:
+            raise ValueError(
+                "SEDConfig.threshold is an entropy in nats for mask='entropy' and must be >= 0, "
+                f"got {self.threshold!r}"
+            )
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise ValueError(f"SEDConfig.ignore_index must be an int, got {self.ignore_index!r}")
+
+    @property
+    def is_plain_ce(self) -> bool:
+        """True when the regulariser can never act (coef 0 or mask 'none')."""
+        return self.coef == 0.0 or self.mask == "none"
+
+    def replace(self, **changes) -> "SEDConfig":
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
