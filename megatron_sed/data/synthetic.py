@@ -1,0 +1,278 @@
+"""Deterministic offline synthetic math SFT set with several solution paths per problem.
+
+Each problem is a short arithmetic word problem over three numbers. It has ``NUM_PATHS``
+distinct, valid solution paths (different orders of summation / decomposition), each a
+chain of equations ``x op y = z.`` ending in ``\\boxed{answer}``. The training split holds
+every path of every problem (one row per path); the test split holds problems whose
+numbers never occur in the training split (the split is decided by a hash of the problem's
+kind and numbers, not by the seed), with the reference path and all valid paths attached.
+
+The evaluation uses :func:`extract_boxed` to score an answer and :func:`identify_path`
+(or :func:`path_signature` for paths outside the known set) to count distinct correct
+solution paths. Problem + response stay under ~160 bytes so a tiny byte-level model can
+learn the set on a CPU in minutes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import tempfile
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+NUM_PATHS = 3
+KINDS = ("sum", "sub", "buy")
+
+_NAMES = ("Ann", "Ben", "Cy", "Dee", "Eli", "Fay", "Gus", "Ivy", "Jo", "Kim", "Lu", "Max")
+_ITEMS = ("apples", "pens", "coins", "books", "eggs", "cards", "shells", "stamps")
+
+# Fraction of the (kind, numbers) space reserved for the held-out split.
+_TEST_BUCKETS = 10  # 1 in 10 problem keys is a test problem.
+
+_EQ_RE = re.compile(r"(\d+)\s*([+\-*])\s*(\d+)\s*=\s*(-?\d+)")
+
+
+def _key_hash(kind: str, nums: Tuple[int, ...]) -> int:
+    digest = hashlib.sha256(f"{kind}:{','.join(map(str, nums))}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def problem_split(kind: str, nums: Tuple[int, ...]) -> str:
+    """``"test"`` or ``"train"``: a fixed function of the problem, so splits never overlap."""
+    return "test" if _key_hash(kind, nums) % _TEST_BUCKETS == 0 else "train"
+
+
+def _sample_nums(kind: str, rng: random.Random, max_value: int) -> Tuple[int, int, int]:
+    if kind == "sum":  # a + b + c
+        return tuple(rng.randint(2, max_value) for _ in range(3))  # type: ignore[return-value]
+    if kind == "sub":  # a - b - c with a result >= 1
+        b, c = rng.randint(1, max_value // 2), rng.randint(1, max_value // 2)
+        a = rng.randint(b + c + 1, b + c + max_value)
+        return a, b, c
+    if kind == "buy":  # n boxes of k items plus m loose: n*k + m
+        return rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, max_value)
+    raise ValueError(f"unknown problem kind {kind!r}; expected one of {KINDS}")
+
+
+def _question(kind: str, nums: Sequence[int], name: str, item: str) -> str:
+    a, b, c = nums
+    if kind == "sum":
+        return f"{name} has {a} {item}, gets {b} more, then {c} more. How many {item} now?"
+    if kind == "sub":
+        return f"{name} has {a} {item}, gives away {b}, then {c} more. How many {item} are left?"
+    return f"{name} buys {a} boxes of {b} {item} and {c} loose {item}. How many {item} in all?"
+
+
+def _equations(kind: str, nums: Sequence[int]) -> List[List[Tuple[int, str, int, int]]]:
+    """The ``NUM_PATHS`` solution paths, each a list of equations ``(x, op, y, z)``."""
+    a, b, c = nums
+    if kind == "sum":
+        return [
+            [(a, "+", b, a + b), (a + b, "+", c, a + b + c)],
+            [(b, "+", c, b + c), (a, "+", b + c, a + b + c)],
+            [(a, "+", c, a + c), (a + c, "+", b, a + b + c)],
+        ]
+    if kind == "sub":
+        return [
+            [(a, "-", b, a - b), (a - b, "-", c, a - b - c)],
+            [(a, "-", c, a - c), (a - c, "-", b, a - b - c)],
+            [(b, "+", c, b + c), (a, "-", b + c, a - b - c)],
+        ]
+    # buy: a boxes of b items plus c loose
+    return [
+        [(a, "*", b, a * b), (a * b, "+", c, a * b + c)],
+        [(b, "*", a, a * b), (c, "+", a * b, a * b + c)],
+        # decompose a = (a - 1) + 1: the last box is counted with the loose items
+        [(b, "+", c, b + c), (a - 1, "*", b, (a - 1) * b), ((a - 1) * b, "+", b + c, a * b + c)],
+    ]
+
+
+def _answer(kind: str, nums: Sequence[int]) -> int:
+    return _equations(kind, nums)[0][-1][-1]
+
+
+def _render(equations: Sequence[Tuple[int, str, int, int]]) -> str:
+    body = " ".join(f"{x}{op}{y}={z}." for x, op, y, z in equations)
+    return f"{body} \\boxed{{{equations[-1][-1]}}}"
+
+
+def solution_paths(kind: str, nums: Sequence[int]) -> List[str]:
+    """All valid solution texts of a problem, indexed by path id."""
+    return [_render(eqs) for eqs in _equations(kind, tuple(nums))]
+
+
+def make_synthetic_math(
+    num_problems: int,
+    seed: int = 1234,
+    split: str = "train",
+    max_value: int = 20,
+    kinds: Sequence[str] = KINDS,
+    paths_per_problem: Optional[int] = None,
+) -> List[Dict]:
+    """Generate ``num_problems`` distinct problems of ``split`` deterministically from ``seed``.
+
+    Rows: ``question``, ``response``, ``answer`` (str), ``path_id`` (int), ``problem_id``,
+    ``kind``, ``nums``, ``num_paths``, ``paths`` (every valid response, by path id).
+    ``split="train"``: one row per (problem, path) for the first ``paths_per_problem``
+    paths (default: all ``NUM_PATHS``). ``split="test"``: one row per problem holding the
+    reference path 0. Train and test problems never share (kind, numbers).
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if num_problems < 0:
+        raise ValueError(f"num_problems must be >= 0, got {num_problems}")
+    for kind in kinds:
+        if kind not in KINDS:
+            raise ValueError(f"unknown problem kind {kind!r}; expected some of {KINDS}")
+    if max_value < 4:
+        raise ValueError(f"max_value must be >= 4, got {max_value}")
+    n_paths = NUM_PATHS if paths_per_problem is None else paths_per_problem
+    if not 1 <= n_paths <= NUM_PATHS:
+        raise ValueError(f"paths_per_problem must be in [1, {NUM_PATHS}], got {paths_per_problem}")
+
+    rng = random.Random(f"megatron-sed-synthetic:{seed}:{split}")
+    seen = set()
+    rows: List[Dict] = []
+    attempts = 0
+    while len(seen) < num_problems:
+        attempts += 1
+        if attempts > 200 * num_problems + 1000:
+            raise ValueError(
+                f"cannot draw {num_problems} distinct {split} problems with max_value={max_value}; "
+                "raise max_value or lower num_problems"
+            )
+        kind = kinds[rng.randrange(len(kinds))]
+        nums = _sample_nums(kind, rng, max_value)
+        name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+        if problem_split(kind, nums) != split or (kind, nums) in seen:
+            continue
+        paths = solution_paths(kind, nums)
+        if len({path_signature(p) for p in paths}) != NUM_PATHS:
+            continue  # e.g. b == c makes two summation orders identical: paths must be countable
+        seen.add((kind, nums))
+        question = _question(kind, nums, name, item)
+        problem_id = f"{kind}-{'-'.join(map(str, nums))}"
+        path_ids = range(n_paths) if split == "train" else [0]
+        for pid in path_ids:
+            rows.append(
+                {
+                    "question": question,
+                    "response": paths[pid],
+                    "answer": str(_answer(kind, nums)),
+                    "path_id": pid,
+                    "problem_id": problem_id,
+                    "kind": kind,
+                    "nums": list(nums),
+                    "num_paths": NUM_PATHS,
+                    "paths": paths,
+                }
+            )
+    return rows
+
+
+_BOXED_RE = re.compile(r"\\boxed\{")
+
+
+def extract_boxed(text: str) -> Optional[str]:
+    """Content of the last ``\\boxed{...}`` (balanced braces), stripped; None if absent."""
+    last = None
+    for m in _BOXED_RE.finditer(text):
+        depth, i = 1, m.end()
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            last = text[m.end() : i - 1].strip()
+    return last
+
+
+def answers_match(predicted: Optional[str], answer) -> bool:
+    """Numeric comparison when both parse as numbers, else exact string comparison."""
+    if predicted is None:
+        return False
+    pred, ref = predicted.replace(",", "").strip(), str(answer).replace(",", "").strip()
+    try:
+        return float(pred) == float(ref)
+    except ValueError:
+        return pred == ref
+
+
+def path_signature(response: str) -> Tuple[Tuple[int, str, int, int], ...]:
+    """The ordered tuple of equations ``(x, op, y, z)`` written in a response.
+
+    Two responses follow the same solution path iff their signatures are equal; this
+    counts paths even outside the known set (used by the evaluation's distinct-paths metric).
+    """
+    return tuple((int(x), op, int(y), int(z)) for x, op, y, z in _EQ_RE.findall(response))
+
+
+def equations_valid(response: str) -> bool:
+    """True when the response has at least one equation and every equation is arithmetically true."""
+    sig = path_signature(response)
+    ops = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y}
+    return bool(sig) and all(ops[op](x, y) == z for x, op, y, z in sig)
+
+
+def identify_path(row_or_paths, response: str) -> Optional[int]:
+    """Path id of ``response`` among the problem's known paths, or None.
+
+    ``row_or_paths`` is a row from :func:`make_synthetic_math` (uses its ``paths``) or a
+    list of path texts. Matching is on the equation sequence, so spacing does not matter.
+    """
+    paths = row_or_paths["paths"] if isinstance(row_or_paths, dict) else row_or_paths
+    sig = path_signature(response)
+    if not sig:
+        return None
+    for pid, text in enumerate(paths):
+        if path_signature(text) == sig:
+            return pid
+    return None
+
+
+def write_synthetic_jsonl(path: str, num_problems: int, seed: int = 1234, split: str = "train", **kw) -> int:
+    """Write :func:`make_synthetic_math` rows to ``path`` as JSON lines (atomically); returns the row count."""
+    rows = make_synthetic_math(num_problems, seed=seed, split=split, **kw)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return len(rows)
+
+
+def iter_questions(rows: Iterable[Dict]) -> List[Dict]:
+    """One row per distinct problem (first occurrence), e.g. to build evaluation prompts."""
+    seen, out = set(), []
+    for row in rows:
+        if row["problem_id"] not in seen:
+            seen.add(row["problem_id"])
+            out.append(row)
+    return out
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Write the synthetic multi-path math SFT set as JSON lines.")
+    p.add_argument("--output", required=True)
+    p.add_argument("--num-problems", type=int, default=2000)
+    p.add_argument("--split", choices=("train", "test"), default="train")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--max-value", type=int, default=20)
+    args = p.parse_args(argv)
+    n = write_synthetic_jsonl(args.output, args.num_problems, args.seed, args.split, max_value=args.max_value)
+    print(f"wrote {n} rows ({args.num_problems} {args.split} problems) to {args.output}")
+
+
+if __name__ == "__main__":
+    main()
