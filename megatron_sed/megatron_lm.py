@@ -1,0 +1,239 @@
+"""Glue between megatron-sed and Megatron-LM's `pretrain_gpt.py`.
+
+The patches in patches/megatron-lm/ add three calls to `pretrain_gpt.py`:
+
+1. `extra_args_provider(base)` where Megatron-LM parses its arguments: adds the
+   `--loss-type` / `--sed-*` flags (the same `add_sed_args` our trainer uses) and
+   checks them right after parsing, so a bad value fails like any Megatron flag.
+2. `install_sed_loss(model, args)` in `forward_step`: with `--loss-type sed` it makes
+   every Megatron-Core `GPTModel` in `model` compute SED on its vocab-parallel
+   `[s, b, V/tp]` logits (an instance override of `compute_language_model_loss`, the
+   method GPTModel calls once it has the logits). Idempotent and cheap after the first
+   call; logs once; a no-op for `--loss-type ce`.
+3. `add_sed_report(report, loss_mask, model)` in `loss_func`: the SED statistics of
+   the micro-batch the model just ran, as `[sum, count]` pairs over the loss-masked
+   tokens. Megatron's training loop sums such pairs over micro-batches, all-reduces
+   them over the data-parallel group and logs `sum / count` (console and TensorBoard),
+   exactly as it does for `lm loss`.
+
+Nothing here imports Megatron-LM (`megatron.training`): only Megatron-Core, so the
+installer is testable on a bare GPTModel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+
+from megatron_sed.arguments import add_sed_args, sed_config_from_args, validate_sed_args
+from megatron_sed.ops.config import SEDConfig
+
+__all__ = [
+    "REPORT_KEYS",
+    "add_sed_args",
+    "add_sed_report",
+    "extra_args_provider",
+    "install_sed_loss",
+    "validate_megatron_lm_sed_args",
+]
+
+# report key (what Megatron-LM prints and writes to TensorBoard) -> SED stat name.
+# `lm loss` stays Megatron's own key for the optimised objective (ce + reg under SED).
+REPORT_KEYS = {
+    "ce loss": "ce",
+    "sed reg": "reg",
+    "sed mask rate": "mask",
+    "entropy": "entropy",
+    "target prob": "target_prob",
+    "topk mass": "topk_mass",
+    "top1 acc": "correct",
+}
+
+# Attribute names set on the models (prefixed so they never clash with Megatron's).
+_CFG_ATTR = "_megatron_sed_cfg"
+_STATS_ATTR = "_megatron_sed_stats"
+_TARGETS_ATTR = "_megatron_sed_targets"
+
+_logged = False
+
+
+def _print_rank_0(msg: str) -> None:
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(msg, flush=True)
+
+
+# ----------------------------------------------------------------------------- flags
+
+
+def validate_megatron_lm_sed_args(args: argparse.Namespace) -> None:
+    """`validate_sed_args` plus what only our own trainer can do: calibrating tau needs
+    a pass over held-out data before training, which pretrain_gpt.py has no place for."""
+    validate_sed_args(args)
+    if getattr(args, "loss_type", "ce") != "sed":
+        return
+    if args.sed_threshold is None and getattr(args, "sed_mask_ratio", None) is not None:
+        raise ValueError(
+            "--sed-mask-ratio (calibrating tau on held-out data) is not available in "
+            "Megatron-LM's pretrain_gpt.py: pass --sed-threshold explicitly (e.g. the tau "
+            "that `megatron-sed-train --sed-mask-ratio ...` logs at start-up)"
+        )
+    if getattr(args, "sed_threshold_update", "fixed") != "fixed":
+        raise ValueError(
+            "--sed-threshold-update ema is only available in megatron-sed's own trainer; "
+            "Megatron-LM's pretrain_gpt.py uses a fixed --sed-threshold"
+        )
+
+
+def extra_args_provider(base: Optional[Callable] = None) -> Callable:
+    """An `extra_args_provider` for Megatron-LM's `parse_args`: adds the SED flags, then
+    whatever `base` adds (e.g. ModelOpt's), and makes the parser check the SED flags
+    right after parsing (an argparse error naming the flag, exit status 2)."""
+
+    def provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        add_sed_args(parser)
+        if base is not None:
+            parser = base(parser)
+        _check_after_parsing(parser)
+        return parser
+
+    return provider
+
+
+def _check_after_parsing(parser: argparse.ArgumentParser) -> None:
+    # Megatron-LM's parse_args calls parser.parse_args() or parse_known_args(); the
+    # former goes through the latter, so wrapping it on this instance sees both.
+    if getattr(parser, "_megatron_sed_checked", False):
+        return
+    parse_known_args = parser.parse_known_args
+
+    def checked_parse_known_args(*a, **kw):
+        namespace, rest = parse_known_args(*a, **kw)
+        try:
+            validate_megatron_lm_sed_args(namespace)
+        except ValueError as err:
+            parser.error(str(err))
+        return namespace, rest
+
+    parser.parse_known_args = checked_parse_known_args
+    parser._megatron_sed_checked = True
+
+
+# ------------------------------------------------------------------------- installer
+
+
+def _language_modules(model) -> List[torch.nn.Module]:
+    """Every Megatron-Core LanguageModule (GPTModel, ...) inside `model`: a module, a
+    wrapper (DDP, Float16Module) or a list of virtual-pipeline chunks."""
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    found = []
+    for chunk in chunks:
+        found.extend(m for m in chunk.modules() if isinstance(m, LanguageModule))
+    return found
+
+
+def _tp_group_of(module):
+    group = getattr(module, "tp_group", None)  # Megatron-Core >= 0.17
+    if group is None:
+        pgs = getattr(module, "pg_collection", None)
+        group = getattr(pgs, "tp", None) if pgs is not None else None
+    return group  # None: the op falls back to parallel_state's TP group
+
+
+def _sed_compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor):
+    """Replacement for LanguageModule.compute_language_model_loss: SED on the [s, b, V/tp]
+    logits straight from the output layer (no transposed copy of the logits; only the
+    [b, s] labels are transposed, as Megatron's CE path does). Returns [b, s] losses and
+    keeps the per-token stats for `add_sed_report`."""
+    from megatron_sed.ops.sed_loss import vocab_parallel_sed_loss
+
+    cfg: SEDConfig = getattr(self, _CFG_ATTR)
+    target = labels.transpose(0, 1).contiguous()
+    loss, stats = vocab_parallel_sed_loss(logits, target, cfg, tp_group=_tp_group_of(self))
+    # With multi-token prediction the MTP heads call this first and the main head last,
+    # so the stats kept are the main head's.
+    setattr(self, _STATS_ATTR, stats)
+    return loss.transpose(0, 1).contiguous()
+
+
+def install_sed_loss(model, args: argparse.Namespace) -> int:
+    """Make the GPTModels in `model` compute SED when `args.loss_type == "sed"`.
+
+    Opt-in (nothing happens for `--loss-type ce` or without the flag), idempotent (a
+    second call with the same model returns at once), logged once. Replaces Megatron's
+    CE and its fused variants (--cross-entropy-loss-fusion) on those models only.
+    Returns the number of modules that compute SED (0 for ce)."""
+    global _logged
+    if getattr(args, "loss_type", "ce") != "sed":
+        return 0
+    outer = model if not isinstance(model, (list, tuple)) else None
+    if outer is not None and _TARGETS_ATTR in outer.__dict__:
+        return len(outer.__dict__[_TARGETS_ATTR])
+    validate_megatron_lm_sed_args(args)
+    cfg = sed_config_from_args(args)
+    targets = _language_modules(model)
+    if not targets:
+        raise TypeError(
+            "install_sed_loss: found no Megatron-Core LanguageModule (GPTModel) in the "
+            f"model ({type(model).__name__}); --loss-type sed needs a Megatron-Core GPTModel "
+            "(not --use-legacy-models)"
+        )
+    for module in targets:
+        object.__setattr__(module, _CFG_ATTR, cfg)
+        if "compute_language_model_loss" not in module.__dict__:
+            object.__setattr__(
+                module,
+                "compute_language_model_loss",
+                types.MethodType(_sed_compute_language_model_loss, module),
+            )
+    if outer is not None:
+        object.__setattr__(outer, _TARGETS_ATTR, targets)
+    if not _logged:
+        _logged = True
+        fusion = getattr(getattr(targets[0], "config", None), "cross_entropy_loss_fusion", False)
+        _print_rank_0(
+            f"> megatron-sed: --loss-type sed: GPTModel computes SED-SFT on its vocab-parallel "
+            f"logits (coef={cfg.coef}, top_k={cfg.top_k}, threshold={cfg.threshold}, "
+            f"mask={cfg.mask}, regularizer={cfg.regularizer}, impl={cfg.impl})"
+            + ("; replaces --cross-entropy-loss-fusion" if fusion else "")
+        )
+    return len(targets)
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def _targets(model) -> Iterable[torch.nn.Module]:
+    if model is None:
+        return []
+    if not isinstance(model, (list, tuple)) and _TARGETS_ATTR in model.__dict__:
+        return model.__dict__[_TARGETS_ATTR]
+    return [m for m in _language_modules(model) if _CFG_ATTR in m.__dict__]
+
+
+def sed_report_pairs(stats: Dict[str, torch.Tensor], loss_mask: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """{report key: tensor([sum over loss-masked tokens, number of such tokens])}.
+
+    stats are [s, b] (the loss op's layout), loss_mask is [b, s] or flattened [b*s]
+    (Megatron's loss_func flattens it)."""
+    first = stats["ce"]
+    mask = loss_mask.reshape(first.shape[1], first.shape[0]).t().to(torch.float32)
+    values = torch.stack([stats[name].detach().to(torch.float32) for name in REPORT_KEYS.values()])
+    sums = (values * mask).flatten(1).sum(dim=1)
+    count = mask.sum()
+    return {key: torch.stack([sums[i], count]) for i, key in enumerate(REPORT_KEYS)}
+
+
+def add_sed_report(report: dict, loss_mask: torch.Tensor, model) -> dict:
+    """Add the SED stats of the micro-batch `model` just ran to Megatron's report dict
+    (in place; also returned). A no-op when the model computes plain CE."""
+    for module in _targets(model):
+        stats = module.__dict__.pop(_STATS_ATTR, None)
+        if stats is not None:
+            report.update(sed_report_pairs(stats, loss_mask))
+            break
+    return report

@@ -1,0 +1,140 @@
+"""Core attention on torch's scaled_dot_product_attention, with Megatron's interface.
+
+Megatron-Core's `DotProductAttention` allocates from a CUDA memory buffer and fuses its
+softmax with CUDA kernels, so it cannot run on CPU. `SDPACoreAttention` is a drop-in
+`core_attention` submodule for `SelfAttention`: same constructor, same inputs
+([sq, b, np, hn] query, [sk, b, ng, hn] key/value, a boolean mask where True means
+"masked out", Megatron's convention) and the same [sq, b, np*hn] output. It has no
+parameters, so swapping it in leaves the state-dict names of the local spec unchanged.
+
+Packed sequences on CPU are expressed as a block-diagonal mask (see
+`packed_attention_mask`); THD `PackedSeqParams` are Transformer Engine's business.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.utils import divide
+
+
+class SDPACoreAttention(MegatronModule):
+    """softmax(q k^T * scale + mask) v per head, computed by torch SDPA.
+
+    Supports causal masks, arbitrary boolean masks broadcastable to [b, np, sq, sk]
+    (block-diagonal for packed samples) and grouped-query attention (ng < np)."""
+
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str = "self",
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError(
+                "SDPACoreAttention (the local/CPU attention) does not support context "
+                "parallelism: use --transformer-impl transformer_engine"
+            )
+        if pg_collection is not None and hasattr(pg_collection, "tp"):
+            tp_size = pg_collection.tp.size()
+        else:
+            from megatron.core import parallel_state
+
+            tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.attention_type = attention_type
+        projection_size = config.kv_channels * config.num_attention_heads
+        self.hidden_size_per_partition = divide(projection_size, tp_size)
+        self.heads_per_partition = divide(config.num_attention_heads, tp_size)
+        self.groups_per_partition = divide(config.num_query_groups, tp_size)
+        head_dim = divide(projection_size, config.num_attention_heads)
+        self.softmax_scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Optional[Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[Tensor] = None,
+        packed_seq_params=None,
+    ) -> Tensor:
+        if packed_seq_params is not None:
+            raise ValueError(
+                "SDPACoreAttention takes packed samples as a block-diagonal attention mask, "
+                "not PackedSeqParams (THD needs --transformer-impl transformer_engine)"
+            )
+        if attention_bias is not None:
+            raise ValueError("SDPACoreAttention does not support attention_bias")
+        mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        sq, b, np_, hn = query.shape
+        sk = key.shape[0]
+        rep = self.heads_per_partition // self.groups_per_partition
+        if rep > 1:  # GQA: each key/value group serves `rep` consecutive query heads
+            key = key.repeat_interleave(rep, dim=2)
+            value = value.repeat_interleave(rep, dim=2)
+        # [s, b, n, d] -> [b, n, s, d] (views; SDPA accepts strided inputs)
+        q = query.permute(1, 2, 0, 3)
+        k = key.permute(1, 2, 0, 3)
+        v = value.permute(1, 2, 0, 3)
+
+        causal = mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
+        sdpa_mask = None
+        if attention_mask is not None:
+            masked = attention_mask.to(torch.bool)
+            if causal:
+                future = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu_(sk - sq + 1)
+                masked = masked | future
+            sdpa_mask = ~masked  # SDPA: True = may attend
+            causal = False
+        dropout_p = self.dropout_p if self.training else 0.0
+        if dropout_p > 0.0 and q.is_cuda and not self.config.sequence_parallel:
+            # Like DotProductAttention: heads differ per TP rank, so use the TP-rank RNG.
+            from megatron.core import tensor_parallel
+
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                ctx = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=sdpa_mask, dropout_p=dropout_p, is_causal=causal,
+                    scale=self.softmax_scale,
+                )
+        else:
+            ctx = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=sdpa_mask, dropout_p=dropout_p, is_causal=causal,
+                scale=self.softmax_scale,
+            )
+        # [b, n, sq, d] -> [sq, b, n*d]
+        return ctx.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+
+
+def packed_attention_mask(segment_ids: Tensor, causal: bool = True) -> Tensor:
+    """Megatron-style boolean mask [b, 1, s, s] (True = masked out) from per-token
+    segment ids [b, s]: token i may attend to token j only inside the same sample
+    (and j <= i when causal). Padding (segment id -1) attends only to itself, which
+    keeps every softmax row finite; its labels are ignored anyway."""
+    if segment_ids.dim() != 2:
+        raise ValueError(f"segment_ids must be [b, s], got shape {tuple(segment_ids.shape)}")
+    s = segment_ids.shape[1]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    pad = segment_ids < 0
+    same = same & ~pad[:, :, None]
+    eye = torch.eye(s, dtype=torch.bool, device=segment_ids.device)
+    allowed = same | eye
+    if causal:
+        allowed = allowed & torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril_()
+    return (~allowed).unsqueeze(1)

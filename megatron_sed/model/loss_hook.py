@@ -1,0 +1,69 @@
+"""The SED loss inside Megatron-Core's language-model loss path.
+
+`GPTModel.forward(..., labels=...)` ends in `compute_language_model_loss(labels, logits)`
+with logits [s, b, V/tp] (vocab-parallel) and labels [b, s], and returns the per-token
+loss [b, s]; Megatron's `loss_func` then applies the loss mask. `sed_language_model_loss`
+is a drop-in body for that method: it runs `vocab_parallel_sed_loss` directly on the
+[s, b, V/tp] logits (only the small [b, s] labels/loss are transposed, as Megatron does),
+and stashes the per-token statistics so the loss function can reduce them with the
+loss mask. Megatron-LM glue reuses it by patching `compute_language_model_loss`.
+
+Stats stash: Megatron's schedules call the loss function right after each micro-batch's
+forward, so one slot is enough: the hook `stash_sed_stats(stats)`, the loss function
+`pop_sed_stats()`.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor
+
+_STASH: Dict[str, Optional[dict]] = {"stats": None}
+
+
+def stash_sed_stats(stats: dict) -> None:
+    """Keep the per-token stats ([s, b] tensors) of the latest forward."""
+    _STASH["stats"] = stats
+
+
+def pop_sed_stats() -> Optional[dict]:
+    """The stats of the latest forward with labels (None when there were none), cleared."""
+    stats, _STASH["stats"] = _STASH["stats"], None
+    return stats
+
+
+def sed_language_model_loss(model, labels: Tensor, logits: Tensor, sed_config,
+                            tp_group=None) -> Tensor:
+    """Per-token SED loss [b, s] (fp32; 0 at ignored labels) from vocab-parallel logits
+    [s, b, V/tp] and labels [b, s]. Stats are stashed (see module doc).
+
+    `model` supplies the TP group (`model.pg_collection.tp`) when `tp_group` is None."""
+    from megatron_sed import vocab_parallel_sed_loss
+
+    if tp_group is None:
+        pgc = getattr(model, "pg_collection", None)
+        tp_group = getattr(pgc, "tp", None) if pgc is not None else None
+    target = labels.transpose(0, 1).contiguous()  # [b, s] -> [s, b]; small
+    loss, stats = vocab_parallel_sed_loss(logits, target, sed_config, tp_group=tp_group)
+    stash_sed_stats({k: v.detach() for k, v in stats.items()})
+    return loss.transpose(0, 1).contiguous()  # [s, b] -> [b, s], like Megatron
+
+
+def masked_token_loss(per_token_loss: Tensor, loss_mask: Tensor):
+    """Megatron's loss_func reduction: (sum of loss * mask, number of masked tokens),
+    both fp32 scalars, so micro-batches and DP ranks can be summed before dividing."""
+    mask = loss_mask.reshape(-1).float()
+    total = torch.sum(per_token_loss.reshape(-1).float() * mask)
+    return total, mask.sum()
+
+
+def sed_stat_sums_for_batch(stats: Optional[dict], loss_mask: Tensor) -> Optional[Tensor]:
+    """Additive sums of the stashed [s, b] stats under the [b, s] loss mask (see
+    megatron_sed.sed_stat_sums); None when no stats were stashed."""
+    if stats is None:
+        return None
+    from megatron_sed import sed_stat_sums
+
+    return sed_stat_sums(stats, loss_mask.transpose(0, 1).bool())

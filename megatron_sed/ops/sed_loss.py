@@ -1,0 +1,290 @@
+"""Vocab-parallel SED-SFT loss: the torch implementation and the public entry point.
+
+Written in the style of `megatron.core.tensor_parallel.cross_entropy`: small static
+helpers and one autograd Function. Memory and traffic:
+
+- One float32 working buffer of the local logits, as Megatron's CE has (for float32
+  input it *is* the input, overwritten in place, exactly like Megatron's CE). It ends
+  the forward holding exp(z - m_r), the unnormalised local softmax; the per-row factor
+  exp(m_r - lse) that normalises it is folded into the backward's single multiply.
+- The forward walks the rows in cache-sized chunks: the dtype conversion, top-k,
+  shift, exp and the two row sums touch each chunk while it sits in cache, so the
+  extra statistics (entropy, top-k) cost almost no memory traffic.
+- One all-gather of `[N, 4 + k]` partials per forward (see partials.py), none in
+  backward. The backward is Megatron's in-place CE backward with one scalar per row
+  (SED_METHOD.md): grad_j = g * (p_j * (alpha + beta * log p_j) - gamma * [j = y]),
+  with the target term formed in float32 before autograd casts to the input dtype.
+- No host synchronisation on CUDA tensors (the target range check is asynchronous there).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from megatron_sed.ops.comm import all_gather_partials, group_size_and_rank, resolve_tp_group
+from megatron_sed.ops.config import SEDConfig
+from megatron_sed.ops.partials import NUM_FIXED_COLS, Combined, combine_partials
+
+STATS_KEYS = ("ce", "reg", "mask", "target_prob", "entropy", "topk_mass", "correct")
+
+# Rows per chunk are chosen so a chunk's working set (~3 buffers) stays in a core's
+# share of cache; override with MEGATRON_SED_CHUNK_BYTES for tuning.
+_DEFAULT_CHUNK_BYTES = int(os.environ.get("MEGATRON_SED_CHUNK_BYTES", 1 << 20))
+
+
+def _rows_per_chunk(num_rows: int, row_bytes: int) -> int:
+    return max(1, min(num_rows, _DEFAULT_CHUNK_BYTES // max(row_bytes, 1)))
+
+
+class VocabParallelSED:
+    """Static helpers of the torch implementation (one idea each)."""
+
+    @staticmethod
+    def working_dtype(dtype: torch.dtype) -> torch.dtype:
+        """float32 math for every input dtype; float64 stays float64 (gradcheck)."""
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
+    @staticmethod
+    def local_target(target_1d: torch.Tensor, vocab_start: int, vocab_end: int):
+        """Local column of each row's target, and whether it lies in this shard."""
+        in_shard = (target_1d >= vocab_start) & (target_1d < vocab_end)
+        local = torch.where(in_shard, target_1d - vocab_start, torch.zeros_like(target_1d))
+        return local, in_shard
+
+    @staticmethod
+    def forward_partials(
+        logits_2d: torch.Tensor,
+        work: torch.Tensor,
+        local_target: torch.Tensor,
+        in_shard: torch.Tensor,
+        k_local: int,
+        num_topk_cols: int,
+    ) -> torch.Tensor:
+        """Fill `work` with exp(z - m_r) chunk by chunk and return the [N, 4 + k] partials.
+
+        `work` may alias `logits_2d` (float32 input: in place, as Megatron's CE)."""
+        n, vocab = work.shape
+        partials = torch.empty((n, NUM_FIXED_COLS + num_topk_cols), dtype=work.dtype, device=work.device)
+        if num_topk_cols > k_local:
+            partials[:, NUM_FIXED_COLS + k_local :] = float("-inf")
+        same = work.data_ptr() == logits_2d.data_ptr()
+        rows = _rows_per_chunk(n, vocab * work.element_size())
+        scratch = torch.empty((rows, vocab), dtype=work.dtype, device=work.device)
+        for start in range(0, n, rows):
+            end = min(start + rows, n)
+            w = work[start:end]
+            if not same:
+                w.copy_(logits_2d[start:end])
+            top = torch.topk(w, k_local, dim=-1, sorted=True).values
+            row_max = top[:, 0]
+            partials[start:end, NUM_FIXED_COLS : NUM_FIXED_COLS + k_local] = top
+            partials[start:end, 0] = row_max
+            target_logit = w.gather(1, local_target[start:end].unsqueeze(1)).squeeze(1)
+            partials[start:end, 3] = torch.where(
+                in_shard[start:end], target_logit, torch.zeros_like(target_logit)
+            )
+            w.sub_(row_max.unsqueeze(1))
+            shifted = scratch[: end - start]
+            shifted.copy_(w)
+            torch.exp(w, out=w)
+            partials[start:end, 1] = w.sum(dim=-1)
+            # sum_j e_j (z_j - m_r) as a batched dot product: no [rows, V] temporary.
+            partials[start:end, 2] = torch.bmm(w.unsqueeze(1), shifted.unsqueeze(2)).view(-1)
+        return partials
+
+    @staticmethod
+    def backward_inplace(
+        work: torch.Tensor,
+        log_scale: torch.Tensor,
+        alpha: torch.Tensor,
+        beta: torch.Tensor,
+        gamma: torch.Tensor,
+        local_target: torch.Tensor,
+        in_shard: torch.Tensor,
+        grad_output: torch.Tensor,
+        use_log: bool,
+    ) -> torch.Tensor:
+        """Turn `work` (= exp(z - m_r)) into dL/dz in place and return it.
+
+        p_j = work_j * exp(log_scale), log_scale = m_r - lse."""
+        g = grad_output.reshape(-1).to(work.dtype)
+        if not use_log:
+            work.mul_((torch.exp(log_scale) * alpha * g).unsqueeze(1))
+        else:
+            n, vocab = work.shape
+            rows = _rows_per_chunk(n, vocab * work.element_size())
+            tiny = torch.finfo(work.dtype).tiny
+            scale = torch.exp(log_scale) * g
+            for start in range(0, n, rows):
+                end = min(start + rows, n)
+                w = work[start:end]
+                # log p_j = log(work_j) + m_r - lse; work_j == 0 contributes 0 * finite.
+                log_p = torch.log(w.clamp_min(tiny)).add_(log_scale[start:end].unsqueeze(1))
+                log_p.mul_(beta[start:end].unsqueeze(1)).add_(alpha[start:end].unsqueeze(1))
+                w.mul_(log_p).mul_(scale[start:end].unsqueeze(1))
+        target_term = torch.where(in_shard, gamma * g, torch.zeros_like(g))
+        rows_idx = torch.arange(work.shape[0], device=work.device)
+        work[rows_idx, local_target] -= target_term
+        return work
+
+
+class _VocabParallelSEDLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, vocab_parallel_logits, target, cfg: SEDConfig, group, world_size, rank):
+        vocab_local = vocab_parallel_logits.shape[-1]
+        logits_2d = vocab_parallel_logits.reshape(-1, vocab_local)
+        target_1d = target.reshape(-1)
+        dtype = VocabParallelSED.working_dtype(vocab_parallel_logits.dtype)
+        if vocab_parallel_logits.dtype == torch.float32 and vocab_parallel_logits.is_contiguous():
+            # In place, like Megatron's CE on float32 logits. The saved tensor is the input
+            # itself: autograd forbids saving a view whose base was modified. float64 (the
+            # reference / gradcheck dtype) is never modified in place.
+            work_full = vocab_parallel_logits
+        else:
+            work_full = torch.empty(vocab_parallel_logits.shape, dtype=dtype, device=logits_2d.device)
+        work = work_full.view(-1, vocab_local)
+
+        vocab_start = rank * vocab_local
+        local_target, in_shard = VocabParallelSED.local_target(
+            target_1d, vocab_start, vocab_start + vocab_local
+        )
+        k_local = min(cfg.top_k, vocab_local)
+        partials = VocabParallelSED.forward_partials(
+            logits_2d, work, local_target, in_shard, k_local, cfg.top_k
+        )
+        gathered = all_gather_partials(partials, group, world_size)
+        valid = target_1d != cfg.ignore_index
+        out: Combined = combine_partials(gathered, valid, cfg, cfg.top_k)
+
+        log_scale = partials[:, 0] - out.lse
+        use_log = cfg.regularizer == "entropy" and not cfg.is_plain_ce
+        ctx.use_log = use_log
+        ctx.save_for_backward(work_full, log_scale, out.alpha, out.beta, out.gamma, local_target, in_shard)
+        ctx.input_shape = vocab_parallel_logits.shape
+
+        shape = target.shape
+        stats = (
+            out.ce.float().view(shape),
+            out.reg.float().view(shape),
+            out.mask.view(shape),
+            out.target_prob.float().view(shape),
+            out.entropy.float().view(shape),
+            out.topk_mass.float().view(shape),
+            out.correct.view(shape),
+        )
+        loss = out.loss.to(torch.float64 if dtype == torch.float64 else torch.float32).view(shape)
+        ctx.mark_non_differentiable(*stats)
+        return (loss,) + stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused_stat_grads):
+        work_full, log_scale, alpha, beta, gamma, local_target, in_shard = ctx.saved_tensors
+        if work_full.dtype == torch.float64:
+            # float64 (reference / gradcheck dtype): keep the saved buffer intact so the
+            # graph can be differentiated more than once, as gradcheck does.
+            work_full = work_full.clone()
+        grad = VocabParallelSED.backward_inplace(
+            work_full.view(-1, work_full.shape[-1]), log_scale, alpha, beta, gamma, local_target, in_shard, grad_loss, ctx.use_log
+        )
+        return grad.view(ctx.input_shape), None, None, None, None, None
+
+
+def _check_inputs(logits: torch.Tensor, target: torch.Tensor, cfg: SEDConfig, world_size: int):
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        raise ValueError(
+            "vocab_parallel_logits must be a floating-point tensor, got "
+            f"{getattr(logits, 'dtype', type(logits))}"
+        )
+    if not isinstance(target, torch.Tensor) or target.is_floating_point() or target.dtype == torch.bool:
+        raise ValueError(f"target must be an integer tensor, got {getattr(target, 'dtype', type(target))}")
+    if logits.dim() < 2 or tuple(target.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match vocab_parallel_logits shape "
+            f"{tuple(logits.shape)} without its last (vocab) dimension"
+        )
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device} but the logits are on {logits.device}")
+    vocab = logits.shape[-1] * world_size
+    if cfg.top_k > vocab:
+        raise ValueError(f"SEDConfig.top_k={cfg.top_k} exceeds the vocabulary size {vocab}")
+    bad = (target != cfg.ignore_index) & ((target < 0) | (target >= vocab))
+    if target.device.type == "cpu":
+        if bool(bad.any()):
+            idx = int(bad.reshape(-1).nonzero()[0])
+            value = int(target.reshape(-1)[idx])
+            raise ValueError(
+                f"target id {value} (flat position {idx}) is outside the vocabulary [0, {vocab}) "
+                f"and is not ignore_index={cfg.ignore_index}"
+            )
+    else:  # no host sync on accelerators: fails asynchronously instead
+        torch._assert_async(~bad.any(), f"a target id is outside the vocabulary [0, {vocab})")
+
+
+def _use_triton(logits: torch.Tensor, cfg: SEDConfig) -> bool:
+    if cfg.impl == "torch":
+        return False
+    if cfg.impl == "triton":
+        return True
+    return logits.is_cuda and _triton_available()
+
+
+def _triton_available() -> bool:
+    try:
+        from megatron_sed.ops import triton_sed  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def vocab_parallel_sed_loss(
+    vocab_parallel_logits: torch.Tensor,
+    target: torch.Tensor,
+    cfg: Optional[SEDConfig] = None,
+    tp_group=None,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """SED-SFT loss over tensor-parallel vocab shards.
+
+    Args:
+        vocab_parallel_logits: [s, b, V/tp] (any leading shape), any float dtype; rank r
+            holds vocab columns [r*V/tp, (r+1)*V/tp). float32 logits are overwritten
+            in place, like Megatron's cross-entropy.
+        target: [s, b] int64 global token ids (ignore_index allowed).
+        cfg: SEDConfig (defaults to SEDConfig()).
+        tp_group: process group over the vocab shards; None -> Megatron's TP group when
+            parallel_state is initialised, else no communication.
+
+    Returns:
+        loss: [s, b] float32 per token, ce + coef * M * R (0 on ignored targets).
+        stats: [s, b] tensors ce, reg (= coef*M*R), mask (bool), target_prob, entropy,
+            topk_mass, correct (bool); identical on every TP rank; no gradient.
+    """
+    cfg = cfg if cfg is not None else SEDConfig()
+    group = resolve_tp_group(tp_group)
+    world_size, rank = group_size_and_rank(group)
+    _check_inputs(vocab_parallel_logits, target, cfg, world_size)
+    if _use_triton(vocab_parallel_logits, cfg):
+        from megatron_sed.ops.triton_sed import triton_vocab_parallel_sed_loss
+
+        outputs = triton_vocab_parallel_sed_loss(vocab_parallel_logits, target, cfg, group, world_size, rank)
+    else:
+        outputs = _VocabParallelSEDLoss.apply(vocab_parallel_logits, target, cfg, group, world_size, rank)
+    loss, stats = outputs[0], dict(zip(STATS_KEYS, outputs[1:]))
+    return loss, stats
+
+
+class SEDLoss(torch.nn.Module):
+    """Module wrapper: `SEDLoss(cfg, tp_group)(logits, target) -> (loss, stats)`."""
+
+    def __init__(self, cfg: Optional[SEDConfig] = None, tp_group=None):
+        super().__init__()
+        self.cfg = cfg if cfg is not None else SEDConfig()
+        self.tp_group = tp_group
+
+    def forward(self, vocab_parallel_logits, target):
+        return vocab_parallel_sed_loss(vocab_parallel_logits, target, self.cfg, self.tp_group)
+
+    def extra_repr(self) -> str:
+        return repr(self.cfg)
