@@ -1,0 +1,194 @@
+"""megatron_sed.megatron_lm on Megatron-Core's GPTModel alone (no Megatron-LM needed).
+
+The patched loss path (install_sed_loss) must give the loss op's result, match an
+independent float64 full-vocab reference, backpropagate the same gradients, feed
+`add_sed_report` the right [sum, count] pairs, and leave Megatron's CE untouched for
+--loss-type ce. Real gloo worlds of 1 and 2 tensor-parallel ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from dist_utils import run_distributed
+
+from megatron_sed import megatron_lm
+from megatron_sed.arguments import add_sed_args
+
+VOCAB, SEQ, BATCH, HIDDEN = 64, 8, 3, 16
+
+
+def _args(*argv):
+    parser = megatron_lm.extra_args_provider()(argparse.ArgumentParser(prog="pretrain_gpt.py"))
+    return parser.parse_args(list(argv))
+
+
+def _build_model(seed=1234):
+    """A 1-layer GPTModel from Megatron-Core's local spec, attention left out (it
+    needs CUDA and is irrelevant to the loss path), deterministic CPU init."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    spec = get_gpt_layer_local_spec()
+    spec.submodules.self_attention = IdentityOp
+    spec.submodules.self_attn_bda = IdentityFuncOp
+    cfg = TransformerConfig(
+        num_layers=1, hidden_size=HIDDEN, num_attention_heads=2, use_cpu_initialization=True,
+        hidden_dropout=0.0, attention_dropout=0.0,
+        tensor_model_parallel_size=torch.distributed.get_world_size(),
+    )
+    torch.manual_seed(seed)
+    return GPTModel(cfg, spec, vocab_size=VOCAB, max_sequence_length=SEQ)
+
+
+def _full_logits64(model, tokens, positions):
+    """[b, s, V] float64 logits gathered over the TP ranks (labels=None path)."""
+    local = model(tokens, positions, None).detach().to(torch.float64)  # [b, s, V/tp]
+    parts = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, local.contiguous())
+    return torch.cat(parts, dim=-1)
+
+
+def _reference(logits64, tokens, tau, coef, top_k=2):
+    """Independent SED math in float64 over the full vocabulary, [b, s] tensors."""
+    logp = torch.log_softmax(logits64, dim=-1)
+    p = logp.exp()
+    p_y = p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    ce = -logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    topk = p.topk(top_k, dim=-1).values.sum(-1)
+    mask = (topk < tau).to(torch.float64)
+    reg = coef * mask * (p_y - 0.5) ** 2
+    entropy = -(p * logp).sum(-1)
+    correct = (logits64.argmax(-1) == tokens).to(torch.float64)
+    return dict(loss=ce + reg, ce=ce, reg=reg, mask=mask, target_prob=p_y, entropy=entropy,
+                topk_mass=topk, correct=correct)
+
+
+class _Wrapper(torch.nn.Module):
+    """Stands in for Megatron's Float16Module / DDP wrappers."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *a, **kw):
+        return self.module(*a, **kw)
+
+
+def _worker(rank, world_size):
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world_size)
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
+    positions = torch.arange(SEQ).expand(BATCH, SEQ)
+    loss_mask = (torch.rand(BATCH, SEQ, generator=g) < 0.7).to(torch.float32)
+
+    # --- reference: the untouched model, the op on its logits, float64 math.
+    ref_model = _build_model()
+    logits64 = _full_logits64(ref_model, tokens, positions)
+    topk = torch.softmax(logits64, -1).topk(2, dim=-1).values.sum(-1)
+    # About half the tokens regularised; tau halfway between two observed top-k masses
+    # so float32 vs float64 rounding cannot flip a token's mask.
+    srt = topk.flatten().sort().values
+    mid = srt.numel() // 2
+    tau = float((srt[mid - 1] + srt[mid]) / 2)
+    coef = 0.7
+    ref = _reference(logits64, tokens, tau, coef)
+    assert 0.2 < ref["mask"].mean() < 0.8
+
+    args = _args("--loss-type", "sed", "--sed-threshold", repr(tau), "--sed-coef", str(coef))
+    from megatron_sed import vocab_parallel_sed_loss
+    from megatron_sed.arguments import sed_config_from_args
+
+    local_logits = ref_model(tokens, positions, None)  # [b, s, V/tp]
+    op_loss, _ = vocab_parallel_sed_loss(
+        local_logits.transpose(0, 1).contiguous(), tokens.t().contiguous(), sed_config_from_args(args)
+    )
+    (op_loss.t() * loss_mask).sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in ref_model.named_parameters()}
+
+    # --- the patched loss path, installed through a wrapper, twice (idempotent).
+    model = _build_model()
+    wrapped = _Wrapper(model)
+    assert megatron_lm.install_sed_loss(wrapped, args) == 1
+    method = model.compute_language_model_loss
+    assert megatron_lm.install_sed_loss(wrapped, args) == 1
+    assert megatron_lm.install_sed_loss([wrapped], args) == 1
+    assert model.compute_language_model_loss is method, "re-installing must not wrap twice"
+
+    out = wrapped(tokens, positions, None, labels=tokens)  # [b, s]
+    assert out.shape == (BATCH, SEQ)
+    torch.testing.assert_close(out, op_loss.t(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.double(), ref["loss"], rtol=1e-5, atol=1e-5)
+    (out * loss_mask).sum().backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+    # --- the report dict: [sum, count] pairs over loss-masked tokens, as loss_func gets it.
+    report = {"lm loss": torch.tensor([0.0, 1.0])}
+    megatron_lm.add_sed_report(report, loss_mask.view(-1), wrapped)
+    count = loss_mask.sum()
+    for key, stat in megatron_lm.REPORT_KEYS.items():
+        pair = report[key]
+        assert pair.shape == (2,) and pair.dtype == torch.float32, key
+        assert pair[1] == count, key
+        want = (ref[stat] * loss_mask.double()).sum()
+        torch.testing.assert_close(pair[0].double(), want, rtol=1e-5, atol=1e-5, msg=key)
+    # Stats are consumed: the next micro-batch's report only gets its own.
+    assert megatron_lm.add_sed_report({}, loss_mask, wrapped) == {}
+
+    # --- --loss-type ce: nothing installed, Megatron's own CE, no SED keys.
+    ce_model = _build_model()
+    assert megatron_lm.install_sed_loss(ce_model, _args("--loss-type", "ce")) == 0
+    assert "compute_language_model_loss" not in ce_model.__dict__
+    ce_out = ce_model(tokens, positions, None, labels=tokens)
+    torch.testing.assert_close(ce_out.double(), ref["ce"], rtol=1e-5, atol=1e-5)
+    assert megatron_lm.add_sed_report({}, loss_mask, ce_model) == {}
+
+    # --- SED with coef 0 through the patched path equals Megatron's CE path.
+    zero = _build_model()
+    megatron_lm.install_sed_loss(zero, _args("--loss-type", "sed", "--sed-coef", "0"))
+    torch.testing.assert_close(zero(tokens, positions, None, labels=tokens), ce_out, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_installed_loss_matches_op_reference_and_megatron_ce(world_size):
+    run_distributed(_worker, world_size)
+
+
+def test_extra_args_provider_rejects_bad_flags_like_argparse(capsys):
+    for argv, culprit in [
+        (["--loss-type", "sed", "--sed-top-k", "0"], "--sed-top-k"),
+        (["--loss-type", "sed", "--sed-coef", "-1"], "--sed-coef"),
+        (["--loss-type", "sed", "--sed-threshold", "1.5"], "--sed-threshold"),
+        (["--loss-type", "sed", "--sed-mask-ratio", "0.3"], "--sed-mask-ratio"),
+        (["--loss-type", "focal"], "--loss-type"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            _args(*argv)
+        assert exc.value.code == 2
+        assert culprit in capsys.readouterr().err, argv
+    ok = _args("--loss-type", "sed", "--sed-lambda", "0.5", "--sed-threshold", "0.9")
+    assert (ok.loss_type, ok.sed_coef, ok.sed_threshold) == ("sed", 0.5, 0.9)
+
+
+def test_extra_args_provider_chains_a_base_provider():
+    def base(parser):
+        parser.add_argument("--modelopt-thing", type=int, default=3)
+        return parser
+
+    parser = megatron_lm.extra_args_provider(base)(argparse.ArgumentParser())
+    ns = parser.parse_args(["--modelopt-thing", "5", "--loss-type", "sed"])
+    assert ns.modelopt_thing == 5 and ns.loss_type == "sed"
+
+
+def test_install_refuses_a_model_without_gptmodel():
+    args = add_sed_args(argparse.ArgumentParser()).parse_args(["--loss-type", "sed"])
+    with pytest.raises(TypeError, match="GPTModel"):
+        megatron_lm.install_sed_loss(torch.nn.Linear(2, 2), args)
