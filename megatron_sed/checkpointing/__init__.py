@@ -1,0 +1,14 @@
+"""Checkpoint I/O shared by the trainer and the converters.
+
+- `SyncTorchDistSaveStrategy`: dist_checkpointing's torch_dist format, written
+  synchronously (Megatron-Core 0.16.1's default writer needs CUDA).
+- `TorchDistReader`: read (parts of) tensors of a torch_dist checkpoint without a process
+  group, e.g. one layer at a time.
+- `single_process_group`: a world-size-1 gloo group for offline tools.
+"""
+
+from megatron_sed.checkpointing.process_group import single_process_group
+from megatron_sed.checkpointing.reader import TorchDistReader
+from megatron_sed.checkpointing.torch_dist_sync import SyncTorchDistSaveStrategy
+
+__all__ = ["SyncTorchDistSaveStrategy", "TorchDistReader", "single_process_group"]

@@ -1,0 +1,67 @@
+"""Synchronous `torch_dist` save strategy for Megatron-Core's dist_checkpointing.
+
+Megatron-Core 0.16.1's default torch_dist save strategy is the async one
+(`TorchDistSaveShardedStrategy` + `FileSystemWriterAsync`), which calls
+`torch.cuda.synchronize()` and so cannot run on CPU. This strategy does the same
+translation (MCore ShardedTensors -> PyTorch ShardedTensors, `MCoreSavePlanner`) and
+then saves synchronously with torch.distributed.checkpoint's plain `FileSystemWriter`.
+The files are the same format (`.metadata`, `__<rank>_<n>.distcp`), so
+`dist_checkpointing.load` reads them like any Megatron checkpoint, at any TP/PP.
+
+Use it as `dist_checkpointing.save(sharded_sd, ckpt_dir,
+sharded_strategy=SyncTorchDistSaveStrategy())`; that call still writes common.pt and
+metadata.json itself.
+
+`planner_factory` lets a caller supply tensor data lazily (e.g. a converter that
+streams weights from safetensors): the planner's `resolve_data` is called once per
+write item, just before that item is written, so memory stays bounded by the
+largest item.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+from torch.distributed import checkpoint as dcp
+
+from megatron.core.dist_checkpointing.mapping import ShardedStateDict
+from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
+from megatron.core.dist_checkpointing.strategies.torch import (
+    MCoreSavePlanner,
+    _replace_state_dict_keys_with_sharded_keys,
+    mcore_to_pyt_state_dict,
+)
+
+
+class SyncTorchDistSaveStrategy(SaveShardedStrategy):
+    """`torch_dist` (version 1) checkpoint writer without CUDA or async machinery."""
+
+    def __init__(
+        self,
+        backend: str = "torch_dist",
+        version: int = 1,
+        thread_count: int = 1,
+        planner_factory: Optional[Callable[[], MCoreSavePlanner]] = None,
+    ):
+        super().__init__(backend, version)
+        self.thread_count = thread_count
+        self.planner_factory = planner_factory or (
+            lambda: MCoreSavePlanner(flatten_state_dict=False)
+        )
+
+    def save(self, sharded_state_dict: ShardedStateDict, checkpoint_dir: Path) -> None:
+        # keep_only_main_replica=True: each shard is written once, by its main replica
+        # (replica_id == 0), exactly as Megatron's own strategy does.
+        sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(
+            sharded_state_dict, keep_only_main_replica=True
+        )
+        pyt_state_dict = mcore_to_pyt_state_dict(sharded_state_dict, is_loading=False)
+        writer = dcp.FileSystemWriter(
+            str(checkpoint_dir), single_file_per_rank=True, sync_files=True,
+            thread_count=self.thread_count,
+        )
+        dcp.save(pyt_state_dict, storage_writer=writer, planner=self.planner_factory())
+
+    def can_handle_sharded_objects(self) -> bool:
+        return True
