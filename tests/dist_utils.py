@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import traceback
 
 import torch
@@ -38,10 +39,10 @@ def _worker(rank, world_size, port, fn, args, errors):
         errors.put((rank, traceback.format_exc()))
         raise
     finally:
+        # Only when the rank imported it: importing Megatron just to find out costs seconds.
+        parallel_state = sys.modules.get("megatron.core.parallel_state")
         try:
-            from megatron.core import parallel_state
-
-            if parallel_state.model_parallel_is_initialized():
+            if parallel_state is not None and parallel_state.model_parallel_is_initialized():
                 parallel_state.destroy_model_parallel()
         except Exception:  # noqa: BLE001
             pass
