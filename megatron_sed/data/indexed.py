@@ -57,7 +57,8 @@ class SFTIndexedWriter:
         directory = os.path.dirname(os.path.abspath(prefix))
         if not os.path.isdir(directory):
             raise ValueError(f"--output-prefix {prefix!r}: directory {directory!r} does not exist")
-        self._tmp = f"{prefix}.tmp-{os.getpid()}"
+        # Hidden temporaries that do not match PREFIX.*, even if a hard kill leaves them behind.
+        self._tmp = os.path.join(directory, f".{os.path.basename(prefix)}.tmp-{os.getpid()}")
         self.dtype = DType.optimal_dtype(vocab_size)
         self._tok = IndexedDatasetBuilder(self._tmp + ".tok.bin", dtype=self.dtype)
         self._mask = IndexedDatasetBuilder(self._tmp + ".mask.bin", dtype=np.uint8)
@@ -85,7 +86,8 @@ class SFTIndexedWriter:
         t = self._tmp
         self._tok.finalize(t + ".tok.idx")
         self._mask.finalize(t + ".mask.idx")
-        meta = dict(
+        meta = dict(metadata)
+        meta.update(  # the writer's own facts win over caller-supplied keys
             format="megatron-sed-sft",
             format_version=FORMAT_VERSION,
             num_samples=self.num_samples,
@@ -94,7 +96,6 @@ class SFTIndexedWriter:
             loss_mask_prefix_suffix=MASK_SUFFIX,
             token_dtype=np.dtype(self.dtype).name,
         )
-        meta.update(metadata)
         with open(t + ".json", "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
             f.write("\n")
