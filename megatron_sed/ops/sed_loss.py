@@ -166,16 +166,17 @@ class _VocabParallelSEDLoss(torch.autograd.Function):
         ctx.input_shape = vocab_parallel_logits.shape
 
         shape = target.shape
+        # float32 results (float64 for float64 input, the reference dtype)
         stats = (
-            out.ce.float().view(shape),
-            out.reg.float().view(shape),
+            out.ce.view(shape),
+            out.reg.view(shape),
             out.mask.view(shape),
-            out.target_prob.float().view(shape),
-            out.entropy.float().view(shape),
-            out.topk_mass.float().view(shape),
+            out.target_prob.view(shape),
+            out.entropy.view(shape),
+            out.topk_mass.view(shape),
             out.correct.view(shape),
         )
-        loss = out.loss.to(torch.float64 if dtype == torch.float64 else torch.float32).view(shape)
+        loss = out.loss.view(shape)
         ctx.mark_non_differentiable(*stats)
         return (loss,) + stats
 

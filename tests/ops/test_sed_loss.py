@@ -1,0 +1,247 @@
+"""Single-process tests of vocab_parallel_sed_loss against the float64 reference."""
+
+import math
+
+import pytest
+import torch
+
+from megatron_sed import SEDConfig, SEDLoss, reduce_sed_stats, sed_stat_sums, vocab_parallel_sed_loss
+from sed_reference import make_inputs, reference_sed
+
+# Tolerances by input dtype (the op computes in float32; bf16/fp16 inputs are rounded
+# before the op, so the reference is fed the same rounded values).
+TOL = {
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+    torch.float32: dict(atol=2e-5, rtol=2e-5),
+    torch.bfloat16: dict(atol=2e-5, rtol=2e-5),
+    torch.float16: dict(atol=2e-5, rtol=2e-5),
+}
+GRAD_TOL = {
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+    torch.float32: dict(atol=1e-6, rtol=1e-4),
+    # the gradient is rounded to the input dtype by autograd
+    torch.bfloat16: dict(atol=4e-3, rtol=1e-2),
+    torch.float16: dict(atol=5e-4, rtol=2e-3),
+}
+
+CASES = [
+    ("topk_mass", "quadratic", 0.8),
+    ("entropy", "quadratic", 1.0),
+    ("all", "quadratic", 0.5),
+    ("none", "quadratic", 0.5),
+    ("topk_mass", "entropy", 0.8),
+    ("all", "entropy", 0.5),
+]
+
+
+def run_op(logits, target, cfg):
+    x = logits.clone().requires_grad_()
+    loss, stats = vocab_parallel_sed_loss(x, target, cfg)
+    return x, loss, stats
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mask,regularizer,threshold", CASES)
+def test_matches_float64_reference(dtype, mask, regularizer, threshold):
+    logits64, target = make_inputs(7, 3, 50, seed=1)
+    logits = logits64.to(dtype)
+    cfg = SEDConfig(coef=0.8, top_k=3, threshold=threshold, mask=mask, regularizer=regularizer)
+    x, loss, stats = run_op(logits, target, cfg)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert loss.shape == target.shape
+
+    ref_x = logits.double().clone().requires_grad_()
+    ref_loss, ref_stats = reference_sed(ref_x, target, 0.8, 3, threshold, mask, regularizer)
+    # the mask is a threshold test: it must agree exactly, so pick data away from ties
+    assert torch.equal(stats["mask"], ref_stats["mask"])
+    if mask in ("topk_mass", "entropy"):
+        assert 0 < int(stats["mask"].sum()) < int((target != -100).sum()), "mask should be mixed"
+    torch.testing.assert_close(loss.double(), ref_loss.detach(), **TOL[dtype])
+    for name in ("ce", "reg", "target_prob", "entropy", "topk_mass"):
+        torch.testing.assert_close(stats[name].double(), ref_stats[name], **TOL[dtype], msg=name)
+    assert torch.equal(stats["correct"], ref_stats["correct"])
+
+    grad_out = torch.rand(target.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    (loss.double() * grad_out).sum().backward()
+    (ref_loss * grad_out).sum().backward()
+    assert x.grad.dtype == dtype
+    torch.testing.assert_close(x.grad.double(), ref_x.grad, **GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("regularizer", ["quadratic", "entropy"])
+@pytest.mark.parametrize("mask", ["topk_mass", "all"])
+def test_gradcheck_float64(mask, regularizer):
+    logits, target = make_inputs(3, 2, 9, seed=5, scale=1.5)
+    cfg = SEDConfig(coef=0.9, top_k=2, threshold=0.7, mask=mask, regularizer=regularizer)
+    x = logits.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda z: vocab_parallel_sed_loss(z, target, cfg)[0], (x,))
+
+
+def test_coef_zero_is_cross_entropy():
+    logits, target = make_inputs(6, 2, 40, seed=2)
+    x = logits.float().clone().requires_grad_()
+    loss, _ = vocab_parallel_sed_loss(x, target, SEDConfig(coef=0.0, mask="all"))
+    y = logits.float().clone().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(y.view(-1, 40), target.view(-1), reduction="none").view(6, 2)
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    loss.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(x.grad, y.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_gradient_factor_matches_sed_method_formula():
+    """dL/dz = g_CE * (1 - coef * M * p (2p - 1)) per token (SED_METHOD.md)."""
+    logits, target = make_inputs(4, 2, 30, seed=7, ignore_frac=0.0)
+    cfg = SEDConfig(coef=0.6, top_k=2, mask="all")
+    x = logits.clone().requires_grad_()
+    loss, stats = vocab_parallel_sed_loss(x, target, cfg)
+    loss.sum().backward()
+    p = torch.softmax(logits, -1)
+    g_ce = p - torch.nn.functional.one_hot(target, 30).double()
+    py = stats["target_prob"].double()
+    factor = 1 - 0.6 * py * (2 * py - 1)
+    torch.testing.assert_close(x.grad, g_ce * factor.unsqueeze(-1), atol=1e-12, rtol=1e-10)
+    assert float(factor.min()) >= 0.0 and float(factor.max()) <= 1 + 0.6 / 8 + 1e-12
+
+
+def test_ignored_targets_give_zero_loss_and_gradient():
+    logits, target = make_inputs(5, 2, 20, seed=3, ignore_frac=0.5)
+    cfg = SEDConfig(coef=1.0, mask="all")
+    x, loss, stats = run_op(logits.float(), target, cfg)
+    ignored = target == -100
+    assert ignored.any() and (~ignored).any()
+    assert torch.all(loss[ignored] == 0)
+    for name in ("ce", "reg", "target_prob", "entropy", "topk_mass"):
+        assert torch.all(stats[name][ignored] == 0), name
+    assert not stats["mask"][ignored].any() and not stats["correct"][ignored].any()
+    loss.sum().backward()
+    assert torch.all(x.grad[ignored] == 0)
+    assert torch.all(x.grad[~ignored].abs().sum(-1) > 0)
+
+
+def test_all_ignored_batch_gives_zeros_not_nan():
+    logits = torch.randn(4, 2, 16)
+    target = torch.full((4, 2), -100)
+    x, loss, stats = run_op(logits, target, SEDConfig(mask="all"))
+    assert torch.all(loss == 0)
+    loss.sum().backward()
+    assert torch.all(x.grad == 0)
+    summary = reduce_sed_stats(stats, torch.zeros(4, 2))
+    assert summary["num_tokens"] == 0
+    assert all(math.isfinite(v) for v in summary.values())
+
+
+def test_custom_ignore_index():
+    logits, target = make_inputs(3, 2, 12, seed=4, ignore_frac=0.0)
+    target[0, 0] = 7
+    cfg = SEDConfig(mask="all", ignore_index=7)
+    _, loss, _ = run_op(logits, target, cfg)
+    assert loss[0, 0] == 0
+    assert torch.all(loss[target != 7] > 0)
+
+
+def test_float32_input_is_used_in_place_like_megatron():
+    """float32 logits are the working buffer (no second [tokens, V] buffer)."""
+    logits = torch.randn(4, 2, 16)
+    x = logits.clone()
+    vocab_parallel_sed_loss(x, torch.randint(0, 16, (4, 2)), SEDConfig())
+    assert not torch.equal(x, logits)
+    y = logits.double()
+    vocab_parallel_sed_loss(y, torch.randint(0, 16, (4, 2)), SEDConfig())
+    assert torch.equal(y, logits.double()), "float64 input must not be modified"
+
+
+def test_nonfinite_logits_are_flagged_not_hidden():
+    """Decision: NaN/inf logits are not an error (no host sync in the hot path); the
+    affected token's loss is NaN, other tokens are exact, and the stats summary counts it
+    under nonfinite_tokens so the trainer can stop with a message naming the iteration."""
+    logits, target = make_inputs(3, 2, 10, seed=6, ignore_frac=0.0)
+    bad = logits.clone()
+    bad[1, 0, 4] = float("nan")
+    bad[2, 1, 3] = float("inf")
+    cfg = SEDConfig(mask="all")
+    _, loss, stats = run_op(bad.float(), target, cfg)
+    _, good_loss, _ = run_op(logits.float(), target, cfg)
+    assert torch.isnan(loss[1, 0]) and not torch.isfinite(loss[2, 1])
+    keep = torch.ones_like(loss, dtype=torch.bool)
+    keep[1, 0] = keep[2, 1] = False
+    torch.testing.assert_close(loss[keep], good_loss[keep])
+    summary = reduce_sed_stats(stats)
+    assert summary["nonfinite_tokens"] == 2
+    assert summary["num_tokens"] == 4 and math.isfinite(summary["lm_loss"])
+
+
+def test_stat_sums_match_masked_means():
+    logits, target = make_inputs(6, 3, 25, seed=8)
+    _, loss, stats = run_op(logits.float(), target, SEDConfig(mask="topk_mass", threshold=0.8))
+    loss_mask = (target != -100).float()
+    loss_mask[0] = 0
+    summary = reduce_sed_stats(stats, loss_mask)
+    w = loss_mask.bool()
+    assert summary["num_tokens"] == int(w.sum())
+    assert summary["lm_loss"] == pytest.approx(float(stats["ce"][w].double().mean()), rel=1e-9)
+    assert summary["sed_mask_rate"] == pytest.approx(float(stats["mask"][w].double().mean()), rel=1e-9)
+    assert summary["top1_acc"] == pytest.approx(float(stats["correct"][w].double().mean()), rel=1e-9)
+    assert summary["entropy"] == pytest.approx(float(stats["entropy"][w].double().mean()), rel=1e-9)
+    sums = sed_stat_sums(stats, loss_mask) + sed_stat_sums(stats, loss_mask)
+    from megatron_sed import summarize_sed_stat_sums
+
+    assert summarize_sed_stat_sums(sums)["lm_loss"] == pytest.approx(summary["lm_loss"], rel=1e-12)
+
+
+def test_module_wrapper_and_chunking(monkeypatch):
+    """Results do not depend on the chunk size (one row per chunk vs all rows)."""
+    import megatron_sed.ops.sed_loss as sed_loss
+
+    logits, target = make_inputs(5, 3, 33, seed=9)
+    cfg = SEDConfig(mask="entropy", threshold=1.0, regularizer="entropy", top_k=4)
+    module = SEDLoss(cfg)
+    assert "entropy" in repr(module)
+    outs = []
+    for chunk_bytes in (1, 1 << 30):
+        monkeypatch.setattr(sed_loss, "_DEFAULT_CHUNK_BYTES", chunk_bytes)
+        x = logits.float().clone().requires_grad_()
+        loss, stats = module(x, target)
+        loss.sum().backward()
+        outs.append((loss, stats["entropy"], x.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(coef=-0.1), "coef"),
+        (dict(coef=float("nan")), "coef"),
+        (dict(top_k=0), "top_k"),
+        (dict(mask="bogus"), "bogus"),
+        (dict(regularizer="l2"), "l2"),
+        (dict(threshold=1.5), "threshold"),
+        (dict(mask="entropy", threshold=-1.0), "threshold"),
+        (dict(impl="cuda"), "impl"),
+    ],
+)
+def test_bad_config_raises(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        SEDConfig(**kwargs)
+
+
+def test_bad_inputs_raise_value_error_naming_the_value():
+    logits = torch.randn(3, 2, 10)
+    good = torch.randint(0, 10, (3, 2))
+    with pytest.raises(ValueError, match="target id 10 .*\\[0, 10\\)"):
+        bad = good.clone()
+        bad[1, 1] = 10
+        vocab_parallel_sed_loss(logits.clone(), bad)
+    with pytest.raises(ValueError, match="target id -5"):
+        bad = good.clone()
+        bad[0, 0] = -5
+        vocab_parallel_sed_loss(logits.clone(), bad)
+    with pytest.raises(ValueError, match="shape"):
+        vocab_parallel_sed_loss(logits.clone(), good[:2])
+    with pytest.raises(ValueError, match="floating-point.*int64"):
+        vocab_parallel_sed_loss(torch.ones(3, 2, 10, dtype=torch.int64), good)
+    with pytest.raises(ValueError, match="integer tensor"):
+        vocab_parallel_sed_loss(logits.clone(), good.float())
+    with pytest.raises(ValueError, match="top_k=11 exceeds the vocabulary size 10"):
+        vocab_parallel_sed_loss(logits.clone(), good, SEDConfig(top_k=11))
