@@ -1,0 +1,164 @@
+"""HF Llama / Qwen2 folder -> Megatron-Core dist checkpoint (torch_dist), streamed.
+
+Nothing is materialised up front: the sharded state dict holds `meta` tensors (shape
+and dtype only) and a planner builds each tensor from the memory-mapped safetensors
+just before torch.distributed.checkpoint writes it. Peak memory is about one layer's
+largest tensor (a few hundred MB for 7B models), whatever the model size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from tqdm import tqdm
+
+from megatron_sed.checkpointing.process_group import single_process_group
+from megatron_sed.checkpointing.torch_dist_sync import SyncTorchDistSaveStrategy
+from megatron_sed.convert.hf_folder import CheckpointError, HFModelFolder
+from megatron_sed.convert.layout import (
+    HF_ASSETS, MODEL_METADATA, RELEASE, TRACKER, atomic_output_dir,
+)
+from megatron_sed.convert.mapping import expected_hf_shapes, param_maps
+from megatron_sed.convert.shape import ModelShape, megatron_args, shape_from_hf_config
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FORMAT = "megatron-sed-convert"
+FORMAT_VERSION = 1
+
+
+def log(msg: str) -> None:
+    print(f" > {msg}", flush=True)
+
+
+def check_hf_tensors(hf: HFModelFolder, shape: ModelShape) -> None:
+    """Every tensor the config implies is present with the right shape; nothing unknown."""
+    expected = expected_hf_shapes(shape)
+    present = {n: hf.shape(n) for n in hf.names()}
+    problems = []
+    for name, want in expected.items():
+        if name not in present:
+            problems.append(f"missing tensor {name} (expected shape {list(want)})")
+        elif tuple(present[name]) != tuple(want):
+            problems.append(f"tensor {name} has shape {list(present[name])}, config.json "
+                            f"implies {list(want)}")
+    ignorable = ("rotary_emb.inv_freq",)
+    extra = [n for n in present if n not in expected and not n.endswith(ignorable)
+             and not (n == "lm_head.weight" and shape.tie_embeddings)]
+    problems += [f"unexpected tensor {n} (not part of a {shape.model_type} model with this "
+                 f"config.json)" for n in extra]
+    if problems:
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise CheckpointError(
+            f"{hf.folder} does not match its config.json:\n  " + "\n  ".join(problems[:10])
+            + more
+        )
+
+
+def _lazy_planner_factory(producers: Dict[Tuple[str, int], Callable[[], torch.Tensor]],
+                          bar: Optional[tqdm]):
+    from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
+
+    class StreamingSavePlanner(MCoreSavePlanner):
+        """Builds each tensor only when the writer asks for it."""
+
+        def resolve_data(self, write_item):
+            idx = write_item.index
+            make = producers.get((idx.fqn, int(idx.offset[0]) if len(idx.offset) else 0))
+            if make is None or write_item.tensor_data is None:
+                return super().resolve_data(write_item)
+            t = make()
+            want = write_item.tensor_data.chunk.sizes
+            if bar is not None:
+                bar.update(1)
+            return t.reshape(want).contiguous()
+
+    return lambda: StreamingSavePlanner(flatten_state_dict=False)
+
+
+def _build_state_dict(hf: HFModelFolder, shape: ModelShape, dtype: torch.dtype):
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    sharded, producers = {}, {}
+    L = shape.num_layers
+    for pm in param_maps(shape):
+        layers = range(L) if pm.layered else [None]
+        for layer in layers:
+            names = pm.hf(layer)
+            meta = torch.empty(pm.shape, dtype=dtype, device="meta")
+            if pm.layered:
+                st = ShardedTensor.from_rank_offsets(pm.key, meta, (0, layer, L), replica_id=0,
+                                                     prepend_axis_num=1)
+                name = f"{pm.key}.{layer}"
+            else:
+                st = ShardedTensor.from_rank_offsets(pm.key, meta, replica_id=0)
+                name = pm.key
+
+            def make(pm=pm, names=names):
+                return pm.to_mcore([hf.get(n) for n in names]).to(dtype)
+
+            sharded[name] = st
+            producers[(pm.key, layer or 0)] = make
+    return sharded, producers
+
+
+def convert_hf_to_mcore(hf_dir, out_dir, dtype: str = "auto", force: bool = False, progress: bool = True) -> Path:
+    """Convert; returns the output folder. See module docstring and docs/convert.md."""
+    from megatron.core import dist_checkpointing
+
+    t0 = time.time()
+    hf = HFModelFolder(hf_dir)
+    shape = shape_from_hf_config(hf.config)
+    check_hf_tensors(hf, shape)
+    if dtype == "auto":
+        torch_dtype = hf.dtype("model.embed_tokens.weight")
+    elif dtype in DTYPES:
+        torch_dtype = DTYPES[dtype]
+    else:
+        raise ValueError(f"--dtype {dtype!r}: choose auto, {', '.join(DTYPES)}")
+    log(f"converting {hf.folder.name} ({shape.model_type}, {shape.num_layers} layers, hidden "
+        f"{shape.hidden_size}, {shape.num_attention_heads} heads / {shape.num_query_groups} "
+        f"groups, vocab {shape.vocab_size}) to Megatron-Core torch_dist in {torch_dtype}")
+    args = megatron_args(shape)
+    with atomic_output_dir(out_dir, force=force) as tmp:
+        ckpt = tmp / RELEASE
+        ckpt.mkdir()
+        sharded, producers = _build_state_dict(hf, shape, torch_dtype)
+        # Non-tensor entries go to common.pt, like Megatron-LM's own checkpoints (its
+        # --use-checkpoint-args / --finetune read `args` and `checkpoint_version`).
+        sharded.update(
+            args=argparse.Namespace(**args, tensor_model_parallel_size=1,
+                                    pipeline_model_parallel_size=1, iteration=0),
+            checkpoint_version=3.0,
+            iteration=0,
+        )
+        bar = tqdm(total=len(producers), desc="writing tensors", unit="tensor",
+                   disable=not progress)
+        with single_process_group(tmp), bar:
+            dist_checkpointing.save(
+                sharded, str(ckpt),
+                sharded_strategy=SyncTorchDistSaveStrategy(
+                    planner_factory=_lazy_planner_factory(producers, bar)),
+            )
+        if bar.n != len(producers):
+            raise RuntimeError(f"wrote {bar.n} of {len(producers)} tensors")
+        (tmp / TRACKER).write_text(RELEASE)
+        assets = tmp / HF_ASSETS
+        assets.mkdir()
+        for f in hf.tokenizer_files() + [hf.folder / "config.json"]:
+            shutil.copy2(f, assets / f.name)
+        meta = dict(
+            format=FORMAT, version=FORMAT_VERSION, source=hf.folder.name,
+            architecture=hf.config.get("architectures", [None])[0],
+            dtype=str(torch_dtype).replace("torch.", ""),
+            model=shape.to_dict(), megatron_args=args, hf_config=hf.config,
+            tokenizer_dir=HF_ASSETS,
+        )
+        (tmp / MODEL_METADATA).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    log(f"wrote {out_dir} ({len(producers)} tensors) in {time.time() - t0:.1f} s")
+    return Path(out_dir)

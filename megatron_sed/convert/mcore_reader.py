@@ -1,0 +1,108 @@
+"""Model weights of a Megatron-Core dist checkpoint, read one layer at a time.
+
+Works for checkpoints written by this project (converter or trainer) and by Megatron-LM
+(weights only; optimizer and RNG entries are ignored). It recognises both norm
+namings (fused, as Megatron-Core writes for the local and TE specs, and separate) and both layouts of the SwiGLU fc1
+(one key with [gate; up] fragments, or Megatron's `singleton_local_shards` keys
+`..._w` / `..._v`), and checks every shape against the expected model before any
+tensor is read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from megatron_sed.checkpointing.reader import TorchDistReader
+from megatron_sed.convert.hf_folder import CheckpointError
+from megatron_sed.convert.mapping import NORM_KEYS, ParamMap, param_maps
+from megatron_sed.convert.shape import ModelShape
+
+FC1 = "decoder.layers.mlp.linear_fc1.weight"
+VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def detect_norm_naming(keys) -> str:
+    for spec, names in NORM_KEYS.items():
+        if names["input"] in keys:
+            return spec
+    raise CheckpointError(
+        "checkpoint has no input layernorm weights (neither "
+        + " nor ".join(n["input"] for n in NORM_KEYS.values())
+        + "): not a Llama/Qwen2-style GPTModel checkpoint"
+    )
+
+
+class MCoreModelReader:
+    """Layer-wise access to the GPTModel weights in `ckpt_dir` (the dir with .metadata)."""
+
+    def __init__(self, ckpt_dir: str | Path, shape: ModelShape):
+        self.reader = TorchDistReader(ckpt_dir)
+        self.shape = shape
+        self.shapes = self.reader.tensor_shapes()
+        self.norm_naming = detect_norm_naming(self.shapes)
+        self.split_fc1 = FC1 not in self.shapes and f"{FC1}_w" in self.shapes
+        self.maps = param_maps(shape, self.norm_naming)
+        self._check()
+
+    def _stored_keys(self, pm: ParamMap) -> List[str]:
+        if pm.key == FC1 and self.split_fc1:
+            return [f"{FC1}_w", f"{FC1}_v"]
+        return [pm.key]
+
+    def _check(self) -> None:
+        L, problems = self.shape.num_layers, []
+        for pm in self.maps:
+            for key in self._stored_keys(pm):
+                want = list(pm.shape)
+                if key != pm.key:  # fc1 halves
+                    want[0] //= 2
+                want = tuple([L] + want if pm.layered else want)
+                if key not in self.shapes:
+                    problems.append(f"missing tensor {key} (expected shape {list(want)})")
+                    continue
+                got = self.shapes[key][0]
+                if key in VOCAB_KEYS:  # padded vocab rows are allowed (and dropped)
+                    ok = len(got) == 2 and got[1] == want[1] and got[0] >= want[0]
+                else:
+                    ok = tuple(got) == want
+                if not ok:
+                    problems.append(f"tensor {key} has shape {list(got)}, the model "
+                                    f"({self.shape.model_type}, {L} layers) needs {list(want)}")
+        if self.shape.tie_embeddings and "output_layer.weight" in self.shapes:
+            problems.append("checkpoint has output_layer.weight but the model ties embeddings "
+                            "(untied weights cannot be exported as a tied HF model)")
+        if problems:
+            raise CheckpointError(f"{self.reader.ckpt_dir} does not match the model:\n  "
+                                  + "\n  ".join(problems))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.shapes["embedding.word_embeddings.weight"][1]
+
+    def _read(self, layer: Optional[int], maps: List[ParamMap]) -> Dict[str, torch.Tensor]:
+        reqs = {}
+        for pm in maps:
+            for key in self._stored_keys(pm):
+                shape = self.shapes[key][0]
+                if layer is None:
+                    rows = self.shape.vocab_size if key in VOCAB_KEYS else shape[0]
+                    reqs[key] = (None, (rows,) + tuple(shape[1:]))
+                else:
+                    reqs[key] = ((layer,) + (0,) * (len(shape) - 1), (1,) + tuple(shape[1:]))
+        got = self.reader.read(reqs)
+        out = {}
+        for pm in maps:
+            parts = [got[k] for k in self._stored_keys(pm)]
+            t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+            out[pm.key] = t[0] if layer is not None else t
+        return out
+
+    def global_tensors(self) -> Dict[str, torch.Tensor]:
+        """Non-layer tensors (embedding, final norm, output layer), vocab padding dropped."""
+        return self._read(None, [pm for pm in self.maps if not pm.layered])
+
+    def layer_tensors(self, layer: int) -> Dict[str, torch.Tensor]:
+        return self._read(layer, [pm for pm in self.maps if pm.layered])
