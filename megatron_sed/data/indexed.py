@@ -105,8 +105,16 @@ class SFTIndexedWriter:
         # drop its commit marker first so no reader ever sees old metadata with new data.
         if os.path.exists(metadata_path(self.prefix)):
             os.unlink(metadata_path(self.prefix))
-        for src, dst in zip(self._tmp_paths(), final_paths(self.prefix)):
-            os.replace(src, dst)
+        renamed = []
+        try:
+            for src, dst in zip(self._tmp_paths(), final_paths(self.prefix)):
+                os.replace(src, dst)
+                renamed.append(dst)
+        except BaseException:
+            for dst in renamed:  # never leave a partial PREFIX.* behind
+                if os.path.exists(dst):
+                    os.unlink(dst)
+            raise
         self._committed = True
         return meta
 

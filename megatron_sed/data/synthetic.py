@@ -136,10 +136,10 @@ def make_synthetic_math(
     rng = random.Random(f"megatron-sed-synthetic:{seed}:{split}")
     seen = set()
     rows: List[Dict] = []
-    attempts = 0
+    misses = 0  # consecutive draws that gave no new problem: the space is (nearly) exhausted
     while len(seen) < num_problems:
-        attempts += 1
-        if attempts > 200 * num_problems + 1000:
+        misses += 1
+        if misses > 20000:
             raise ValueError(
                 f"cannot draw {num_problems} distinct {split} problems with max_value={max_value}; "
                 "raise max_value or lower num_problems"
@@ -153,6 +153,7 @@ def make_synthetic_math(
         if len({path_signature(p) for p in paths}) != NUM_PATHS:
             continue  # e.g. b == c makes two summation orders identical: paths must be countable
         seen.add((kind, nums))
+        misses = 0
         question = _question(kind, nums, name, item)
         problem_id = f"{kind}-{'-'.join(map(str, nums))}"
         path_ids = range(n_paths) if split == "train" else [0]

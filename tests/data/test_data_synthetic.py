@@ -1,0 +1,95 @@
+import json
+
+import pytest
+
+from megatron_sed.data.synthetic import (
+    NUM_PATHS,
+    answers_match,
+    equations_valid,
+    extract_boxed,
+    identify_path,
+    make_synthetic_math,
+    path_signature,
+    problem_split,
+    write_synthetic_jsonl,
+)
+from megatron_sed.data.tokenizer import build_tokenizer
+
+
+def test_deterministic_and_seed_dependent():
+    a = make_synthetic_math(50, seed=3)
+    assert a == make_synthetic_math(50, seed=3)
+    assert a != make_synthetic_math(50, seed=4)
+
+
+def test_train_has_all_distinct_paths_per_problem():
+    rows = make_synthetic_math(120, seed=0)
+    by_problem = {}
+    for r in rows:
+        by_problem.setdefault(r["problem_id"], []).append(r)
+    assert len(by_problem) == 120 and len(rows) == 120 * NUM_PATHS
+    kinds = {r["kind"] for r in rows}
+    assert kinds == {"sum", "sub", "buy"}
+    for pid, group in by_problem.items():
+        assert sorted(r["path_id"] for r in group) == list(range(NUM_PATHS))
+        assert len({r["response"] for r in group}) == NUM_PATHS
+        assert len({path_signature(r["response"]) for r in group}) == NUM_PATHS
+        for r in group:
+            # Every path is arithmetically valid, ends in the right boxed answer, and is identified.
+            assert equations_valid(r["response"])
+            assert r["response"].endswith("\\boxed{%s}" % r["answer"])
+            assert answers_match(extract_boxed(r["response"]), r["answer"])
+            assert identify_path(r, r["response"]) == r["path_id"]
+            a, b, c = r["nums"]
+            expected = {"sum": a + b + c, "sub": a - b - c, "buy": a * b + c}[r["kind"]]
+            assert int(r["answer"]) == expected > 0
+
+
+def test_test_split_is_disjoint_and_single_reference():
+    train = make_synthetic_math(300, seed=1)
+    test = make_synthetic_math(100, seed=1, split="test")
+    assert len(test) == 100 and all(r["path_id"] == 0 for r in test)
+    assert not {r["problem_id"] for r in train} & {r["problem_id"] for r in test}
+    assert all(problem_split(r["kind"], tuple(r["nums"])) == "test" for r in test)
+    # Different seeds still never leak test problems into train.
+    other = make_synthetic_math(300, seed=99)
+    assert not {r["problem_id"] for r in other} & {r["problem_id"] for r in test}
+
+
+def test_sequences_fit_a_tiny_byte_model():
+    tok = build_tokenizer("byte")
+    for r in make_synthetic_math(200, seed=5):
+        ids, _ = tok.apply_chat_template(
+            [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["response"]}]
+        )
+        assert len(ids) < 160
+
+
+def test_path_helpers_on_generated_text():
+    row = make_synthetic_math(1, seed=2)[0]
+    noisy = "  " + row["paths"][2].replace("=", " = ") + " done"
+    assert identify_path(row, noisy) == 2
+    assert identify_path(row, "I think it is \\boxed{3}") is None
+    assert identify_path(row["paths"], row["paths"][1]) == 1
+    assert not equations_valid("2+2=5.")
+    assert extract_boxed("no box") is None
+    assert extract_boxed("\\boxed{1} then \\boxed{ {2} }") == "{2}"
+    assert extract_boxed("\\boxed{unclosed") is None
+    assert answers_match("1,000", 1000) and answers_match("12.0", "12") and not answers_match("x", "12")
+
+
+def test_write_jsonl(tmp_path):
+    path = tmp_path / "sub" / "syn.jsonl"
+    n = write_synthetic_jsonl(str(path), 10, seed=0, split="test")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert n == len(rows) == 10 and rows == make_synthetic_math(10, seed=0, split="test")
+    assert [p.name for p in path.parent.iterdir()] == ["syn.jsonl"]
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="split"):
+        make_synthetic_math(5, split="dev")
+    with pytest.raises(ValueError, match="kind"):
+        make_synthetic_math(5, kinds=("div",))
+    with pytest.raises(ValueError, match="distinct"):
+        make_synthetic_math(2000, split="test", max_value=6)
