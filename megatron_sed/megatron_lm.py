@@ -54,7 +54,6 @@ REPORT_KEYS = {
 
 # Attribute names set on the models (prefixed so they never clash with Megatron's).
 _CFG_ATTR = "_megatron_sed_cfg"
-_STATS_ATTR = "_megatron_sed_stats"
 _TARGETS_ATTR = "_megatron_sed_targets"
 
 _logged = False
@@ -145,19 +144,15 @@ def _tp_group_of(module):
 
 
 def _sed_compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor):
-    """Replacement for LanguageModule.compute_language_model_loss: SED on the [s, b, V/tp]
-    logits straight from the output layer (no transposed copy of the logits; only the
-    [b, s] labels are transposed, as Megatron's CE path does). Returns [b, s] losses and
-    keeps the per-token stats for `add_sed_report`."""
-    from megatron_sed.ops.sed_loss import vocab_parallel_sed_loss
+    """Replacement for LanguageModule.compute_language_model_loss: the trainer's hook
+    (megatron_sed.model.loss_hook), i.e. SED on the [s, b, V/tp] logits straight from
+    the output layer, [b, s] losses out, per-token stats stashed for `add_sed_report`.
+    With multi-token prediction the MTP heads call this first and the main head last,
+    so the stats left in the stash are the main head's."""
+    from megatron_sed.model.loss_hook import sed_language_model_loss
 
-    cfg: SEDConfig = getattr(self, _CFG_ATTR)
-    target = labels.transpose(0, 1).contiguous()
-    loss, stats = vocab_parallel_sed_loss(logits, target, cfg, tp_group=_tp_group_of(self))
-    # With multi-token prediction the MTP heads call this first and the main head last,
-    # so the stats kept are the main head's.
-    setattr(self, _STATS_ATTR, stats)
-    return loss.transpose(0, 1).contiguous()
+    return sed_language_model_loss(self, labels, logits, getattr(self, _CFG_ATTR),
+                                   tp_group=_tp_group_of(self))
 
 
 def install_sed_loss(model, args: argparse.Namespace) -> int:
@@ -231,9 +226,11 @@ def sed_report_pairs(stats: Dict[str, torch.Tensor], loss_mask: torch.Tensor) ->
 def add_sed_report(report: dict, loss_mask: torch.Tensor, model) -> dict:
     """Add the SED stats of the micro-batch `model` just ran to Megatron's report dict
     (in place; also returned). A no-op when the model computes plain CE."""
-    for module in _targets(model):
-        stats = module.__dict__.pop(_STATS_ATTR, None)
-        if stats is not None:
-            report.update(sed_report_pairs(stats, loss_mask))
-            break
+    from megatron_sed.model.loss_hook import pop_sed_stats
+
+    if not _targets(model):
+        return report
+    stats = pop_sed_stats()  # Megatron calls loss_func right after each forward
+    if stats is not None:
+        report.update(sed_report_pairs(stats, loss_mask))
     return report
