@@ -1,0 +1,114 @@
+"""Load a checkpoint of our trainer (or any Megatron-Core torch_dist GPT checkpoint whose
+common.pt holds Megatron `args`) into one process for evaluation.
+
+The model is rebuilt from the checkpoint's own args at TP=1, PP=1 (dist_checkpointing
+reshards whatever TP/PP the run used), dropout off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A --load path that does not hold a usable checkpoint; the message says why."""
+
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def resolve_checkpoint_dir(load: str, iteration: int | None = None) -> Path:
+    """--load may be a save dir (with latest_checkpointed_iteration.txt), or a
+    release/ / iter_NNNNNNN/ checkpoint dir; --iteration picks iter_NNNNNNN of a save dir."""
+    path = Path(load)
+    if not path.exists():
+        raise CheckpointError(f"--load {load}: no such file or directory")
+    if iteration is not None:
+        sub = path / f"iter_{iteration:07d}"
+        if not (sub / ".metadata").is_file():
+            raise CheckpointError(f"--load {load} --iteration {iteration}: {sub} is not a checkpoint")
+        return sub
+    if (path / ".metadata").is_file():
+        return path
+    tracker = path / TRACKER
+    if tracker.is_file():
+        tag = tracker.read_text().strip()
+        try:
+            sub = path / ("release" if tag == "release" else f"iter_{int(tag):07d}")
+        except ValueError:
+            raise CheckpointError(f"{tracker} holds {tag!r}, not an iteration number") from None
+        if (sub / ".metadata").is_file():
+            return sub
+        raise CheckpointError(f"{tracker} points to {sub}, which is not a torch_dist checkpoint "
+                              "(no .metadata file: an interrupted save?)")
+    raise CheckpointError(
+        f"--load {load} is neither a torch_dist checkpoint (no .metadata) nor a save "
+        f"directory (no {TRACKER})"
+    )
+
+
+def read_common_state(ckpt_dir: Path) -> dict:
+    common = ckpt_dir / "common.pt"
+    if not common.is_file():
+        raise CheckpointError(f"{ckpt_dir}: no common.pt (not a Megatron dist checkpoint)")
+    try:
+        # Our own checkpoints: common.pt pickles an argparse.Namespace (Megatron does too).
+        state = torch.load(common, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - corrupt or foreign pickle
+        raise CheckpointError(f"cannot read {common}: {type(err).__name__}: {err}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("args"), argparse.Namespace):
+        raise CheckpointError(f"{common} holds no Megatron 'args': cannot rebuild the model")
+    return state
+
+
+def eval_args(ckpt_args: argparse.Namespace) -> argparse.Namespace:
+    """The checkpoint's args, made single-process and deterministic."""
+    a = copy.copy(ckpt_args)
+    a.tensor_model_parallel_size = 1
+    a.pipeline_model_parallel_size = 1
+    a.sequence_parallel = False
+    a.hidden_dropout = 0.0
+    a.attention_dropout = 0.0
+    a.device = "cpu" if not torch.cuda.is_available() else getattr(a, "device", "auto")
+    if getattr(a, "transformer_impl", None) == "transformer_engine":
+        from megatron_sed.model import te_available
+
+        if not te_available():
+            a.transformer_impl = "local"  # same parameter names, see megatron_sed.model
+    if getattr(a, "fp8_format", None):
+        a.fp8_format = None
+    return a
+
+
+def load_model(load: str, iteration: int | None = None):
+    """(model in eval mode, its args, the checkpoint dir, common state). Needs
+    torch.distributed and megatron parallel_state initialised at world size 1."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_sed.model import build_gpt_model
+
+    ckpt_dir = resolve_checkpoint_dir(load, iteration)
+    common = read_common_state(ckpt_dir)
+    args = eval_args(common["args"])
+    if not getattr(args, "padded_vocab_size", None) and not getattr(args, "vocab_size", None):
+        raise CheckpointError(f"{ckpt_dir}: the checkpoint's args hold no vocab size")
+    try:
+        model = build_gpt_model(args)
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(f"cannot rebuild the model from {ckpt_dir}'s args: {err}") from err
+    sharded = model.sharded_state_dict()
+    try:
+        loaded = dist_checkpointing.load(sharded, str(ckpt_dir))
+    except Exception as err:  # noqa: BLE001 - missing keys, shape mismatch, corrupt files
+        raise CheckpointError(f"cannot load the model weights from {ckpt_dir}: "
+                              f"{type(err).__name__}: {err}") from err
+    missing, unexpected = model.load_state_dict(loaded, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing:
+        raise CheckpointError(f"{ckpt_dir}: the checkpoint lacks {missing[:5]}")
+    model.eval()
+    return model, args, ckpt_dir, common
