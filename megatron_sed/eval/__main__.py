@@ -65,9 +65,14 @@ def _system_prompt(args, ckpt_args):
     value = args.system_prompt
     if value is None:
         value = getattr(ckpt_args, "system_prompt", None)
-        synthetic = not (getattr(ckpt_args, "data_path", None) or getattr(ckpt_args, "train_data_path", None))
+        knows_data = hasattr(ckpt_args, "data_path") or hasattr(ckpt_args, "train_data_path")
+        synthetic = knows_data and not (getattr(ckpt_args, "data_path", None)
+                                        or getattr(ckpt_args, "train_data_path", None))
         if value is None and synthetic:
             value = "math"  # the trainer's built-in synthetic set is preprocessed with it
+        if value is None:
+            print(" > no system prompt (pass --system-prompt if the SFT data was preprocessed "
+                  "with one, e.g. 'math')", flush=True)
     return resolve_system_prompt(value)
 
 
@@ -141,7 +146,7 @@ def evaluate(args) -> dict:
         "label": label,
         "checkpoint": str(args.load),
         "iteration": common.get("iteration"),
-        "sed_threshold": common.get("sed_threshold"),
+        "sed_threshold": (common.get("sed") or {}).get("threshold", common.get("sed_threshold")),
         "prompts": os.path.basename(args.prompts),
         "sampling": {"n": args.n, "temperature": args.temperature, "top_p": args.top_p,
                      "max_new_tokens": args.max_new_tokens, "seed": args.seed},

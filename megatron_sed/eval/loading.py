@@ -60,7 +60,10 @@ def read_common_state(ckpt_dir: Path) -> dict:
         state = torch.load(common, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - corrupt or foreign pickle
         raise CheckpointError(f"cannot read {common}: {type(err).__name__}: {err}") from None
-    if not isinstance(state, dict) or not isinstance(state.get("args"), argparse.Namespace):
+    args = state.get("args") if isinstance(state, dict) else None
+    if isinstance(args, dict):  # megatron_sed.train stores the model-shape args as a dict
+        state["args"] = args = argparse.Namespace(**args)
+    if not isinstance(args, argparse.Namespace):
         raise CheckpointError(f"{common} holds no Megatron 'args': cannot rebuild the model")
     return state
 

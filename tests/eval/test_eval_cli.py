@@ -42,8 +42,9 @@ def save_dir(tmp_path_factory):
         try:
             torch.manual_seed(0)
             model = build_gpt_model(eval_args(_ckpt_args()))
-            sd = {"model": model.sharded_state_dict(), "args": _ckpt_args(), "iteration": 7,
-                  "sed_threshold": 0.8}
+            # megatron_sed.train's layout: args as a dict, tau under "sed"
+            sd = {"model": model.sharded_state_dict(), "args": vars(_ckpt_args()), "iteration": 7,
+                  "sed": {"threshold": 0.8}}
             (root / "iter_0000007").mkdir()
             dist_checkpointing.save(sd, str(root / "iter_0000007"),
                                     sharded_strategy=SyncTorchDistSaveStrategy())
