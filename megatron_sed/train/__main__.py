@@ -1,0 +1,8 @@
+"""python -m megatron_sed.train (console script megatron-sed-train)."""
+
+import sys
+
+from megatron_sed.train.trainer import main
+
+if __name__ == "__main__":
+    sys.exit(main())
