@@ -1,0 +1,225 @@
+"""Vocab-parallel SED loss on Triton kernels: one read of the logits forward, one read
+and one write backward, no float32 copy of the logits.
+
+Same contract as the torch Function in sed_loss.py (it is reached through
+`vocab_parallel_sed_loss` with `SEDConfig(impl="triton")`, or `impl="auto"` on CUDA
+tensors). Only the per-row work differs: the kernels in triton_kernels.py produce the
+partials and the gradient; the one all-gather (comm.all_gather_partials) and the
+combination (partials.combine_partials) are shared with the torch implementation.
+
+Memory: the forward saves the logits themselves (no copy) and five numbers per row.
+The backward allocates the gradient in the logits' dtype, or, with the in-place option,
+writes it over the logits (peak = the logits alone). In place is off by default because
+it destroys the logits, which the caller may still hold; turn it on with
+`triton_vocab_parallel_sed_loss(..., grad_in_place=True)`, the module flag
+`GRAD_IN_PLACE`, or MEGATRON_SED_TRITON_GRAD_IN_PLACE=1. The graph can then be
+backpropagated only once.
+
+Limits: top_k <= MAX_TOP_K (the running top-k lives in registers). With impl="triton"
+an unsupported input raises ValueError naming the culprit; with impl="auto" it falls
+back to the torch implementation with a one-time warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from megatron_sed.ops import triton_kernels
+from megatron_sed.ops.comm import all_gather_partials
+from megatron_sed.ops.config import SEDConfig
+from megatron_sed.ops.partials import COL_MAX, NUM_FIXED_COLS, combine_partials
+
+logger = logging.getLogger(__name__)
+
+MAX_TOP_K = 8
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+GRAD_IN_PLACE = os.environ.get("MEGATRON_SED_TRITON_GRAD_IN_PLACE", "0") == "1"
+# Columns per block; None picks by dtype. Tests set it small to exercise many blocks.
+BLOCK_SIZE: Optional[int] = None
+_WARNED: set = set()
+
+
+def kernels_interpreted() -> bool:
+    """True when triton was imported with TRITON_INTERPRET=1 (kernels run on CPU tensors)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(triton_kernels.sed_partials_kernel, InterpretedFunction)
+
+
+def unsupported_reason(logits: torch.Tensor, cfg: SEDConfig) -> Optional[str]:
+    """Why the Triton kernels cannot run on this input, or None."""
+    if cfg.top_k > MAX_TOP_K:
+        return (
+            f"SEDConfig.top_k={cfg.top_k} exceeds the Triton kernels' maximum top_k of {MAX_TOP_K} "
+            "(use impl='torch' or a smaller top_k)"
+        )
+    if logits.dtype not in SUPPORTED_DTYPES:
+        return f"the Triton SED kernels read {SUPPORTED_DTYPES} logits, got {logits.dtype}"
+    if not logits.is_cuda and not kernels_interpreted():
+        return (
+            f"the Triton SED kernels need CUDA tensors, got logits on {logits.device} "
+            "(to run them on CPU, set TRITON_INTERPRET=1 before triton is imported)"
+        )
+    return None
+
+
+def _acc_dtypes(dtype: torch.dtype):
+    """(torch, triton) accumulation dtypes: float32, float64 for float64 input."""
+    if dtype == torch.float64:
+        return torch.float64, tl.float64
+    return torch.float32, tl.float32
+
+
+def _block_size(n_cols: int, dtype: torch.dtype) -> int:
+    if BLOCK_SIZE is not None:
+        return BLOCK_SIZE
+    # 16 KiB of logits per block (8192 bf16 columns): enough loads in flight per program.
+    target = (16 * 1024) // torch.empty((), dtype=dtype).element_size()
+    return min(triton.next_power_of_2(max(n_cols, 1)), target)
+
+
+def _num_warps(block: int) -> int:
+    return 4 if block <= 1024 else (8 if block <= 4096 else 16)
+
+
+def sed_partials(logits_2d: torch.Tensor, target_1d: torch.Tensor, vocab_start: int, top_k: int) -> torch.Tensor:
+    """[N, V_r] logits (unit column stride) -> [N, 4 + top_k] partials (see partials.py)."""
+    n, n_cols = logits_2d.shape
+    acc_torch, acc_tl = _acc_dtypes(logits_2d.dtype)
+    partials = torch.empty((n, NUM_FIXED_COLS + top_k), dtype=acc_torch, device=logits_2d.device)
+    if n == 0:
+        return partials
+    block = _block_size(n_cols, logits_2d.dtype)
+    triton_kernels.sed_partials_kernel[(n,)](
+        logits_2d,
+        logits_2d.stride(0),
+        target_1d,
+        partials,
+        n_cols,
+        vocab_start,
+        NUM_PARTIAL_COLS=NUM_FIXED_COLS + top_k,
+        K=top_k,
+        KP=max(2, triton.next_power_of_2(top_k)),
+        BLOCK=block,
+        ACC=acc_tl,
+        num_warps=_num_warps(block),
+    )
+    return partials
+
+
+def sed_grad(
+    logits_2d: torch.Tensor,
+    target_1d: torch.Tensor,
+    vocab_start: int,
+    lse: torch.Tensor,
+    c1: torch.Tensor,
+    c2: torch.Tensor,
+    c3: torch.Tensor,
+    use_log: bool,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Write grad_j = p_j (c1 + c2 log p_j) - c3 [j = y] into `out` (may be `logits_2d`)."""
+    n, n_cols = logits_2d.shape
+    if n == 0:
+        return out
+    _, acc_tl = _acc_dtypes(logits_2d.dtype)
+    block = _block_size(n_cols, logits_2d.dtype)
+    triton_kernels.sed_grad_kernel[(n,)](
+        logits_2d,
+        logits_2d.stride(0),
+        out,
+        out.stride(0),
+        target_1d,
+        lse,
+        c1,
+        c2,
+        c3,
+        n_cols,
+        vocab_start,
+        USE_LOG=use_log,
+        BLOCK=block,
+        ACC=acc_tl,
+        num_warps=_num_warps(block),
+    )
+    return out
+
+
+class _TritonSEDLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, vocab_parallel_logits, target, cfg: SEDConfig, group, world_size, rank, grad_in_place):
+        vocab_local = vocab_parallel_logits.shape[-1]
+        logits_2d = vocab_parallel_logits.reshape(-1, vocab_local)
+        if vocab_local > 1 and logits_2d.stride(1) != 1:
+            logits_2d = logits_2d.contiguous()  # a copy in the logits' own dtype, rare
+        target_1d = target.reshape(-1).to(torch.int64).contiguous()
+        vocab_start = rank * vocab_local
+
+        partials = sed_partials(logits_2d, target_1d, vocab_start, cfg.top_k)
+        gathered = all_gather_partials(partials, group, world_size)
+        valid = target_1d != cfg.ignore_index
+        out = combine_partials(gathered, valid, cfg, cfg.top_k)
+
+        # Rows the backward must not touch (ignored targets) carry lse = 0 and zero
+        # coefficients; the kernel then writes zeros without reading the row.
+        lse = torch.where(valid, out.lse, torch.zeros_like(out.lse))
+        ctx.save_for_backward(logits_2d, target_1d, lse, out.alpha, out.beta, out.gamma)
+        ctx.use_log = cfg.regularizer == "entropy" and not cfg.is_plain_ce
+        ctx.vocab_start = vocab_start
+        ctx.grad_in_place = grad_in_place
+        ctx.input_shape = vocab_parallel_logits.shape
+
+        shape = target.shape
+        stats = (
+            out.ce.view(shape),
+            out.reg.view(shape),
+            out.mask.view(shape),
+            out.target_prob.view(shape),
+            out.entropy.view(shape),
+            out.topk_mass.view(shape),
+            out.correct.view(shape),
+        )
+        ctx.mark_non_differentiable(*stats)
+        return (out.loss.view(shape),) + stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused_stat_grads):
+        logits_2d, target_1d, lse, alpha, beta, gamma = ctx.saved_tensors
+        g = grad_loss.reshape(-1).to(alpha.dtype)
+        c1, c2, c3 = (g * alpha).contiguous(), (g * beta).contiguous(), (g * gamma).contiguous()
+        out = logits_2d if ctx.grad_in_place else torch.empty_like(logits_2d, memory_format=torch.contiguous_format)
+        sed_grad(logits_2d, target_1d, ctx.vocab_start, lse.contiguous(), c1, c2, c3, ctx.use_log, out)
+        return out.view(ctx.input_shape), None, None, None, None, None, None
+
+
+def triton_vocab_parallel_sed_loss(
+    vocab_parallel_logits: torch.Tensor,
+    target: torch.Tensor,
+    cfg: SEDConfig,
+    group,
+    world_size: int,
+    rank: int,
+    grad_in_place: Optional[bool] = None,
+):
+    """The Triton counterpart of sed_loss._VocabParallelSEDLoss.apply: returns
+    (loss, ce, reg, mask, target_prob, entropy, topk_mass, correct), shaped like target.
+
+    Inputs are validated by vocab_parallel_sed_loss. grad_in_place None -> GRAD_IN_PLACE.
+    """
+    reason = unsupported_reason(vocab_parallel_logits, cfg)
+    if reason is not None:
+        if cfg.impl == "triton":
+            raise ValueError(f"SEDConfig(impl='triton'): {reason}")
+        if reason not in _WARNED:
+            _WARNED.add(reason)
+            logger.warning("SED loss: falling back to the torch implementation: %s", reason)
+        from megatron_sed.ops.sed_loss import _VocabParallelSEDLoss
+
+        return _VocabParallelSEDLoss.apply(vocab_parallel_logits, target, cfg, group, world_size, rank)
+    in_place = GRAD_IN_PLACE if grad_in_place is None else bool(grad_in_place)
+    return _TritonSEDLoss.apply(vocab_parallel_logits, target, cfg, group, world_size, rank, in_place)
