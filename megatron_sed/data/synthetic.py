@@ -251,6 +251,30 @@ def write_synthetic_jsonl(path: str, num_problems: int, seed: int = 1234, split:
     return len(rows)
 
 
+def write_synthetic_corpus(
+    output_prefix: str,
+    num_problems: int,
+    seed: int = 1234,
+    split: str = "train",
+    tokenizer_type: str = "byte",
+    tokenizer_model: Optional[str] = None,
+    system_prompt: Optional[str] = None,
+    **kw,
+) -> Dict:
+    """Generate the set and preprocess it into a loss-masked indexed corpus at ``output_prefix``.
+
+    Returns the ``PREFIX.json`` metadata; ``build_sft_datasets([output_prefix], ...)`` reads it.
+    """
+    from megatron_sed.data.preprocess import preprocess_rows
+
+    rows = make_synthetic_math(num_problems, seed=seed, split=split, **kw)
+    keep = ("question", "response")  # only what the chat rendering needs
+    return preprocess_rows(
+        [{k: r[k] for k in keep} for r in rows], output_prefix, tokenizer_type=tokenizer_type,
+        tokenizer_model=tokenizer_model, system_prompt=system_prompt,
+    )
+
+
 def iter_questions(rows: Iterable[Dict]) -> List[Dict]:
     """One row per distinct problem (first occurrence), e.g. to build evaluation prompts."""
     seen, out = set(), []

@@ -93,3 +93,19 @@ def test_bad_arguments():
         make_synthetic_math(5, kinds=("div",))
     with pytest.raises(ValueError, match="distinct"):
         make_synthetic_math(2000, split="test", max_value=6)
+
+
+def test_write_synthetic_corpus_feeds_the_reader(tmp_path):
+    from megatron_sed.data.reader import build_sft_datasets
+    from megatron_sed.data.synthetic import write_synthetic_corpus
+
+    prefix = str(tmp_path / "syn")
+    meta = write_synthetic_corpus(prefix, 20, seed=0, system_prompt="math")
+    assert meta["num_samples"] == 20 * NUM_PATHS and meta["tokenizer"]["type"] == "byte"
+    train, _, _ = build_sft_datasets([prefix], "100,0,0", seq_length=256, seed=0)
+    tok = build_tokenizer("byte")
+    sample = train[0]
+    sup = sample["labels"][sample["loss_mask"] == 1].tolist()
+    text = tok.detokenize(sup)
+    rows = make_synthetic_math(20, seed=0)
+    assert any(r["response"] in text for r in rows) and "\\boxed{" in text and "How many" not in text
