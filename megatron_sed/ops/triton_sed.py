@@ -40,8 +40,10 @@ logger = logging.getLogger(__name__)
 MAX_TOP_K = 8
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 GRAD_IN_PLACE = os.environ.get("MEGATRON_SED_TRITON_GRAD_IN_PLACE", "0") == "1"
-# Columns per block; None picks by dtype. Tests set it small to exercise many blocks.
+# Columns per block and warps per program; None picks by dtype / block. Tests set the
+# block small to exercise many blocks; benchmarks/gpu_loss_bench.py --sweep tries others.
 BLOCK_SIZE: Optional[int] = None
+NUM_WARPS: Optional[int] = None
 _WARNED: set = set()
 
 
@@ -85,6 +87,8 @@ def _block_size(n_cols: int, dtype: torch.dtype) -> int:
 
 
 def _num_warps(block: int) -> int:
+    if NUM_WARPS is not None:
+        return NUM_WARPS
     return 4 if block <= 1024 else (8 if block <= 4096 else 16)
 
 

@@ -286,3 +286,32 @@ def test_kernels_compile_for_hopper():
     if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
         pytest.skip(f"no ptxas available: {proc.stderr[-300:]}")
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- benchmark
+BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "gpu_loss_bench.py")
+
+
+def test_gpu_benchmark_dry_run(tmp_path):
+    """The GPU benchmark end to end on CPU at a tiny size (its timings mean nothing here)."""
+    out = tmp_path / "table.md"
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
+    methods = ["megatron_ce_unfused", "megatron_ce_fused", "sed_torch", "sed_triton_inplace"]
+    proc = subprocess.run(
+        [sys.executable, BENCH, "--dry-run", "--methods", *methods, "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| 8 |")]
+    assert [r.split("|")[2].strip() for r in rows] == methods
+    triton_row = rows[-1].split("|")
+    assert float(triton_row[5]) > 0  # total ms
+    assert float(triton_row[11]) < 1e-5  # loss difference against the torch SED
+    assert "skipped" in rows[1]
+
+
+def test_gpu_benchmark_without_cuda_says_so():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    proc = subprocess.run([sys.executable, BENCH], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "no CUDA device" in proc.stderr
