@@ -247,6 +247,9 @@ def validate_args(args: argparse.Namespace, world_size: int, cuda: Optional[bool
                             f"({args.train_iters})]")
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
+    if args.lr_warmup_iters >= args.lr_decay_iters:
+        raise ArgumentError(f"--lr-warmup-iters ({args.lr_warmup_iters}) must be < --lr-decay-iters "
+                            f"({args.lr_decay_iters}, default --train-iters)")
     if args.clip_grad < 0:
         raise ArgumentError(f"--clip-grad must be >= 0, got {args.clip_grad}")
     if args.save_interval is not None and args.save is None:
