@@ -81,10 +81,10 @@ def gather_variable_length(local: torch.Tensor, group=None) -> torch.Tensor:
 
 
 def threshold_from_masses(local_masses: torch.Tensor, ratio: float, group=None) -> tuple[float, int, float]:
-    """tau = the `ratio` quantile of the masses of all ranks of `group` (the DP group).
+    """tau = the `ratio` quantile (a level in (0, 1)) of the masses of all ranks of `group` (the DP group).
     Returns (tau, number of tokens, fraction of tokens below tau), identical on every rank."""
     if not 0.0 < ratio < 1.0:
-        raise ValueError(f"mask ratio must lie in (0, 1), got {ratio}")
+        raise ValueError(f"quantile level must lie in (0, 1), got {ratio}")
     everything = gather_variable_length(local_masses.detach().float(), group)
     tau = exact_quantile(everything, ratio)
     return tau, int(everything.numel()), fraction_below(everything, tau)
@@ -92,16 +92,22 @@ def threshold_from_masses(local_masses: torch.Tensor, ratio: float, group=None) 
 
 # ----------------------------------------------------------------------------- model side
 
+# Which side of tau the SED mask selects, per --sed-mask.
+QUANTILE_SIDE = {"topk_mass": "below", "entropy": "above"}
 
-def topk_masses(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
-                top_k: int, tp_group=None) -> torch.Tensor:
-    """P_topk of every supervised token, as a 1-D fp32 tensor.
+
+def mask_statistic(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
+                   top_k: int, tp_group=None, mask: str = "topk_mass") -> torch.Tensor:
+    """The statistic the SED mask thresholds, for every supervised token, as a 1-D fp32
+    tensor: P_topk (mask "topk_mass", the paper) or the entropy in nats (mask "entropy").
 
     logits: [s, b, V/tp] (this rank's vocab shard; not modified); labels and loss_mask:
-    [b, s] (Megatron's batch layout). Uses the loss op itself, so the mass is defined exactly
-    as the mask in training sees it (same k, same vocab-parallel combination)."""
+    [b, s] (Megatron's batch layout). Uses the loss op itself, so the statistic is defined
+    exactly as the mask in training sees it (same k, same vocab-parallel combination)."""
     from megatron_sed import SEDConfig, vocab_parallel_sed_loss
 
+    if mask not in QUANTILE_SIDE:
+        raise ValueError(f"threshold calibration needs --sed-mask topk_mass or entropy, got {mask!r}")
     if logits.dim() != 3:
         raise ValueError(f"logits must be [s, b, V/tp], got shape {tuple(logits.shape)}")
     s, b = logits.shape[0], logits.shape[1]
@@ -115,7 +121,18 @@ def topk_masses(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Ten
     with torch.no_grad():
         _, stats = vocab_parallel_sed_loss(logits.detach().clone(), target, cfg, tp_group=tp_group)
     keep = loss_mask.t().bool()
-    return stats["topk_mass"][keep].float().reshape(-1)
+    return stats[mask][keep].float().reshape(-1)
+
+
+def topk_masses(logits, labels, loss_mask, top_k: int, tp_group=None) -> torch.Tensor:
+    """P_topk of every supervised token (see mask_statistic)."""
+    return mask_statistic(logits, labels, loss_mask, top_k, tp_group, "topk_mass")
+
+
+def quantile_level(mask: str, ratio: float) -> float:
+    """topk_mass regularises tokens BELOW tau (quantile `ratio`); entropy regularises tokens
+    ABOVE tau (quantile 1 - ratio). Either way a fraction `ratio` is selected."""
+    return ratio if QUANTILE_SIDE[mask] == "below" else 1.0 - ratio
 
 
 @dataclass
@@ -126,12 +143,19 @@ class CalibrationResult:
     num_samples: int
     num_tokens: int
     fraction_below: float
+    mask: str = "topk_mass"
+
+    @property
+    def fraction_selected(self) -> float:
+        """Share of the calibration tokens the mask selects at this tau (about `ratio`)."""
+        return self.fraction_below if QUANTILE_SIDE[self.mask] == "below" else 1.0 - self.fraction_below
 
     def log_line(self) -> str:
+        what = f"top-{self.top_k} mass" if self.mask == "topk_mass" else "entropy"
         return (
-            f" > calibrated SED threshold tau={self.tau:.6f}: quantile {self.ratio:g} of the "
-            f"top-{self.top_k} mass over {self.num_tokens} supervised tokens of "
-            f"{self.num_samples} held-out samples ({100 * self.fraction_below:.2f}% below tau)"
+            f" > calibrated SED threshold tau={self.tau:.6f} ({what}, --sed-mask-ratio "
+            f"{self.ratio:g}) on {self.num_tokens} supervised tokens of {self.num_samples} "
+            f"held-out samples: {100 * self.fraction_selected:.2f}% of them regularised"
         )
 
     def to_dict(self) -> dict:
@@ -160,6 +184,7 @@ def calibrate_threshold(
     num_samples: int,
     dp_group=None,
     tp_group=None,
+    mask: str = "topk_mass",
 ) -> CalibrationResult:
     """Run the (initial) model over the first `num_samples` held-out samples and return tau.
 
@@ -187,8 +212,8 @@ def calibrate_threshold(
         if take > 0:
             with torch.no_grad():
                 logits = logits_fn(batch)
-            local.append(topk_masses(logits[:, :take], batch["labels"][:take],
-                                     batch["loss_mask"][:take], top_k, tp_group))
+            local.append(mask_statistic(logits[:, :take], batch["labels"][:take],
+                                        batch["loss_mask"][:take], top_k, tp_group, mask))
         seen += dp_size * mbs
     used = min(seen, num_samples)
     if used < num_samples:
@@ -197,9 +222,39 @@ def calibrate_threshold(
             "samples; lower the flag or give a larger validation split"
         )
     masses = torch.cat(local) if local else torch.zeros(0, device=_comm_device(dp_group))
-    tau, n_tok, below = threshold_from_masses(masses, ratio, dp_group)
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"--sed-mask-ratio must lie in (0, 1), got {ratio}")
+    tau, n_tok, below = threshold_from_masses(masses, quantile_level(mask, ratio), dp_group)
     return CalibrationResult(tau=tau, ratio=ratio, top_k=int(top_k), num_samples=used,
-                             num_tokens=n_tok, fraction_below=below)
+                             num_tokens=n_tok, fraction_below=below, mask=mask)
+
+
+def calibrate_model(model, batches: Iterable[dict], *, ratio: float, top_k: int, num_samples: int,
+                    dp_group=None, tp_group=None, mask: str = "topk_mass") -> CalibrationResult:
+    """calibrate_threshold for a Megatron-Core GPTModel (e.g. megatron_sed's SEDGPTModel).
+
+    batches: model-input dicts as the trainer builds them (tokens, position_ids,
+    attention_mask, labels, loss_mask [b, s], optional packed_seq_params), this DP rank's
+    share in Megatron's order. The model runs in eval mode (no dropout) without labels,
+    so it returns logits [b, s, V/tp]. Pipeline parallelism is not supported here (only
+    the last stage has logits): pass --sed-threshold explicitly for PP > 1."""
+    if getattr(getattr(model, "config", None), "pipeline_model_parallel_size", 1) > 1:
+        raise ValueError("--sed-mask-ratio calibration does not support pipeline parallelism; "
+                         "calibrate at PP=1 and pass --sed-threshold")
+
+    def logits_fn(b):
+        out = model(b["tokens"], b["position_ids"], b["attention_mask"],
+                    packed_seq_params=b.get("packed_seq_params"))
+        return out.transpose(0, 1)  # [b, s, V/tp] -> [s, b, V/tp], a view
+
+    was_training = model.training
+    model.eval()
+    try:
+        return calibrate_threshold(logits_fn, batches, ratio=ratio, top_k=top_k,
+                                   num_samples=num_samples, dp_group=dp_group,
+                                   tp_group=tp_group, mask=mask)
+    finally:
+        model.train(was_training)
 
 
 # ----------------------------------------------------------------------------- EMA tracking
@@ -212,13 +267,16 @@ class ThresholdEMA:
     (the current batch's mask was already computed with the old one). The state goes into
     the checkpoint so a resumed run continues the same trajectory."""
 
-    def __init__(self, ratio: float, decay: float, tau: float):
+    def __init__(self, ratio: float, decay: float, tau: float, mask: str = "topk_mass"):
+        if mask not in QUANTILE_SIDE:
+            raise ValueError(f"--sed-threshold-update ema needs --sed-mask topk_mass or entropy, got {mask!r}")
         if not 0.0 < ratio < 1.0:
             raise ValueError(f"--sed-mask-ratio must lie in (0, 1), got {ratio}")
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"--sed-threshold-ema must lie in [0, 1), got {decay}")
-        if not 0.0 < tau <= 1.0:
+        if mask == "topk_mass" and not 0.0 < tau <= 1.0:
             raise ValueError(f"initial tau must lie in (0, 1], got {tau}")
+        self.mask = mask
         self.ratio = float(ratio)
         self.decay = float(decay)
         self.tau = float(tau)
@@ -226,13 +284,17 @@ class ThresholdEMA:
         self.last_batch_quantile = float("nan")
 
     def update(self, local_masses: torch.Tensor, group=None) -> float:
+        """Feed this rank's statistic of the batch's supervised tokens (every DP rank calls
+        it: the quantile is over the union); returns the new tau."""
         everything = gather_variable_length(local_masses.detach().float().reshape(-1), group)
         if everything.numel() == 0:  # a batch without supervised tokens: nothing to learn
             return self.tau
-        q = exact_quantile(everything, self.ratio)
+        q = exact_quantile(everything, quantile_level(self.mask, self.ratio))
         self.last_batch_quantile = q
-        # Keep tau a valid probability threshold for SEDConfig (masses are > 0 anyway).
-        self.tau = min(1.0, max(1e-12, self.decay * self.tau + (1.0 - self.decay) * q))
+        tau = self.decay * self.tau + (1.0 - self.decay) * q
+        if self.mask == "topk_mass":  # a valid probability threshold (masses are > 0 anyway)
+            tau = min(1.0, max(1e-12, tau))
+        self.tau = tau
         self.num_updates += 1
         return self.tau
 

@@ -66,7 +66,7 @@ def test_exact_quantile_matches_numpy():
         exact_quantile(torch.zeros(0), 0.3)
     with pytest.raises(ValueError, match="not finite"):
         exact_quantile(torch.tensor([0.5, float("nan")]), 0.3)
-    with pytest.raises(ValueError, match="mask ratio"):
+    with pytest.raises(ValueError, match="quantile level"):
         threshold_from_masses(v, 1.0)
 
 
@@ -96,6 +96,67 @@ def test_calibrate_single_process_and_too_few_samples():
                             num_samples=100)
 
 
+def test_entropy_mask_selects_the_top_ratio():
+    """--sed-mask entropy regularises tokens ABOVE tau: tau is the (1 - ratio) quantile."""
+    logits, _, loss_mask = _dataset()
+    p = torch.softmax(logits[:NUM_SAMPLES].double(), dim=-1)
+    ent = -(p * p.log()).sum(-1)[loss_mask[:NUM_SAMPLES].bool()]
+    res = calibrate_threshold(lambda b: b["logits"], _batches(0, 1, 4), ratio=RATIO, top_k=TOPK,
+                              num_samples=NUM_SAMPLES, mask="entropy")
+    assert res.tau == pytest.approx(float(np.quantile(ent.numpy(), 1 - RATIO)), abs=1e-5)
+    assert abs(res.fraction_selected - RATIO) <= 1.0 / ent.numel() + 1e-9
+    assert "entropy" in res.log_line()
+    with pytest.raises(ValueError, match="topk_mass or entropy"):
+        calibrate_threshold(lambda b: b["logits"], _batches(0, 1, 4), ratio=RATIO, top_k=TOPK,
+                            num_samples=4, mask="all")
+
+
+def test_calibrate_model_on_gptmodel():
+    """calibrate_model runs a Megatron-Core GPTModel in eval mode over trainer-style batches
+    and matches the float64 quantile of that model's own logits."""
+    import argparse
+
+    from megatron.core import parallel_state as ps
+
+    from megatron_sed.calibration import calibrate_model
+    from megatron_sed.checkpointing import single_process_group
+    from megatron_sed.model import build_gpt_model
+
+    args = argparse.Namespace(
+        num_layers=1, hidden_size=32, ffn_hidden_size=64, num_attention_heads=2,
+        group_query_attention=False, num_query_groups=2, normalization="LayerNorm", swiglu=False,
+        disable_bias_linear=False, seq_length=12, max_position_embeddings=12,
+        position_embedding_type="rope", rotary_base=10000, untie_embeddings_and_output_weights=True,
+        tensor_model_parallel_size=1, pipeline_model_parallel_size=1, sequence_parallel=False,
+        vocab_size=64, padded_vocab_size=64, transformer_impl="local", device="cpu",
+        hidden_dropout=0.5, attention_dropout=0.5,  # eval mode must switch these off
+    )
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, 64, (6, 12), generator=g)
+    batches = [{"tokens": tokens[i:i + 2], "position_ids": torch.arange(12).repeat(2, 1),
+                "attention_mask": None, "labels": torch.roll(tokens[i:i + 2], -1, 1),
+                "loss_mask": (torch.rand(2, 12, generator=g) > 0.4).float()} for i in (0, 2, 4)]
+    with single_process_group():
+        ps.initialize_model_parallel(tensor_model_parallel_size=1)
+        try:
+            torch.manual_seed(0)
+            model = build_gpt_model(args)
+            with torch.no_grad():
+                model.output_layer.weight.mul_(20)
+            model.train()
+            res = calibrate_model(model, batches, ratio=0.4, top_k=3, num_samples=5)
+            assert model.training, "calibrate_model must restore train mode"
+            model.eval()
+            with torch.no_grad():
+                logits = torch.cat([model(b["tokens"], b["position_ids"], None) for b in batches])
+        finally:
+            ps.destroy_model_parallel()
+    mask = torch.cat([b["loss_mask"] for b in batches])[:5].bool()
+    mass = torch.softmax(logits[:5].double(), -1).topk(3, -1).values.sum(-1)[mask]
+    assert res.num_samples == 5 and res.num_tokens == int(mask.sum())
+    assert res.tau == pytest.approx(float(np.quantile(mass.numpy(), 0.4)), abs=1e-5)
+
+
 def test_ema_tracker():
     ema = ThresholdEMA(ratio=0.5, decay=0.75, tau=0.8)
     assert ema.update(torch.tensor([0.1, 0.2, 0.4])) == pytest.approx(0.75 * 0.8 + 0.25 * 0.2)
@@ -107,8 +168,11 @@ def test_ema_tracker():
     batch = torch.tensor([0.3, 0.6])
     assert resumed.update(batch) == ema.update(batch)
     assert resumed.num_updates == 3
+    # entropy mask: tracks the (1 - ratio) quantile, tau not limited to (0, 1]
+    ent = ThresholdEMA(ratio=0.25, decay=0.0, tau=3.0, mask="entropy")
+    assert ent.update(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])) == pytest.approx(4.0)
     for bad in (dict(ratio=0.0, decay=0.5, tau=0.5), dict(ratio=0.3, decay=1.0, tau=0.5),
-                dict(ratio=0.3, decay=0.5, tau=0.0)):
+                dict(ratio=0.3, decay=0.5, tau=0.0), dict(ratio=0.3, decay=0.5, tau=0.5, mask="all")):
         with pytest.raises(ValueError):
             ThresholdEMA(**bad)
 
