@@ -43,7 +43,8 @@ def _is_json_array(path: str) -> bool:
 
 
 def _iter_json_lines(path: str) -> Iterator[Record]:
-    if path.rstrip(".gz").endswith(".json") and _is_json_array(path):
+    base = path[:-3] if path.endswith(".gz") else path
+    if base.endswith(".json") and _is_json_array(path):
         # A single JSON array has no line structure to stream; it is loaded whole.
         try:
             with _open_text(path) as f:

@@ -97,8 +97,13 @@ def test_tabular_and_saved_inputs_and_custom_fields(tmp_path):
     ds.to_parquet(str(tmp_path / "a.parquet"))
     ds.to_csv(str(tmp_path / "b.csv"), index=False)
     datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "saved"))
+    import gzip
+
+    (tmp_path / "c.json").write_text(json.dumps(rows))  # one JSON array
+    with gzip.open(tmp_path / "d.jsonl.gz", "wt") as f:
+        f.write("\n".join(json.dumps(r) for r in rows) + "\n")
     tok = build_tokenizer("byte")
-    for name in ("a.parquet", "b.csv", "saved"):
+    for name in ("a.parquet", "b.csv", "saved", "c.json", "d.jsonl.gz"):
         prefix = str(tmp_path / f"out_{name.split('.')[0]}")
         argv = ["--input", str(tmp_path / name), "--output-prefix", prefix, "--format", "question_response",
                 "--question-field", "q", "--response-field", "r", "--system-prompt", "math"]
