@@ -1,0 +1,104 @@
+"""examples/slurm/sed_sft_cpu.sbatch under a real SLURM (slurmctld + slurmd + munged
+started here, see slurm_harness.py): 2 tasks over gloo with --loss-type sed. The job
+is preempted mid-run the way SLURM does it before a time limit (`scancel --signal=USR1
+--batch`), requeues itself from its trap, resumes from the last checkpoint and finishes
+with SED metrics logged.
+
+Needs root and apt for `slurm-wlm` + `munge` when they are not installed; skips with the
+reason otherwise. SLURM_TEST_SKIP=1 skips it on purpose.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_harness import SlurmCluster, ensure_slurm
+
+REPO = Path(__file__).resolve().parents[2]
+SBATCH = REPO / "examples" / "slurm" / "sed_sft_cpu.sbatch"
+TRAIN_ITERS = 30
+SAVE_INTERVAL = 5
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if os.environ.get("SLURM_TEST_SKIP") == "1":
+        pytest.skip("SLURM_TEST_SKIP=1")
+    reason, seconds = ensure_slurm()
+    if reason:
+        pytest.skip(reason)
+    print(f"slurm-wlm/munge install: {seconds:.1f} s")
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm"), cpus=2)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+def _metrics(path: Path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_cpu_example_preempted_requeued_resumes_and_finishes(cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    out = tmp_path / "job.out"
+    python = str(Path(os.sys.executable))
+    env = {
+        "PYTHON": python, "RUN_DIR": str(run_dir), "TRAIN_ITERS": str(TRAIN_ITERS),
+        "SAVE_INTERVAL": str(SAVE_INTERVAL), "PYTHONPATH": str(REPO), "GLOBAL_BATCH": "4",
+        "TRITON_INTERPRET": "1",
+    }
+    job = cluster.sbatch(["--output", out, "--chdir", tmp_path, SBATCH], env=env)
+    tracker = run_dir / "checkpoints" / "latest_checkpointed_iteration.txt"
+    deadline = time.monotonic() + 180
+    while not tracker.exists():
+        state = cluster.job_state(job).get("JobState")
+        assert state in ("PENDING", "RUNNING"), f"job {job} is {state} before its first checkpoint:\n" \
+            f"{out.read_text() if out.exists() else ''}\n{cluster.logs()}"
+        assert time.monotonic() < deadline, f"no checkpoint after 180 s:\n{out.read_text()}"
+        time.sleep(0.2)
+
+    # Preempt: the signal --signal=B:USR1@60 would send before the time limit.
+    cluster.run(["scancel", "--signal=USR1", "--batch", str(job)])
+    deadline = time.monotonic() + 90
+    while True:
+        state = cluster.job_state(job)
+        if state.get("Restarts", "0") != "0" and state.get("JobState") in ("RUNNING", "COMPLETED"):
+            break
+        assert time.monotonic() < deadline, f"job not requeued and restarted: {state}\n{out.read_text()}"
+        if state.get("JobState") == "PENDING" and state.get("Reason") == "BeginTime":
+            # SLURM holds a requeued job for ~2 minutes (BeginTime); release it now.
+            cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+        time.sleep(0.5)
+    info = cluster.wait_job(job, timeout=240)
+    log = out.read_text()
+    assert info["JobState"] == "COMPLETED", f"{info}\n{log}\n{cluster.logs()}"
+
+    assert "caught USR1: requeueing job" in log
+    assert "restart 1 " in log
+    starts = [int(m) for m in re.findall(r"training sed from iteration (\d+) to", log)]
+    assert len(starts) == 2 and starts[0] == 0, log
+    resumed = starts[1]
+    assert resumed >= SAVE_INTERVAL and resumed % SAVE_INTERVAL == 0 and resumed < TRAIN_ITERS, log
+    assert "sed mask rate" in log and f"iteration {TRAIN_ITERS:8d}/{TRAIN_ITERS:8d}" in log
+
+    rows = _metrics(run_dir / "metrics.jsonl")
+    iters = [r["iteration"] for r in rows]
+    # The first run logged 1..k (k >= resumed: it may pass the checkpoint before the
+    # kill), the requeued run resumed+1..TRAIN_ITERS.
+    k = len(iters) - (TRAIN_ITERS - resumed)
+    assert k >= resumed and iters[:k] == list(range(1, k + 1)), iters
+    assert iters[k:] == list(range(resumed + 1, TRAIN_ITERS + 1)), iters
+    last = rows[-1]
+    assert last["num_tokens"] > 0
+    for key in ("lm_loss", "sed_reg", "sed_mask_rate", "entropy", "target_prob", "top1_acc"):
+        assert key in last and last[key] == last[key], key  # present and not NaN
+    assert 0.0 < last["sed_mask_rate"] <= 1.0
+    assert int(tracker.read_text().strip()) == TRAIN_ITERS
