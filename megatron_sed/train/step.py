@@ -17,16 +17,20 @@ from megatron_sed.model.loss_hook import masked_token_loss, pop_sed_stats, sed_s
 from megatron_sed.train.data import to_model_inputs
 
 
-def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """Megatron-style reduction of the per-token loss [b, s] with the loss mask."""
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, mask_stat: str | None = None):
+    """Megatron-style reduction of the per-token loss [b, s] with the loss mask.
+    mask_stat ("topk_mass"/"entropy", for --sed-threshold-update ema): also report that
+    statistic of every supervised token (1-D) so the threshold can track its quantile."""
     stats = pop_sed_stats()
     total, num_tokens = masked_token_loss(output_tensor, loss_mask)
     sums = sed_stat_sums_for_batch(stats, loss_mask)
     report = {"sed_sums": sums.detach() if sums is not None else None}
+    if mask_stat is not None and stats is not None:
+        report["mask_stat"] = stats[mask_stat][loss_mask.t().bool()].float()
     return total, num_tokens.to(torch.int), report
 
 
-def make_forward_step(device, transformer_impl: str, pack: bool):
+def make_forward_step(device, transformer_impl: str, pack: bool, mask_stat: str | None = None):
     """forward_step(data_iterator, model) -> (per-token loss, partial(loss_func, loss_mask))."""
 
     def forward_step(data_iterator, model):
@@ -35,6 +39,6 @@ def make_forward_step(device, transformer_impl: str, pack: bool):
             batch["tokens"], batch["position_ids"], batch["attention_mask"],
             labels=batch["labels"], packed_seq_params=batch["packed_seq_params"],
         )
-        return output, partial(loss_func, batch["loss_mask"])
+        return output, partial(loss_func, batch["loss_mask"], mask_stat=mask_stat)
 
     return forward_step

@@ -21,7 +21,7 @@ from megatron.core import parallel_state as ps
 from megatron_sed.train import loop_cpu
 from megatron_sed.train.arguments import ArgumentError, parse_args
 from megatron_sed.train.checkpoint import load_checkpoint, save_checkpoint
-from megatron_sed.train.data import batch_iterator, build_datasets
+from megatron_sed.train.data import batch_iterator, build_datasets, to_model_inputs
 from megatron_sed.train.metrics import MetricsWriter, format_eval_line, format_train_line
 from megatron_sed.train.step import make_forward_step
 
@@ -142,16 +142,32 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, args)
         self.iteration = 0
         self.consumed = 0
+        self.tau_restored = False
+        self.calibration = None  # megatron_sed.calibration.CalibrationResult as a dict
+        self.ema = None
+        if args.loss_type == "sed" and args.sed_threshold_update == "ema" and args.sed_mask_ratio is not None:
+            from megatron_sed.calibration import ThresholdEMA
+
+            self.ema = ThresholdEMA(args.sed_mask_ratio, args.sed_threshold_ema, self.tau, args.sed_mask)
         if args.load:
             state = load_checkpoint(args.load, self.wrapped, self.optimizer, self.scheduler, args)
             self.iteration, self.consumed = state["iteration"], state["consumed_train_samples"]
             saved_tau = state["sed"].get("threshold")
-            if saved_tau is not None and args.sed_threshold is None:
-                self.tau = float(saved_tau)  # reuse the calibrated tau on resume
+            # Resume: reuse the run's (calibrated / EMA-tracked) tau. --finetune starts a new
+            # run from other weights: calibrate again instead (the paper's "initial model").
+            if saved_tau is not None and args.sed_threshold is None and not args.finetune:
+                self.tau = float(saved_tau)
                 self.model.sed_config = self._sed_config()
+                self.tau_restored = True
+                self.calibration = state["sed"].get("calibration")
+                if self.ema is not None and state["sed"].get("ema"):
+                    self.ema.load_state_dict(state["sed"]["ema"])
             print_rank_0(f" > loaded checkpoint from {args.load} at iteration {self.iteration} "
                          f"(consumed samples {self.consumed})")
-        self.forward_step = make_forward_step(self.device, args.transformer_impl, args.pack)
+        if not self.tau_restored:
+            self._maybe_calibrate()
+        self.forward_step = make_forward_step(self.device, args.transformer_impl, args.pack,
+                                              mask_stat=args.sed_mask if self.ema is not None else None)
         self.writer = MetricsWriter(args.metrics_file, args.tensorboard_dir,
                                     enabled=dist.get_rank() == dist.get_world_size() - 1)
 
@@ -168,7 +184,48 @@ class Trainer:
 
     def sed_state(self) -> Dict:
         return {"threshold": self.tau, "mask": self.args.sed_mask, "top_k": self.args.sed_top_k,
-                "coef": self.args.sed_coef}
+                "coef": self.args.sed_coef, "calibration": self.calibration,
+                "ema": self.ema.state_dict() if self.ema is not None else None}
+
+    def _maybe_calibrate(self) -> None:
+        """--sed-mask-ratio: set tau from held-out data with the initial model (the logic
+        lives in megatron_sed.calibration; an explicit --sed-threshold wins)."""
+        args = self.args
+        if args.loss_type != "sed" or args.sed_mask_ratio is None or args.sed_threshold is not None:
+            return
+        if args.sed_mask not in ("topk_mass", "entropy"):
+            print_rank_0(f" > --sed-mask-ratio ignored: --sed-mask {args.sed_mask} has no threshold")
+            return
+        if self.valid_ds is None or len(self.valid_ds) < args.sed_calibration_samples:
+            have = 0 if self.valid_ds is None else len(self.valid_ds)
+            raise ValueError(
+                f"--sed-mask-ratio calibrates tau on --sed-calibration-samples "
+                f"{args.sed_calibration_samples} held-out sequences, but the validation split has "
+                f"{have}: lower the flag, or give a larger validation share (--split) or "
+                "--valid-data-path")
+        from megatron_sed.calibration import calibrate_model
+
+        batches = (to_model_inputs(b, self.device, args.transformer_impl, args.pack)
+                   for b in self._data_iterator(self.valid_ds, 0))
+        res = calibrate_model(self.model, batches, ratio=args.sed_mask_ratio, top_k=args.sed_top_k,
+                              num_samples=args.sed_calibration_samples,
+                              dp_group=ps.get_data_parallel_group(),
+                              tp_group=ps.get_tensor_model_parallel_group(), mask=args.sed_mask)
+        print_rank_0(res.log_line())
+        self.tau = res.tau
+        self.calibration = res.to_dict()
+        self.model.sed_config = self._sed_config()
+        if self.ema is not None:
+            self.ema.tau = res.tau
+
+    def _update_ema(self, reports) -> None:
+        """--sed-threshold-update ema: track the quantile on this batch; applies from the next."""
+        stats = [r["mask_stat"] for r in reports if r.get("mask_stat") is not None]
+        local = torch.cat(stats).cpu() if stats else torch.zeros(0)
+        if self.on_gpu:
+            local = local.to(self.device)
+        self.tau = self.ema.update(local, ps.get_data_parallel_group())
+        self.model.sed_config = self._sed_config()
 
     # -- loop -----------------------------------------------------------------------------
     def _data_iterator(self, dataset, consumed):
@@ -229,6 +286,8 @@ class Trainer:
                      f"{args.micro_batch_size} x DP, device {args.device}")
         while self.iteration < args.train_iters:
             reports, grad_norm, _, ok = self.train_step(data_iterator)
+            if self.ema is not None:
+                self._update_ema(reports)
             self.iteration += 1
             self.consumed += args.global_batch_size
             interval_iters += 1
