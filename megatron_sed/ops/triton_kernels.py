@@ -10,8 +10,9 @@ Forward (`sed_partials_kernel`) writes the per-rank partials of partials.py per 
     m_r, s_r = sum e^(z - m_r), a_r = sum e^(z - m_r)(z - m_r), z_y (0 if not local),
     the K largest local logits, descending (-inf padded)
 
-with an online update: when the running max moves from m to m' (d = m - m' <= 0),
-s' = e^d s and a' = e^d (a + d s), then the block's own terms are added.
+with an online update: when the running max moves from m to m' (d = m - m' < 0),
+s' = e^d s and a' = e^d (a + d s), then the block's own terms are added (per lane;
+the lanes are summed once at the end).
 The running top-K is a KP-wide register vector; a block only enters the (k reductions
 long) insertion step when its maximum beats the current k-th largest value, which after
 the first few blocks is rare.
@@ -52,10 +53,12 @@ def sed_partials_kernel(
     kpos = tl.arange(0, KP)
     neg_inf = float("-inf")
 
-    # Scalars of type ACC for the loop-carried state (a python float would be float32).
+    # The running max is a scalar of type ACC (a python float would be float32); the sums
+    # are per-lane vectors, reduced once at the end: one block reduction (the max) per
+    # iteration instead of three.
     m = tl.max(tl.full([BLOCK], neg_inf, ACC), axis=0)
-    s = tl.sum(tl.zeros([BLOCK], ACC), axis=0)
-    a = tl.sum(tl.zeros([BLOCK], ACC), axis=0)
+    s_vec = tl.zeros([BLOCK], ACC)
+    a_vec = tl.zeros([BLOCK], ACC)
     # Running top-K; lanes >= K hold +inf so they are never the minimum (never replaced).
     topv = tl.where(kpos < K, tl.full([KP], neg_inf, ACC), tl.full([KP], float("inf"), ACC))
 
@@ -64,19 +67,22 @@ def sed_partials_kernel(
         valid = cols < n_cols
         z = tl.load(row_ptr + cols, mask=valid, other=neg_inf).to(ACC)
         blk_max = tl.max(z, axis=0)
-        m_new = tl.maximum(m, blk_max)
+        if blk_max > m:
+            # The max moved (often only in the first blocks): rescale what was summed,
+            # s' = e^d s and a' = e^d (a + d s) with d = m - m' < 0. Until a finite logit is
+            # seen m = -inf and the sums are 0 (the where() keeps -inf * 0 = nan out).
+            d = m - blk_max
+            scale = tl.exp(d)
+            a_vec = tl.where(s_vec > 0, scale * (a_vec + d * s_vec), 0.0)
+            s_vec = s_vec * scale
+            m = blk_max
         # Shift by 0 while every logit so far is -inf (keeps -inf - -inf = nan out).
-        m_ref = tl.where(m_new == neg_inf, 0.0, m_new)
-        d = m - m_ref  # <= 0; -inf while nothing was summed yet (then s = a = 0)
-        scale = tl.exp(d)
+        m_ref = tl.where(m == neg_inf, 0.0, m)
         shifted = z - m_ref
         e = tl.exp(shifted)  # 0 on padding lanes and -inf logits
+        s_vec += e
         # where(): there e = 0 and shifted = -inf, whose product is nan.
-        s_blk = tl.sum(e, axis=0)
-        a_blk = tl.sum(tl.where(e > 0, e * shifted, 0.0), axis=0)
-        a = tl.where(s > 0, scale * (a + d * s), 0.0) + a_blk
-        s = scale * s + s_blk
-        m = m_new
+        a_vec += tl.where(e > 0, e * shifted, 0.0)
 
         kth = tl.min(topv, axis=0)
         if blk_max > kth:
@@ -97,8 +103,8 @@ def sed_partials_kernel(
 
     out = partials_ptr + row * NUM_PARTIAL_COLS
     tl.store(out + 0, m)
-    tl.store(out + 1, s)
-    tl.store(out + 2, a)
+    tl.store(out + 1, tl.sum(s_vec, axis=0))
+    tl.store(out + 2, tl.sum(a_vec, axis=0))
     tl.store(out + 3, z_y)
     # Sort the top-K descending by K extractions over KP lanes (cheap, once per row).
     rest = tl.where(kpos < K, topv, neg_inf)

@@ -81,8 +81,10 @@ def _acc_dtypes(dtype: torch.dtype):
 def _block_size(n_cols: int, dtype: torch.dtype) -> int:
     if BLOCK_SIZE is not None:
         return BLOCK_SIZE
-    # 16 KiB of logits per block (8192 bf16 columns): enough loads in flight per program.
-    target = (16 * 1024) // torch.empty((), dtype=dtype).element_size()
+    # 8 KiB of logits per block (4096 bf16 columns, 16 per thread at 8 warps): the forward
+    # kernel then needs ~128 registers per thread, so two programs fit on an SM. Untuned
+    # on hardware yet: benchmarks/gpu_loss_bench.py --sweep times the alternatives.
+    target = (8 * 1024) // torch.empty((), dtype=dtype).element_size()
     return min(triton.next_power_of_2(max(n_cols, 1)), target)
 
 

@@ -180,7 +180,7 @@ def test_partials_ties_padding_and_neg_inf():
 
 def test_gradcheck_float64():
     # The entropy regulariser exercises every term of the backward (alpha, beta log p, gamma).
-    logits, target = make_inputs(1, 3, 6, seed=5, scale=1.5)
+    logits, target = make_inputs(1, 2, 6, seed=5, scale=1.5)
     cfg = SEDConfig(coef=0.9, top_k=2, threshold=0.7, mask="all", regularizer="entropy", impl="triton")
     x = logits.clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda z: vocab_parallel_sed_loss(z, target, cfg)[0], (x,))
@@ -257,18 +257,17 @@ _COMPILE_SCRIPT = textwrap.dedent(
     from triton.compiler import ASTSource
     from megatron_sed.ops import triton_kernels as K
     target = GPUTarget("cuda", 90, 32)
-    for ptr, acc, ACC in (("*bf16", "*fp32", tl.float32), ("*fp16", "*fp32", tl.float32), ("*fp64", "*fp64", tl.float64)):
+    for ptr, acc, ACC in (("*bf16", "*fp32", tl.float32), ("*fp64", "*fp64", tl.float64)):
         fwd = dict(logits_ptr=ptr, stride_row="i64", target_ptr="*i64", partials_ptr=acc, n_cols="i32",
                    vocab_start="i32", NUM_PARTIAL_COLS="constexpr", K="constexpr", KP="constexpr",
                    BLOCK="constexpr", ACC="constexpr")
-        triton.compile(ASTSource(K.sed_partials_kernel, fwd, dict(NUM_PARTIAL_COLS=12, K=8, KP=8, BLOCK=8192, ACC=ACC)),
-                       target=target, options=dict(num_warps=16))
+        triton.compile(ASTSource(K.sed_partials_kernel, fwd, dict(NUM_PARTIAL_COLS=12, K=8, KP=8, BLOCK=4096, ACC=ACC)),
+                       target=target, options=dict(num_warps=8))
         bwd = dict(logits_ptr=ptr, stride_row="i64", grad_ptr=ptr, grad_stride_row="i64", target_ptr="*i64",
                    lse_ptr=acc, c1_ptr=acc, c2_ptr=acc, c3_ptr=acc, n_cols="i32", vocab_start="i32",
                    USE_LOG="constexpr", BLOCK="constexpr", ACC="constexpr")
-        for use_log in (False, True):
-            triton.compile(ASTSource(K.sed_grad_kernel, bwd, dict(USE_LOG=use_log, BLOCK=8192, ACC=ACC)),
-                           target=target, options=dict(num_warps=16))
+        triton.compile(ASTSource(K.sed_grad_kernel, bwd, dict(USE_LOG=True, BLOCK=4096, ACC=ACC)),
+                       target=target, options=dict(num_warps=8))
     print("compiled")
     """
 )
@@ -310,8 +309,17 @@ def test_gpu_benchmark_dry_run(tmp_path):
     assert "skipped" in rows[1]
 
 
-def test_gpu_benchmark_without_cuda_says_so():
+def test_gpu_benchmark_without_cuda_says_so(capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    proc = subprocess.run([sys.executable, BENCH], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "no CUDA device" in proc.stderr
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_loss_bench", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look the module up
+    try:
+        spec.loader.exec_module(bench)
+        assert bench.main([]) == 1
+    finally:
+        sys.modules.pop(spec.name, None)
+    assert "no CUDA device" in capsys.readouterr().err
