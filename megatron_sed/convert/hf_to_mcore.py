@@ -29,6 +29,8 @@ from megatron_sed.convert.shape import ModelShape, megatron_args, shape_from_hf_
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FORMAT = "megatron-sed-convert"
+EXTRA_STATE_MODULES = ("self_attention.linear_qkv", "self_attention.core_attention",
+                       "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
 FORMAT_VERSION = 1
 
 
@@ -61,7 +63,7 @@ def check_hf_tensors(hf: HFModelFolder, shape: ModelShape) -> None:
 
 
 def _lazy_planner_factory(producers: Dict[Tuple[str, int], Callable[[], torch.Tensor]],
-                          bar: Optional[tqdm]):
+                          bar: tqdm, written: list):
     from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
 
     class StreamingSavePlanner(MCoreSavePlanner):
@@ -69,20 +71,22 @@ def _lazy_planner_factory(producers: Dict[Tuple[str, int], Callable[[], torch.Te
 
         def resolve_data(self, write_item):
             idx = write_item.index
+            if write_item.tensor_data is None:  # a ShardedObject (bytes)
+                return super().resolve_data(write_item)
             make = producers.get((idx.fqn, int(idx.offset[0]) if len(idx.offset) else 0))
-            if make is None or write_item.tensor_data is None:
+            if make is None:
                 return super().resolve_data(write_item)
             t = make()
             want = write_item.tensor_data.chunk.sizes
-            if bar is not None:
-                bar.update(1)
+            written.append(idx.fqn)
+            bar.update(1)
             return t.reshape(want).contiguous()
 
     return lambda: StreamingSavePlanner(flatten_state_dict=False)
 
 
 def _build_state_dict(hf: HFModelFolder, shape: ModelShape, dtype: torch.dtype):
-    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
 
     sharded, producers = {}, {}
     L = shape.num_layers
@@ -104,6 +108,13 @@ def _build_state_dict(hf: HFModelFolder, shape: ModelShape, dtype: torch.dtype):
 
             sharded[name] = st
             producers[(pm.key, layer or 0)] = make
+    # `_extra_state` of every linear (None for Megatron's own layers; TE keeps FP8 scaling
+    # state there) as GPTModel saves it: Megatron-LM's strict loading asks for them.
+    # TE's core_attention has one too; keys a model does not ask for are ignored.
+    for module in EXTRA_STATE_MODULES:
+        key = f"decoder.layers.{module}._extra_state"
+        for layer in range(L):
+            sharded[f"{key}.{layer}"] = ShardedObject(key, None, (L,), (layer,), replica_id=0)
     return sharded, producers
 
 
@@ -131,7 +142,8 @@ def convert_hf_to_mcore(hf_dir, out_dir, dtype: str = "auto", force: bool = Fals
         sharded, producers = _build_state_dict(hf, shape, torch_dtype)
         # Non-tensor entries go to common.pt, like Megatron-LM's own checkpoints (its
         # --use-checkpoint-args / --finetune read `args` and `checkpoint_version`).
-        sharded.update(
+        sharded = dict(
+            model=sharded,
             args=argparse.Namespace(**args, tensor_model_parallel_size=1,
                                     pipeline_model_parallel_size=1, iteration=0),
             checkpoint_version=3.0,
@@ -139,14 +151,15 @@ def convert_hf_to_mcore(hf_dir, out_dir, dtype: str = "auto", force: bool = Fals
         )
         bar = tqdm(total=len(producers), desc="writing tensors", unit="tensor",
                    disable=not progress)
+        written = []
         with single_process_group(tmp), bar:
             dist_checkpointing.save(
                 sharded, str(ckpt),
                 sharded_strategy=SyncTorchDistSaveStrategy(
-                    planner_factory=_lazy_planner_factory(producers, bar)),
+                    planner_factory=_lazy_planner_factory(producers, bar, written)),
             )
-        if bar.n != len(producers):
-            raise RuntimeError(f"wrote {bar.n} of {len(producers)} tensors")
+        if len(written) != len(producers):  # every tensor must come from the HF folder
+            raise RuntimeError(f"wrote {len(written)} of {len(producers)} tensors")
         (tmp / TRACKER).write_text(RELEASE)
         assets = tmp / HF_ASSETS
         assets.mkdir()

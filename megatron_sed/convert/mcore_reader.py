@@ -2,10 +2,12 @@
 
 Works for checkpoints written by this project (converter or trainer) and by Megatron-LM
 (weights only; optimizer and RNG entries are ignored). It recognises both norm
-namings (fused, as Megatron-Core writes for the local and TE specs, and separate) and both layouts of the SwiGLU fc1
-(one key with [gate; up] fragments, or Megatron's `singleton_local_shards` keys
-`..._w` / `..._v`), and checks every shape against the expected model before any
-tensor is read.
+namings (fused, as Megatron-Core writes for the local and TE specs, and separate) and
+both layouts Megatron-Core writes: layers stacked on a leading axis
+(`decoder.layers.<name>`, fc1 as one key with [gate; up] fragments) and, with
+`singleton_local_shards`, one key per layer (`decoder.layers.<i>.<name>`, fc1 as
+`..._w` / `..._v`). Every shape is checked against the expected model before any tensor
+is read.
 """
 
 from __future__ import annotations
@@ -24,10 +26,17 @@ FC1 = "decoder.layers.mlp.linear_fc1.weight"
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
-def detect_norm_naming(keys) -> str:
+def _per_layer(key: str, layer: int) -> str:
+    return key.replace("decoder.layers.", f"decoder.layers.{layer}.", 1)
+
+
+def detect_layout(keys) -> tuple:
+    """(norm naming, per_layer) of a checkpoint's key set."""
     for spec, names in NORM_KEYS.items():
         if names["input"] in keys:
-            return spec
+            return spec, False
+        if _per_layer(names["input"], 0) in keys:
+            return spec, True
     raise CheckpointError(
         "checkpoint has no input layernorm weights (neither "
         + " nor ".join(n["input"] for n in NORM_KEYS.values())
@@ -42,24 +51,28 @@ class MCoreModelReader:
         self.reader = TorchDistReader(ckpt_dir)
         self.shape = shape
         self.shapes = self.reader.tensor_shapes()
-        self.norm_naming = detect_norm_naming(self.shapes)
-        self.split_fc1 = FC1 not in self.shapes and f"{FC1}_w" in self.shapes
+        self.norm_naming, self.per_layer = detect_layout(self.shapes)
+        fc1 = _per_layer(FC1, 0) if self.per_layer else FC1
+        self.split_fc1 = fc1 not in self.shapes and f"{fc1}_w" in self.shapes
         self.maps = param_maps(shape, self.norm_naming)
         self._check()
 
-    def _stored_keys(self, pm: ParamMap) -> List[str]:
+    def _stored_keys(self, pm: ParamMap, layer: Optional[int] = None) -> List[str]:
+        """Checkpoint keys holding `pm` (for `layer` in the per-layer layout)."""
+        key = _per_layer(pm.key, layer) if (pm.layered and self.per_layer) else pm.key
         if pm.key == FC1 and self.split_fc1:
-            return [f"{FC1}_w", f"{FC1}_v"]
-        return [pm.key]
+            return [f"{key}_w", f"{key}_v"]
+        return [key]
 
     def _check(self) -> None:
         L, problems = self.shape.num_layers, []
         for pm in self.maps:
-            for key in self._stored_keys(pm):
+            layers = range(L) if (pm.layered and self.per_layer) else [None]
+            for key in [k for layer in layers for k in self._stored_keys(pm, layer)]:
                 want = list(pm.shape)
-                if key != pm.key:  # fc1 halves
+                if pm.key == FC1 and self.split_fc1:  # fc1 halves
                     want[0] //= 2
-                want = tuple([L] + want if pm.layered else want)
+                want = tuple([L] + want if (pm.layered and not self.per_layer) else want)
                 if key not in self.shapes:
                     problems.append(f"missing tensor {key} (expected shape {list(want)})")
                     continue
@@ -71,6 +84,8 @@ class MCoreModelReader:
                 if not ok:
                     problems.append(f"tensor {key} has shape {list(got)}, the model "
                                     f"({self.shape.model_type}, {L} layers) needs {list(want)}")
+        if self.per_layer and _per_layer(self.maps[1].key, L) in self.shapes:
+            problems.append(f"checkpoint has more than the model's {L} layers")
         if self.shape.tie_embeddings and "output_layer.weight" in self.shapes:
             problems.append("checkpoint has output_layer.weight but the model ties embeddings "
                             "(untied weights cannot be exported as a tied HF model)")
@@ -83,21 +98,21 @@ class MCoreModelReader:
         return self.shapes["embedding.word_embeddings.weight"][1]
 
     def _read(self, layer: Optional[int], maps: List[ParamMap]) -> Dict[str, torch.Tensor]:
+        stacked = layer is not None and not self.per_layer
         reqs = {}
         for pm in maps:
-            for key in self._stored_keys(pm):
+            for key in self._stored_keys(pm, layer):
                 shape = self.shapes[key][0]
-                if layer is None:
+                if stacked:
+                    reqs[key] = ((layer,) + (0,) * (len(shape) - 1), (1,) + tuple(shape[1:]))
+                else:
                     rows = self.shape.vocab_size if key in VOCAB_KEYS else shape[0]
                     reqs[key] = (None, (rows,) + tuple(shape[1:]))
-                else:
-                    reqs[key] = ((layer,) + (0,) * (len(shape) - 1), (1,) + tuple(shape[1:]))
         got = self.reader.read(reqs)
         out = {}
         for pm in maps:
-            parts = [got[k] for k in self._stored_keys(pm)]
-            t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-            out[pm.key] = t[0] if layer is not None else t
+            parts = [got[k][0] if stacked else got[k] for k in self._stored_keys(pm, layer)]
+            out[pm.key] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         return out
 
     def global_tensors(self) -> Dict[str, torch.Tensor]:

@@ -1,0 +1,227 @@
+"""HF Llama / Qwen2 <-> Megatron-Core checkpoint conversion, checked against transformers.
+
+Tiny random models are built from configs (no downloads), saved with save_pretrained,
+converted with the CLI, loaded into our GPTModel (megatron_sed.model) through
+dist_checkpointing at TP 1 and TP 2 over gloo, and their logits compared with the HF
+model's in fp32. Exporting back must reproduce every HF weight exactly, also from a
+checkpoint re-saved by the TP=2 model in Megatron-LM's way (no converter metadata).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_utils import run_distributed
+
+transformers = pytest.importorskip("transformers")
+
+SEQ, BATCH = 48, 2
+LOGIT_TOL = 1e-5  # fp32; measured max |diff| <= ~1e-6 (printed with -s)
+
+
+def _llama(tmp: Path) -> Path:
+    cfg = transformers.LlamaConfig(
+        vocab_size=320, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        rms_norm_eps=1e-5, tie_word_embeddings=True, rope_theta=10000.0, initializer_range=0.1,
+        # Llama-3.2's scaling (Megatron-Core hard-codes low/high/original = 1/4/8192)
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    )
+    return _save(transformers.LlamaForCausalLM, cfg, tmp / "llama")
+
+
+def _qwen2(tmp: Path) -> Path:
+    cfg = transformers.Qwen2Config(
+        vocab_size=256, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=1000000.0,
+        use_sliding_window=False,
+    )
+    return _save(transformers.Qwen2ForCausalLM, cfg, tmp / "qwen2")
+
+
+def _save(cls, cfg, path: Path) -> Path:
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    with torch.no_grad():  # HF inits norms to 1 and biases to 0: randomise them too
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.add_(0.2 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return path
+
+
+def _hf_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    with torch.no_grad():
+        return model(tokens).logits.float()
+
+
+def _tokens(vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+
+
+def _load_worker(rank, world_size, cases, result_dir):
+    """For each (name, converted dir) and TP in (1, 2): build our GPTModel from the
+    checkpoint metadata, load it with dist_checkpointing, gather full-vocab logits; at
+    TP=2 also re-save the model like Megatron-LM does (for the export test)."""
+    from megatron.core import dist_checkpointing, parallel_state
+
+    from megatron_sed.checkpointing import SyncTorchDistSaveStrategy
+    from megatron_sed.model import build_gpt_model
+
+    for name, ckpt_root in cases:
+        meta = json.loads((Path(ckpt_root) / "megatron_sed_model.json").read_text())
+        margs = meta["megatron_args"]
+        tokens = _tokens(margs["vocab_size"])
+        for tp in (1, 2):
+            parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+            args = argparse.Namespace(
+                **margs, tensor_model_parallel_size=tp, pipeline_model_parallel_size=1,
+                seq_length=SEQ, transformer_impl="local", use_cpu_initialization=True,
+                # pad like Megatron does at this TP: the loader must cope (flexible shape)
+                padded_vocab_size=((margs["vocab_size"] + 128 * tp - 1) // (128 * tp)) * 128 * tp,
+            )
+            model = build_gpt_model(args).eval()
+            # As Megatron-LM loads: model weights under "model", args etc. from common.pt
+            state = dist_checkpointing.load({"model": model.sharded_state_dict()},
+                                            str(Path(ckpt_root) / "release"))
+            assert state["iteration"] == 0 and state["args"].num_layers == margs["num_layers"]
+            model.load_state_dict(state["model"], strict=True)
+            with torch.no_grad():
+                pos = torch.arange(SEQ).unsqueeze(0).expand(BATCH, SEQ)
+                logits = model(tokens, pos, None)  # [b, s, V_padded / tp]
+                parts = [torch.empty_like(logits) for _ in range(tp)]
+                dist.all_gather(parts, logits.contiguous(),
+                                group=parallel_state.get_tensor_model_parallel_group())
+                logits = torch.cat(parts, dim=-1)
+            if rank == 0:
+                torch.save(logits[..., : margs["vocab_size"]].clone(),
+                           os.path.join(result_dir, f"{name}_tp{tp}.pt"))
+            if tp == 2:
+                # What Megatron-LM writes: the model's sharded state dict + args in
+                # common.pt; fc1 in the "singleton" _w/_v layout for Qwen2 to cover it.
+                out = os.path.join(result_dir, f"{name}_mlm", "iter_0000007")
+                if rank == 0:
+                    os.makedirs(out)
+                    with open(os.path.join(result_dir, f"{name}_mlm",
+                                           "latest_checkpointed_iteration.txt"), "w") as f:
+                        f.write("7")
+                dist.barrier()
+                md = {"singleton_local_shards": name == "qwen2"}
+                sd = {"model": model.sharded_state_dict(metadata=md),
+                      "args": argparse.Namespace(**args.__dict__), "iteration": 7,
+                      "checkpoint_version": 3.0}
+                dist_checkpointing.save(sd, out, sharded_strategy=SyncTorchDistSaveStrategy())
+            parallel_state.destroy_model_parallel()
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """Both tiny models saved, converted with the CLI, loaded at TP 1/2 in one gloo world."""
+    from megatron_sed.convert.__main__ import main
+
+    tmp = tmp_path_factory.mktemp("convert")
+    cases = []
+    for name, make in (("llama", _llama), ("qwen2", _qwen2)):
+        hf_dir = make(tmp)
+        (hf_dir / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')
+        out = tmp / f"{name}_mcore"
+        assert main(["hf-to-mcore", "--hf", str(hf_dir), "--out", str(out),
+                     "--no-progress"]) == 0
+        cases.append((name, str(out)))
+    results = tmp / "results"
+    results.mkdir()
+    run_distributed(_load_worker, 2, cases, str(results))
+    return tmp, results
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_logits_match_hf_at_tp1_and_tp2(converted, name):
+    tmp, results = converted
+    hf_dir = tmp / name
+    vocab = json.loads((hf_dir / "config.json").read_text())["vocab_size"]
+    ref = _hf_logits(hf_dir, _tokens(vocab))
+    for tp in (1, 2):
+        ours = torch.load(results / f"{name}_tp{tp}.pt")
+        diff = (ours - ref).abs().max().item()
+        print(f"{name} TP={tp}: max |logit diff| vs HF = {diff:.2e} "
+              f"(logit scale {ref.abs().max().item():.2f})")
+        assert diff < LOGIT_TOL, f"{name} TP={tp}: max |diff| {diff}"
+
+
+def test_llama3_rope_scaling_is_exercised(converted):
+    """The llama3 RoPE scaling must change these logits by far more than LOGIT_TOL,
+    otherwise the comparison above could not catch it being dropped."""
+    tmp, results = converted
+    cfg = json.loads((tmp / "llama" / "config.json").read_text())
+    plain = tmp / "llama_noscale"
+    shutil.copytree(tmp / "llama", plain)
+    for key in ("rope_scaling", "rope_parameters"):
+        if key in cfg:
+            cfg[key] = {"rope_type": "default", "rope_theta": 10000.0}
+    (plain / "config.json").write_text(json.dumps(cfg))
+    ours = torch.load(results / "llama_tp1.pt")
+    unscaled = _hf_logits(plain, _tokens(cfg["vocab_size"]))
+    gap = (ours - unscaled).abs().max().item()
+    print(f"llama: max |logit diff| vs the same model without rope scaling = {gap:.2e}")
+    assert gap > 100 * LOGIT_TOL
+
+
+def _hf_weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_export_roundtrip_is_exact(converted, name):
+    from megatron_sed.convert.__main__ import main
+
+    tmp, _ = converted
+    back = tmp / f"{name}_back"
+    # small shards to exercise the multi-file index
+    assert main(["mcore-to-hf", "--load", str(tmp / f"{name}_mcore"), "--out", str(back),
+                 "--max-shard-size-gb", "0.0001", "--no-progress"]) == 0
+    assert (back / "model.safetensors.index.json").is_file()
+    orig, got = _hf_weights(tmp / name), _hf_weights(back)
+    assert sorted(orig) == sorted(got)
+    for k in orig:
+        assert orig[k].dtype == got[k].dtype and torch.equal(orig[k], got[k]), k
+    assert json.loads((back / "tokenizer_config.json").read_text())["chat_template"]
+    # transformers loads it back to the same model
+    tokens = _tokens(json.loads((back / "config.json").read_text())["vocab_size"])
+    assert torch.equal(_hf_logits(back, tokens), _hf_logits(tmp / name, tokens))
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_export_megatron_lm_style_checkpoint(converted, name):
+    """A checkpoint saved by the TP=2 model with Megatron args in common.pt and no
+    converter metadata (as Megatron-LM writes it) exports to the original weights."""
+    from megatron_sed.convert.__main__ import main
+
+    tmp, results = converted
+    back = tmp / f"{name}_mlm_back"
+    vocab = json.loads((tmp / name / "config.json").read_text())["vocab_size"]
+    assert main(["mcore-to-hf", "--load", str(results / f"{name}_mlm"), "--out", str(back),
+                 "--vocab-size", str(vocab), "--tokenizer", str(tmp / name),
+                 "--no-progress"]) == 0
+    orig, got = _hf_weights(tmp / name), _hf_weights(back)
+    assert sorted(orig) == sorted(got)
+    for k in orig:
+        assert torch.equal(orig[k], got[k]), k
+    cfg = json.loads((back / "config.json").read_text())
+    assert cfg["architectures"] == [{"llama": "LlamaForCausalLM",
+                                     "qwen2": "Qwen2ForCausalLM"}[name]]
