@@ -107,6 +107,12 @@ def build_gpt_model(
         position_embedding_type=getattr(args, "position_embedding_type", "learned_absolute"),
         rotary_percent=getattr(args, "rotary_percent", 1.0),
         rotary_base=getattr(args, "rotary_base", 10000),
+        # Llama-3.1/3.2 RoPE scaling and linear position interpolation (Megatron-LM's
+        # --use-rope-scaling / --rope-scaling-factor / --rotary-seq-len-interpolation-factor;
+        # set from converted HF checkpoints, see megatron_sed.convert).
+        rope_scaling=bool(getattr(args, "use_rope_scaling", False)),
+        rope_scaling_factor=getattr(args, "rope_scaling_factor", None) or 8.0,
+        seq_len_interpolation_factor=getattr(args, "rotary_seq_len_interpolation_factor", None),
         vp_stage=vp_stage,
         sed_config=sed_config,
     )
