@@ -1,0 +1,100 @@
+"""The sbatch examples: valid bash, and DRY_RUN=1 prints the launch command the knobs
+describe (no SLURM needed; `scontrol` is used for the node list when installed)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "slurm"
+GPU = ["sed_sft_llama3_3b.sbatch", "sed_sft_qwen25_math_7b.sbatch"]
+
+
+def _dry(script, *args, **env):
+    full = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    full.update(DRY_RUN="1", **env)
+    res = subprocess.run(["bash", str(EXAMPLES / script), *args], capture_output=True, text=True,
+                         env=full, cwd=EXAMPLES.parents[1])
+    return res
+
+
+def _cmd(res):
+    assert res.returncode == 0, res.stderr
+    return shlex.split(res.stdout.strip().splitlines()[-1])
+
+
+def _flag(cmd, name):
+    return cmd[cmd.index(name) + 1]
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.sbatch")) + ["sed_sft_gpu_launch.sh"])
+def test_bash_syntax(script):
+    assert subprocess.run(["bash", "-n", str(EXAMPLES / script)]).returncode == 0
+
+
+@pytest.mark.parametrize("script,tp", [(GPU[0], 1), (GPU[1], 2)])
+def test_gpu_dry_run_our_trainer(script, tp, tmp_path):
+    nodes = {"SLURM_NNODES": "4", "SLURM_JOB_ID": "4242"}
+    if shutil.which("scontrol"):  # expands the node list; needs only a minimal config
+        conf = tmp_path / "slurm.conf"
+        conf.write_text("ClusterName=dry\nSlurmctldHost=localhost\n")
+        nodes.update(SLURM_JOB_NODELIST="gpu[007-010]", SLURM_CONF=str(conf))
+    res = _dry(script, "--lr", "3e-5", RUN_DIR=str(tmp_path), INIT_CKPT="/ckpt/base", **nodes)
+    cmd = _cmd(res)
+    assert cmd[:2] == ["srun", "--ntasks-per-node=1"]
+    assert _flag(cmd, "--nnodes") == "4" and _flag(cmd, "--nproc-per-node") == "8"
+    host = "gpu007" if "SLURM_JOB_NODELIST" in nodes else "localhost"
+    assert _flag(cmd, "--rdzv-endpoint") == f"{host}:{20000 + 4242}"
+    assert cmd[cmd.index("-m", cmd.index("--rdzv-id")) + 1] == "megatron_sed.train"
+    assert _flag(cmd, "--tensor-model-parallel-size") == str(tp)
+    assert ("--sequence-parallel" in cmd) == (tp > 1)
+    dp = 32 // tp
+    assert f"DP={dp}," in res.stdout and _flag(cmd, "--global-batch-size") == str(dp * 8)
+    assert "--bf16" in cmd and "--fp8-format" not in cmd
+    assert _flag(cmd, "--loss-type") == "sed" and _flag(cmd, "--sed-mask-ratio") == "0.3"
+    assert _flag(cmd, "--load") == "/ckpt/base" and "--finetune" in cmd  # fresh start
+    assert _flag(cmd, "--save") == str(tmp_path / "checkpoints")
+    assert cmd[-2:] == ["--lr", "3e-5"]  # "$@" last, so it wins over the defaults
+
+    # After a requeue: resume from our own checkpoints, FP8 switch, other knobs.
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest_checkpointed_iteration.txt").write_text("200")
+    cmd = _cmd(_dry(script, RUN_DIR=str(tmp_path), INIT_CKPT="/ckpt/base", PRECISION="fp8",
+                    SED_THRESHOLD="0.9", TRAIN_ITERS="10", **nodes))
+    assert _flag(cmd, "--load") == str(tmp_path / "checkpoints") and "--finetune" not in cmd
+    assert _flag(cmd, "--fp8-format") == "hybrid" and _flag(cmd, "--sed-threshold") == "0.9"
+    assert "--sed-mask-ratio" not in cmd and _flag(cmd, "--train-iters") == "10"
+
+
+@pytest.mark.parametrize("script", GPU)
+def test_gpu_dry_run_megatron_lm(script, tmp_path):
+    env = dict(LAUNCHER="megatron-lm", MEGATRON_LM_DIR="/opt/Megatron-LM", RUN_DIR=str(tmp_path))
+    res = _dry(script, **env)
+    assert res.returncode == 1 and "SED_THRESHOLD" in res.stderr  # no calibration in Megatron-LM
+    cmd = _cmd(_dry(script, SED_THRESHOLD="0.9", INIT_CKPT="/ckpt/base", **env))
+    assert "/opt/Megatron-LM/pretrain_gpt.py" in cmd and "--exit-signal-handler" in cmd
+    assert _flag(cmd, "--load") == str(tmp_path / "checkpoints")
+    assert _flag(cmd, "--pretrained-checkpoint") == "/ckpt/base"
+    assert _flag(cmd, "--loss-type") == "sed" and "--sed-mask-ratio" not in cmd
+
+
+def test_gpu_dry_run_rejects_bad_layouts():
+    res = _dry(GPU[1], TP="3", SLURM_NNODES="1")
+    assert res.returncode == 1 and "not divisible by TP=3" in res.stderr
+    res = _dry(GPU[0], GLOBAL_BATCH="12")
+    assert res.returncode == 1 and "GLOBAL_BATCH=12" in res.stderr
+    res = _dry(GPU[0], PRECISION="fp4")
+    assert res.returncode == 1 and "PRECISION" in res.stderr
+
+
+def test_cpu_dry_run(tmp_path):
+    cmd = _cmd(_dry("sed_sft_cpu.sbatch", "--seed", "7", RUN_DIR=str(tmp_path), TP_SIZE="2"))
+    assert cmd[0] == "srun" and "megatron_sed.train" in cmd
+    assert _flag(cmd, "--distributed-backend") == "gloo" and _flag(cmd, "--loss-type") == "sed"
+    assert _flag(cmd, "--tensor-model-parallel-size") == "2" and "--load" not in cmd
+    assert cmd[-2:] == ["--seed", "7"]
