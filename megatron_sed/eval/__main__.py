@@ -4,6 +4,7 @@ paths, mean token entropy). Writes one JSON file; `plot` compares several.
 
     python -m megatron_sed.eval --load CKPT --prompts test.jsonl --n 8 --output ce_s1.json
     python -m megatron_sed.eval plot ce_*.json sed_*.json --output results.png
+    python -m megatron_sed.eval report ce_*.json sed_*.json --output table.md
 """
 
 from __future__ import annotations
@@ -166,6 +167,10 @@ def main(argv=None) -> None:
         from megatron_sed.eval.plot import main as plot_main
 
         return plot_main(argv[1:])
+    if argv and argv[0] == "report":
+        from megatron_sed.eval.report import main as report_main
+
+        return report_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     from megatron_sed.eval.loading import CheckpointError

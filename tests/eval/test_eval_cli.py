@@ -90,6 +90,12 @@ def test_eval_cli_writes_metrics_samples_and_plot(save_dir, prompts, tmp_path, c
     png = tmp_path / "cmp.png"
     main(["plot", str(out), str(out2), "--output", str(png)])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = tmp_path / "table.md"
+    main(["report", str(out), str(out2), str(out), "--output", str(table)])
+    rows = table.read_text().splitlines()
+    assert rows[0].startswith("| run | seeds | acc avg@n") and len(rows) == 4
+    assert rows[2].startswith("| run_a | 2 | ") and " ± 0.00 " in rows[2]  # same run twice: no spread
+    assert rows[3].startswith("| B | 1 | ")
 
 
 def test_load_model_restores_the_saved_weights(save_dir):
