@@ -157,11 +157,10 @@ def build_methods(args, device, tp_group) -> Dict[str, Callable]:
 
     def triton_fn(in_place, block=None, warps=None):
         def fn(x, t):
+            # Set on every call (None = the defaults) and left set: the backward, which
+            # runs after fn returns, must launch with the same block and warps.
             triton_sed.BLOCK_SIZE, triton_sed.NUM_WARPS = block, warps
-            try:
-                return triton_sed.triton_vocab_parallel_sed_loss(x, t, tri, None, 1, 0, grad_in_place=in_place)[0]
-            finally:
-                triton_sed.BLOCK_SIZE = triton_sed.NUM_WARPS = None
+            return triton_sed.triton_vocab_parallel_sed_loss(x, t, tri, None, 1, 0, grad_in_place=in_place)[0]
 
         return fn
 

@@ -33,7 +33,7 @@ import triton.language as tl
 from megatron_sed.ops import triton_kernels
 from megatron_sed.ops.comm import all_gather_partials
 from megatron_sed.ops.config import SEDConfig
-from megatron_sed.ops.partials import COL_MAX, NUM_FIXED_COLS, combine_partials
+from megatron_sed.ops.partials import NUM_FIXED_COLS, combine_partials
 
 logger = logging.getLogger(__name__)
 
