@@ -98,3 +98,8 @@ def test_cpu_dry_run(tmp_path):
     assert _flag(cmd, "--distributed-backend") == "gloo" and _flag(cmd, "--loss-type") == "sed"
     assert _flag(cmd, "--tensor-model-parallel-size") == "2" and "--load" not in cmd
     assert cmd[-2:] == ["--seed", "7"]
+
+
+def test_megatron_lm_example_syntax():
+    for script in (EXAMPLES.parents[0] / "megatron_lm").glob("*.sh"):
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
