@@ -49,7 +49,6 @@ def build_gpu_optimizer(ddp_model, args):
         params_dtype=params_dtype_from_args(args),
         use_distributed_optimizer=args.use_distributed_optimizer,
         overlap_param_gather=args.overlap_param_gather,
-        initial_loss_scale=2**32 if args.fp16 else None,
     )
     optimizer = get_megatron_optimizer(cfg, [ddp_model])
     if args.overlap_param_gather and args.use_distributed_optimizer:
