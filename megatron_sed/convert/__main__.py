@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from torch.distributed.checkpoint.api import CheckpointException
+
 from megatron_sed.convert.hf_folder import CheckpointError
 
 
@@ -49,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _root_causes(e: CheckpointException):
+    for failure in getattr(e, "failures", {}).values():
+        # torch wraps each rank's failure as (exception, traceback frames)
+        yield failure[0] if isinstance(failure, tuple) else failure
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -66,8 +74,13 @@ def main(argv=None) -> int:
                                 tokenizer=args.tokenizer, dtype=args.dtype,
                                 max_shard_bytes=int(args.max_shard_size_gb * 2**30),
                                 force=args.force, progress=not args.no_progress)
-    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError, OSError) as e:
         print(f"megatron-sed-convert: error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointException as e:  # a BaseException: torch.distributed.checkpoint I/O
+        causes = "; ".join(f"{type(c).__name__}: {c}" for c in _root_causes(e))
+        print(f"megatron-sed-convert: error: checkpoint I/O failed ({causes}); nothing was "
+              "written to --out", file=sys.stderr)
         return 2
     return 0
 
