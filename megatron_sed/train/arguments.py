@@ -32,8 +32,12 @@ def _add_model_args(p):
     g.add_argument("--max-position-embeddings", type=int, default=None)
     g.add_argument("--position-embedding-type", choices=("learned_absolute", "rope", "none"),
                    default="learned_absolute")
-    g.add_argument("--rotary-base", type=int, default=10000)
+    g.add_argument("--rotary-base", type=float, default=10000)
     g.add_argument("--rotary-percent", type=float, default=1.0)
+    g.add_argument("--use-rope-scaling", action="store_true",
+                   help="Llama-3.1/3.2 RoPE frequency scaling (set by converted checkpoints).")
+    g.add_argument("--rope-scaling-factor", type=float, default=8.0)
+    g.add_argument("--rotary-seq-len-interpolation-factor", type=float, default=None)
     g.add_argument("--normalization", choices=("LayerNorm", "RMSNorm"), default="LayerNorm")
     g.add_argument("--norm-epsilon", type=float, default=1e-5)
     g.add_argument("--swiglu", action="store_true")
@@ -275,7 +279,18 @@ def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] =
     """Parse and validate (world size from $WORLD_SIZE unless given)."""
     import os
 
-    args = build_parser().parse_args(argv)
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # --load of a converted HF model: model shape and tokenizer from its metadata.
+    from megatron_sed.convert.metadata import apply_converted_checkpoint_args
+
+    try:
+        apply_converted_checkpoint_args(args, argv, parser)
+    except ValueError as err:
+        raise ArgumentError(str(err)) from None
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
     return validate_args(args, world_size, cuda=cuda)

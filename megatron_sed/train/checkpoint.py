@@ -18,6 +18,7 @@ its own sharded_state_dict / load_state_dict.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -212,7 +213,13 @@ def load_checkpoint(root: str, model, optimizer, scheduler, args) -> Dict:
     {iteration, consumed_train_samples, sed} (iteration 0 and no optimizer with --finetune)."""
     iteration = read_tracker(root)
     ckpt = root
-    if iteration is not None:
+    # Megatron-LM's "release" marker (converted weights, e.g. megatron_sed.convert): the
+    # release/ directory, weights only, iteration 0 -- i.e. --finetune semantics.
+    release = open(os.path.join(root, TRACKER)).read().strip() == "release" \
+        if iteration is not None else False
+    if release:
+        ckpt = os.path.join(root, "release")
+    elif iteration is not None:
         ckpt = iter_dir(root, iteration)
     elif not os.path.exists(os.path.join(root, "metadata.json")):
         raise FileNotFoundError(
@@ -221,10 +228,13 @@ def load_checkpoint(root: str, model, optimizer, scheduler, args) -> Dict:
     if not os.path.isdir(ckpt):
         raise FileNotFoundError(f"--load {root}: tracker points at missing {ckpt}")
     common = dist_checkpointing.load_common_state_dict(ckpt)
-    finetune = args.finetune
+    finetune = args.finetune or release
     with_optim = not (finetune or args.no_load_optim) and "optimizer" in common
     with_rng = not (finetune or args.no_load_rng)
-    _check_shape(common.get("args") or {}, args, root)
+    saved_args = common.get("args") or {}
+    if isinstance(saved_args, argparse.Namespace):  # Megatron-LM / converter checkpoints
+        saved_args = vars(saved_args)
+    _check_shape(saved_args, args, root)
     sd = _sharded_state(model, optimizer, scheduler, args, 0, 0, None, for_load=True,
                         with_optim=with_optim, with_rng=with_rng)
     try:
@@ -235,7 +245,7 @@ def load_checkpoint(root: str, model, optimizer, scheduler, args) -> Dict:
                 f"--load {root}: RNG states were saved with another world size; add --no-load-rng"
             ) from err
         raise
-    _unwrap(model).load_state_dict(loaded["model"], strict=False)
+    _unwrap(model).load_state_dict(loaded["model"], strict=True)
     if with_optim:
         if isinstance(optimizer, torch.optim.Optimizer):
             _load_torch_optimizer(optimizer, loaded["optimizer"])

@@ -122,7 +122,9 @@ class Trainer:
         self.train_ds, self.valid_ds, self.tokenizer = build_datasets(args)
         from megatron_sed.model import build_gpt_model, padded_vocab_size
 
-        args.padded_vocab_size = padded_vocab_size(args.vocab_size, args.make_vocab_size_divisible_by,
+        # keep at least a converted checkpoint's embedding rows (tokenizer may be smaller)
+        vocab = max(args.vocab_size, getattr(args, "checkpoint_vocab_size", 0) or 0)
+        args.padded_vocab_size = padded_vocab_size(vocab, args.make_vocab_size_divisible_by,
                                                    args.tensor_model_parallel_size)
         self.tau = self._initial_tau()
         self.model = build_gpt_model(
