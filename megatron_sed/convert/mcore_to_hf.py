@@ -101,7 +101,12 @@ def _load_common_args(ckpt_dir: Path):
     except Exception as e:  # noqa: BLE001 - e.g. pickled classes of a missing package
         log(f"cannot read Megatron args from {common} ({type(e).__name__}: {e})")
         return None
-    return state.get("args") if isinstance(state, dict) else None
+    args = state.get("args") if isinstance(state, dict) else None
+    if isinstance(args, dict):  # megatron_sed.train stores a dict of the shape flags
+        import argparse
+
+        args = argparse.Namespace(**args)
+    return args
 
 
 def resolve_source(load: Path, reference: Optional[Path], model_type: Optional[str],
@@ -119,10 +124,17 @@ def resolve_source(load: Path, reference: Optional[Path], model_type: Optional[s
         else:
             raise CheckpointError(f"--reference {reference} is neither a converted checkpoint "
                                   f"(no {MODEL_METADATA}) nor an HF folder (no config.json)")
+    args = None
+    if meta is None:
+        # A megatron_sed.train checkpoint of a converted model: its --tokenizer-model is the
+        # converted folder's hf/, next to the converter metadata.
+        args = _load_common_args(ckpt)
+        tok_model = getattr(args, "tokenizer_model", None) if args is not None else None
+        if tok_model and Path(tok_model).is_dir():
+            meta = find_model_metadata(tok_model)
     if meta is not None:
         tok = Path(meta["_root"]) / meta.get("tokenizer_dir", HF_ASSETS)
         return ckpt, ModelShape.from_dict(meta["model"]), meta["hf_config"], tok
-    args = _load_common_args(ckpt)
     if args is None:
         raise CheckpointError(
             f"{load}: no {MODEL_METADATA} and no Megatron args in common.pt; pass "
