@@ -354,7 +354,9 @@ class Trainer:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Like Megatron: informational output from rank 0 only.
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING, format="%(message)s")
     try:
         args = parse_args(argv)
     except ArgumentError as err:
