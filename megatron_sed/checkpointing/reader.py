@@ -10,6 +10,7 @@ ranks wrote it, at which TP) does not matter.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -92,8 +93,10 @@ class TorchDistReader:
                 )
             regions[key] = (offsets, torch.empty(sizes, dtype=ck_dtype))
         if regions:
-            dcp.load({}, storage_reader=self._reader, planner=_RegionLoadPlanner(regions),
-                     no_dist=True)
+            with warnings.catch_warnings():  # "assuming ... a single process": intended
+                warnings.filterwarnings("ignore", message=".*single process.*")
+                dcp.load({}, storage_reader=self._reader, planner=_RegionLoadPlanner(regions),
+                         no_dist=True)
         return {k: (t if dtype is None else t.to(dtype)) for k, (_, t) in regions.items()}
 
     def read_full(self, key: str) -> torch.Tensor:
