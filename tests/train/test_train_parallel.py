@@ -122,6 +122,35 @@ def _ce_and_learning_worker(rank, world, tmp):
     set_seed(args)
     tr = Trainer(args)
     tr.train()
+    _check_atomic_save(tr, os.path.join(tmp, "atomic"))
+
+
+def _check_atomic_save(tr, root):
+    """A crash in the middle of a save leaves the previous checkpoint and the tracker
+    untouched; the next save cleans the partial directory up."""
+    from megatron_sed.train import checkpoint as ckpt
+
+    tr.args.save = root
+    tr.save()  # iteration 40
+    real_save = ckpt.dist_checkpointing.save
+
+    def crashing_save(sd, directory, **kw):
+        open(os.path.join(directory, "__0_0.distcp"), "wb").write(b"partial")
+        raise OSError("disk full (simulated)")
+
+    ckpt.dist_checkpointing.save = crashing_save
+    tr.iteration = 41
+    try:
+        with pytest.raises(OSError, match="simulated"):
+            tr.save()
+    finally:
+        ckpt.dist_checkpointing.save = real_save
+    assert ckpt.read_tracker(root) == 40
+    assert not os.path.exists(ckpt.iter_dir(root, 41))
+    assert os.path.exists(os.path.join(ckpt.iter_dir(root, 40), "metadata.json"))
+    tr.save()
+    assert ckpt.read_tracker(root) == 41
+    assert sorted(os.listdir(root)) == ["iter_0000040", "iter_0000041", ckpt.TRACKER]
 
 
 def test_ce_matches_megatron_and_sed_learns(tmp_path):
