@@ -238,6 +238,12 @@ def validate_args(args: argparse.Namespace, world_size: int, cuda: Optional[bool
             raise ArgumentError("--fp8-format needs --transformer-impl transformer_engine")
         if not (args.bf16 or args.fp16):
             raise ArgumentError("--fp8-format needs --bf16 (or --fp16) as the higher-precision type")
+    if (pp > 1 and args.pack and args.transformer_impl == "transformer_engine"
+            and args.micro_batch_size > 1):
+        # Packed samples go to TE as one THD row of micro-batch x seq-length tokens; the
+        # pipeline's p2p buffers are sized [seq-length, micro-batch, hidden].
+        raise ArgumentError("packed sequences with --pipeline-model-parallel-size > 1 need "
+                            "--micro-batch-size 1 (or --no-pack)")
     if args.use_distributed_optimizer and on_cpu:
         raise ArgumentError("--use-distributed-optimizer needs GPUs (Megatron-Core's "
                             "DistributedOptimizer hard-codes CUDA); drop it on CPU")
