@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator
 
 import torch
 import torch.distributed as dist
