@@ -44,6 +44,15 @@ class Combined(NamedTuple):
     beta: torch.Tensor
     gamma: torch.Tensor
 
+    def outputs(self, shape) -> tuple:
+        """(loss, ce, reg, mask, target_prob, entropy, topk_mass, correct) viewed as
+        `shape`: what both autograd Functions return (the stats non-differentiable)."""
+        return tuple(
+            t.view(shape)
+            for t in (self.loss, self.ce, self.reg, self.mask, self.target_prob,
+                      self.entropy, self.topk_mass, self.correct)
+        )
+
 
 def combine_partials(
     gathered: torch.Tensor, valid: torch.Tensor, cfg: SEDConfig, top_k: int

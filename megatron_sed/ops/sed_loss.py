@@ -175,20 +175,10 @@ class _VocabParallelSEDLoss(torch.autograd.Function):
         ctx.save_for_backward(work_full, log_scale, out.alpha, out.beta, out.gamma, local_target, in_shard)
         ctx.input_shape = vocab_parallel_logits.shape
 
-        shape = target.shape
         # float32 results (float64 for float64 input, the reference dtype)
-        stats = (
-            out.ce.view(shape),
-            out.reg.view(shape),
-            out.mask.view(shape),
-            out.target_prob.view(shape),
-            out.entropy.view(shape),
-            out.topk_mass.view(shape),
-            out.correct.view(shape),
-        )
-        loss = out.loss.view(shape)
-        ctx.mark_non_differentiable(*stats)
-        return (loss,) + stats
+        outputs = out.outputs(target.shape)
+        ctx.mark_non_differentiable(*outputs[1:])
+        return outputs
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_stat_grads):

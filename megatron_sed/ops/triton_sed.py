@@ -180,18 +180,9 @@ class _TritonSEDLoss(torch.autograd.Function):
         ctx.grad_in_place = grad_in_place
         ctx.input_shape = vocab_parallel_logits.shape
 
-        shape = target.shape
-        stats = (
-            out.ce.view(shape),
-            out.reg.view(shape),
-            out.mask.view(shape),
-            out.target_prob.view(shape),
-            out.entropy.view(shape),
-            out.topk_mass.view(shape),
-            out.correct.view(shape),
-        )
-        ctx.mark_non_differentiable(*stats)
-        return (out.loss.view(shape),) + stats
+        outputs = out.outputs(target.shape)
+        ctx.mark_non_differentiable(*outputs[1:])
+        return outputs
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_stat_grads):

@@ -55,3 +55,20 @@ def make_inputs(s, b, vocab, seed, scale=3.0, ignore_frac=0.15, ignore_index=-10
     ignored = torch.rand(s, b, generator=g) < ignore_frac
     target = torch.where(ignored, torch.full_like(target, ignore_index), target)
     return logits, target
+
+
+# Tolerances by input dtype. The ops compute in float32 (float64 for float64 input) on the
+# input's own rounded values, which the reference is fed too; the gradient is formed in
+# float32 and rounded once to the input dtype by autograd.
+TOL = {
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+    torch.float32: dict(atol=2e-5, rtol=2e-5),
+    torch.bfloat16: dict(atol=2e-5, rtol=2e-5),
+    torch.float16: dict(atol=2e-5, rtol=2e-5),
+}
+GRAD_TOL = {
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+    torch.float32: dict(atol=1e-6, rtol=1e-4),
+    torch.bfloat16: dict(atol=4e-3, rtol=1e-2),
+    torch.float16: dict(atol=5e-4, rtol=2e-3),
+}

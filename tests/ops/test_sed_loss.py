@@ -6,23 +6,7 @@ import pytest
 import torch
 
 from megatron_sed import SEDConfig, SEDLoss, reduce_sed_stats, sed_stat_sums, vocab_parallel_sed_loss
-from sed_reference import make_inputs, reference_sed
-
-# Tolerances by input dtype (the op computes in float32; bf16/fp16 inputs are rounded
-# before the op, so the reference is fed the same rounded values).
-TOL = {
-    torch.float64: dict(atol=1e-10, rtol=1e-10),
-    torch.float32: dict(atol=2e-5, rtol=2e-5),
-    torch.bfloat16: dict(atol=2e-5, rtol=2e-5),
-    torch.float16: dict(atol=2e-5, rtol=2e-5),
-}
-GRAD_TOL = {
-    torch.float64: dict(atol=1e-10, rtol=1e-10),
-    torch.float32: dict(atol=1e-6, rtol=1e-4),
-    # the gradient is rounded to the input dtype by autograd
-    torch.bfloat16: dict(atol=4e-3, rtol=1e-2),
-    torch.float16: dict(atol=5e-4, rtol=2e-3),
-}
+from sed_reference import GRAD_TOL, TOL, make_inputs, reference_sed
 
 CASES = [
     ("topk_mass", "quadratic", 0.8),

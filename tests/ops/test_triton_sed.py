@@ -33,67 +33,20 @@ if not torch.cuda.is_available() and not triton_sed.kernels_interpreted():
         allow_module_level=True,
     )
 
+from sed_reference import GRAD_TOL, TOL, reference_sed
+from sed_reference import make_inputs as make_sed_inputs
+
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's nan*0 lanes
 IGNORE = -100
 
 
-# ----------------------------------------------------------------------------- reference
+# float64 reference, inputs and tolerances shared with the torch path's tests
 def reference(logits, target, coef, top_k, threshold, mask, regularizer):
-    """float64 full-vocab SED from the formula (SED_METHOD.md), gradient by autograd."""
-    z = logits.double()
-    logp = torch.log_softmax(z, dim=-1)
-    p = logp.exp()
-    valid = target != IGNORE
-    y = torch.where(valid, target, torch.zeros_like(target))
-    p_y = p.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-    ce = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-    entropy = -(p * logp).sum(-1)
-    topk_mass = p.topk(top_k, dim=-1).values.sum(-1)
-    with torch.no_grad():
-        m = {
-            "topk_mass": topk_mass < threshold,
-            "entropy": entropy > threshold,
-            "all": torch.ones_like(valid),
-            "none": torch.zeros_like(valid),
-        }[mask] & valid
-    r = (p_y - 0.5) ** 2 if regularizer == "quadratic" else -entropy
-    zero = torch.zeros_like(ce)
-    loss = torch.where(valid, ce + coef * m.double() * r, zero)
-    stats = {
-        "ce": torch.where(valid, ce, zero),
-        "reg": torch.where(m, coef * r, zero),
-        "mask": m,
-        "target_prob": torch.where(valid, p_y, zero),
-        "entropy": torch.where(valid, entropy, zero),
-        "topk_mass": torch.where(valid, topk_mass, zero),
-        "correct": (z.argmax(-1) == target) & valid,
-    }
-    return loss, {k: v.detach() for k, v in stats.items()}
+    return reference_sed(logits, target, coef, top_k, threshold, mask, regularizer, IGNORE)
 
 
 def make_inputs(s, b, vocab, seed, scale=3.0):
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(s, b, vocab, generator=g, dtype=torch.float64) * scale
-    target = torch.randint(0, vocab, (s, b), generator=g)
-    target = torch.where(torch.rand(s, b, generator=g) < 0.4, logits.argmax(-1), target)
-    target = torch.where(torch.rand(s, b, generator=g) < 0.2, torch.full_like(target, IGNORE), target)
-    return logits, target
-
-
-# Forward statistics are float32 math on the same (rounded) input values as the reference.
-TOL = {
-    torch.float64: dict(atol=1e-10, rtol=1e-10),
-    torch.float32: dict(atol=2e-5, rtol=2e-5),
-    torch.bfloat16: dict(atol=2e-5, rtol=2e-5),
-    torch.float16: dict(atol=2e-5, rtol=2e-5),
-}
-# The gradient is formed in float32 and rounded once to the logits' dtype.
-GRAD_TOL = {
-    torch.float64: dict(atol=1e-10, rtol=1e-10),
-    torch.float32: dict(atol=1e-6, rtol=1e-4),
-    torch.bfloat16: dict(atol=4e-3, rtol=1e-2),
-    torch.float16: dict(atol=5e-4, rtol=2e-3),
-}
+    return make_sed_inputs(s, b, vocab, seed, scale=scale, ignore_frac=0.2, ignore_index=IGNORE)
 
 
 @pytest.fixture(autouse=True)
