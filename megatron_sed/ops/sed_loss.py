@@ -66,6 +66,22 @@ class VocabParallelSED:
         return local, in_shard
 
     @staticmethod
+    def row_topk(w: torch.Tensor, k: int, block: int = 64) -> torch.Tensor:
+        """The k largest values of each row, descending.
+
+        torch.topk on CPU costs ~4x a max reduction. The k largest values always lie in
+        the k blocks with the largest block maxima (a value outside them would have k
+        larger block maxima above it), so a fast block-max pass, a top-k over the block
+        maxima and a top-k over the k candidate blocks give the same values."""
+        n, vocab = w.shape
+        if vocab % block or vocab < 8 * block or k * block * 2 > vocab:
+            return torch.topk(w, k, dim=-1, sorted=True).values
+        blocks = w.view(n, vocab // block, block)
+        best = blocks.amax(dim=-1).topk(k, dim=-1).indices
+        candidates = blocks.gather(1, best.unsqueeze(-1).expand(n, k, block))
+        return candidates.view(n, k * block).topk(k, dim=-1, sorted=True).values
+
+    @staticmethod
     def forward_partials(
         logits_2d: torch.Tensor,
         work: torch.Tensor,
@@ -89,7 +105,7 @@ class VocabParallelSED:
             w = work[start:end]
             if not same:
                 w.copy_(logits_2d[start:end])
-            top = torch.topk(w, k_local, dim=-1, sorted=True).values
+            top = VocabParallelSED.row_topk(w, k_local)
             row_max = top[:, 0]
             partials[start:end, NUM_FIXED_COLS : NUM_FIXED_COLS + k_local] = top
             partials[start:end, 0] = row_max

@@ -229,3 +229,31 @@ def test_bad_inputs_raise_value_error_naming_the_value():
         vocab_parallel_sed_loss(logits.clone(), good.float())
     with pytest.raises(ValueError, match="top_k=11 exceeds the vocabulary size 10"):
         vocab_parallel_sed_loss(logits.clone(), good, SEDConfig(top_k=11))
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 8])
+def test_block_topk_equals_torch_topk(k):
+    """The block-max top-k shortcut (taken when the shard is a multiple of 64 wide) gives
+    torch.topk's values, ties across and within blocks included."""
+    from megatron_sed.ops.sed_loss import VocabParallelSED
+
+    g = torch.Generator().manual_seed(k)
+    w = torch.randn(64, 1024, generator=g)
+    w[:8] = torch.randint(-3, 3, (8, 1024), generator=g).float()  # many ties
+    w[8, 5] = w[8, 700] = w[8, 701] = 50.0  # tied maxima in two blocks
+    torch.testing.assert_close(VocabParallelSED.row_topk(w, k), torch.topk(w, k, dim=-1).values, rtol=0, atol=0)
+
+
+def test_wide_vocab_matches_reference():
+    """A 64-multiple vocabulary takes the block top-k path inside the op."""
+    logits64, target = make_inputs(4, 2, 1024, seed=12, scale=6.0)
+    cfg = SEDConfig(coef=0.8, top_k=2, threshold=0.6, mask="topk_mass")
+    x, loss, stats = run_op(logits64.float(), target, cfg)
+    ref_x = logits64.float().double().requires_grad_()
+    ref_loss, ref_stats = reference_sed(ref_x, target, 0.8, 2, 0.6, "topk_mass", "quadratic")
+    assert torch.equal(stats["mask"], ref_stats["mask"])
+    torch.testing.assert_close(stats["topk_mass"].double(), ref_stats["topk_mass"], **TOL[torch.float32])
+    torch.testing.assert_close(loss.double(), ref_loss.detach(), **TOL[torch.float32])
+    loss.sum().backward()
+    ref_loss.sum().backward()
+    torch.testing.assert_close(x.grad.double(), ref_x.grad, **GRAD_TOL[torch.float32])
