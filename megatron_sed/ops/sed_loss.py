@@ -30,24 +30,28 @@ from megatron_sed.ops.partials import NUM_FIXED_COLS, Combined, combine_partials
 
 STATS_KEYS = ("ce", "reg", "mask", "target_prob", "entropy", "topk_mass", "correct")
 
-# Rows per chunk. With one intra-op thread, chunks of ~1 MiB stay in cache while the
-# forward makes its several passes over them. With several threads each op on a chunk
-# is a fork/join parallel region, so chunks must be large enough to amortise it (small
-# chunks were 4-10x slower at 2 threads); the scratch buffer stays a small fraction of
-# the logits either way. MEGATRON_SED_CHUNK_BYTES overrides both.
+# Rows per chunk. With one intra-op thread, chunks of ~2 MiB (work + scratch fit a
+# core's L2) stay in cache while the forward makes its several passes over them. With
+# several threads each op on a chunk is a fork/join parallel region, so chunks must be
+# large enough to amortise it (small chunks were 4-10x slower at 2 threads). The one
+# chunk-sized scratch buffer is capped at 2% of the working buffer so peak memory stays
+# that of Megatron's CE. MEGATRON_SED_CHUNK_BYTES overrides all of this.
 _CHUNK_BYTES_ENV = os.environ.get("MEGATRON_SED_CHUNK_BYTES")
 _DEFAULT_CHUNK_BYTES = int(_CHUNK_BYTES_ENV) if _CHUNK_BYTES_ENV else None
+_MIN_CHUNK_BYTES = 2 << 20
 
 
-def _chunk_bytes() -> int:
+def _chunk_bytes(total_bytes: int) -> int:
     if _DEFAULT_CHUNK_BYTES is not None:
         return _DEFAULT_CHUNK_BYTES
     threads = torch.get_num_threads()
-    return 1 << 20 if threads <= 1 else (32 << 20) * threads
+    if threads <= 1:
+        return _MIN_CHUNK_BYTES
+    return max(_MIN_CHUNK_BYTES, min((32 << 20) * threads, total_bytes // 50))
 
 
 def _rows_per_chunk(num_rows: int, row_bytes: int) -> int:
-    return max(1, min(num_rows, _chunk_bytes() // max(row_bytes, 1)))
+    return max(1, min(num_rows, _chunk_bytes(num_rows * row_bytes) // max(row_bytes, 1)))
 
 
 class VocabParallelSED:
