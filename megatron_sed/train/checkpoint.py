@@ -208,6 +208,16 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args
     return final
 
 
+def has_checkpoint(root: str) -> bool:
+    """Whether `root` holds anything --load can read: a tracker file (iteration or
+    'release') or a bare dist checkpoint directory. An empty or missing --load directory
+    is not an error, as in Megatron-LM: the run starts from scratch (the usual pattern of
+    passing --save and --load the same directory from the first job on)."""
+    return os.path.exists(os.path.join(root, TRACKER)) or os.path.exists(
+        os.path.join(root, "metadata.json")
+    )
+
+
 def load_checkpoint(root: str, model, optimizer, scheduler, args) -> Dict:
     """Load the tracker's checkpoint into model/optimizer/scheduler/RNG. Returns
     {iteration, consumed_train_samples, sed} (iteration 0 and no optimizer with --finetune)."""

@@ -20,7 +20,7 @@ from megatron.core import parallel_state as ps
 
 from megatron_sed.train import loop_cpu
 from megatron_sed.train.arguments import ArgumentError, parse_args
-from megatron_sed.train.checkpoint import load_checkpoint, save_checkpoint
+from megatron_sed.train.checkpoint import TRACKER, has_checkpoint, load_checkpoint, save_checkpoint
 from megatron_sed.train.data import batch_iterator, build_datasets, to_model_inputs
 from megatron_sed.train.metrics import MetricsWriter, format_eval_line, format_train_line
 from megatron_sed.train.step import make_forward_step
@@ -151,7 +151,17 @@ class Trainer:
             from megatron_sed.calibration import ThresholdEMA
 
             self.ema = ThresholdEMA(args.sed_mask_ratio, args.sed_threshold_ema, self.tau, args.sed_mask)
-        if args.load:
+        if args.load and not has_checkpoint(args.load):
+            if args.finetune:  # fine-tuning random weights by accident is worse than failing
+                raise FileNotFoundError(
+                    f"--finetune --load {args.load}: no checkpoint there (no {TRACKER}, "
+                    "no metadata.json)"
+                )
+            print_rank_0(
+                f"WARNING: no checkpoint found at --load {args.load} "
+                f"(no {TRACKER}): training from scratch"
+            )
+        elif args.load:
             state = load_checkpoint(args.load, self.wrapped, self.optimizer, self.scheduler, args)
             self.iteration, self.consumed = state["iteration"], state["consumed_train_samples"]
             saved_tau = state["sed"].get("threshold")

@@ -44,8 +44,9 @@ def _records(tmp, name):
 def runs(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("train"))
     ck = os.path.join(tmp, "ck")
-    # TP=1 baseline, saving at iteration 3 (and at the end).
-    run_distributed(_main, 1, _argv(tmp, "tp1", "--save", ck, "--save-interval", "3"))
+    # TP=1 baseline, saving at iteration 3 (and at the end). --load names the still empty
+    # --save directory, as Megatron users launch the first job: it starts from scratch.
+    run_distributed(_main, 1, _argv(tmp, "tp1", "--save", ck, "--save-interval", "3", "--load", ck))
     # "Kill" after the save at 3: the tracker is what a run killed in iterations 4-5 leaves.
     with open(os.path.join(ck, "latest_checkpointed_iteration.txt"), "w") as f:
         f.write("3")
@@ -83,6 +84,19 @@ def test_resume_reproduces_uninterrupted_run(runs):
             assert x[k] == y[k], (k, x[k], y[k])  # bitwise: same data, state and RNG
     meta = json.load(open(os.path.join(runs, "ck", "iter_0000005", "megatron_sed.json")))
     assert meta["sed"]["threshold"] == 0.9 and meta["iteration"] == 5
+
+
+def _finetune_missing_worker(rank, world, tmp):
+    from megatron_sed.train.trainer import main
+
+    with pytest.raises(FileNotFoundError, match="--finetune --load .*no checkpoint there"):
+        main(_argv(tmp, "ft", "--train-iters", "2", "--finetune", "--load", os.path.join(tmp, "none")))
+
+
+def test_finetune_from_missing_checkpoint_fails_clearly(tmp_path):
+    """An empty --load starts from scratch (above); with --finetune it is an error:
+    fine-tuning random weights by accident is worse than failing."""
+    run_distributed(_finetune_missing_worker, 1, str(tmp_path))
 
 
 def _ce_and_learning_worker(rank, world, tmp):
