@@ -7,22 +7,13 @@ import pytest
 import torch
 
 from megatron_sed.eval.sampler import Sampler, SamplingParams, entropy_of_logits, sample_from_logits
+from model_args import tiny_model_args
 
 
 def tiny_args(**over):
-    a = argparse.Namespace(
-        num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
-        group_query_attention=True, num_query_groups=2, normalization="RMSNorm", swiglu=True,
-        disable_bias_linear=False, seq_length=48, max_position_embeddings=48,
-        position_embedding_type="rope", rotary_base=10000,
-        untie_embeddings_and_output_weights=True, tensor_model_parallel_size=1,
-        pipeline_model_parallel_size=1, sequence_parallel=False, vocab_size=250,
-        padded_vocab_size=256, transformer_impl="local", device="cpu",
-        hidden_dropout=0.0, attention_dropout=0.0,
-    )
-    for k, v in over.items():
-        setattr(a, k, v)
-    return a
+    defaults = dict(hidden_size=32, ffn_hidden_size=64, seq_length=48, max_position_embeddings=48,
+                    padded_vocab_size=256)
+    return tiny_model_args(**{**defaults, **over})
 
 
 @pytest.fixture(scope="module")

@@ -9,22 +9,11 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_distributed
+from model_args import tiny_model_args
 
 
 def tiny_args(**over):
-    a = argparse.Namespace(
-        num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
-        group_query_attention=True, num_query_groups=2, normalization="RMSNorm", swiglu=True,
-        disable_bias_linear=False, seq_length=32, max_position_embeddings=32,
-        position_embedding_type="rope", rotary_base=10000,
-        untie_embeddings_and_output_weights=True, tensor_model_parallel_size=1,
-        pipeline_model_parallel_size=1, sequence_parallel=False, vocab_size=250,
-        make_vocab_size_divisible_by=128, transformer_impl="local", device="cpu",
-        hidden_dropout=0.0, attention_dropout=0.0,
-    )
-    for k, v in over.items():
-        setattr(a, k, v)
-    return a
+    return tiny_model_args(**over)
 
 
 def _build(tp, sed_config=None, **over):
