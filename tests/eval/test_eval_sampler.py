@@ -1,7 +1,6 @@
 """The KV-cache sampler on Megatron-Core GPTModel (CPU): the cache must reproduce the
 full-recompute reference; temperature / top-p / stop ids behave as documented."""
 
-import argparse
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """GPTModel on CPU with the SDPA local spec: forward, TP=2 == TP=1, packed masks, and the
 SED loss hook against an independent float64 reference."""
 
-import argparse
 import math
 
 import pytest
