@@ -24,7 +24,12 @@ import tempfile
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 NUM_PATHS = 3
-KINDS = ("sum", "sub", "buy")
+KINDS = ("sum", "sub", "buy")  # the default mix
+# Opt-in kinds (pass ``kinds=``). "add3": a + b + c with operands in [1, max_value], whose
+# three paths start with a, b and c respectively, so the path is chosen by ONE token with
+# three options (top-2 mass ~2/3 in a model that knows all paths: the kind of branching
+# token SED's top-k mask selects). With max_value=9 a tiny model learns it on a CPU.
+EXTRA_KINDS = ("add3",)
 
 _NAMES = ("Ann", "Ben", "Cy", "Dee", "Eli", "Fay", "Gus", "Ivy", "Jo", "Kim", "Lu", "Max")
 _ITEMS = ("apples", "pens", "coins", "books", "eggs", "cards", "shells", "stamps")
@@ -46,6 +51,8 @@ def problem_split(kind: str, nums: Tuple[int, ...]) -> str:
 
 
 def _sample_nums(kind: str, rng: random.Random, max_value: int) -> Tuple[int, int, int]:
+    if kind == "add3":  # a + b + c, small operands
+        return tuple(rng.randint(1, max_value) for _ in range(3))  # type: ignore[return-value]
     if kind == "sum":  # a + b + c
         return tuple(rng.randint(2, max_value) for _ in range(3))  # type: ignore[return-value]
     if kind == "sub":  # a - b - c with a result >= 1
@@ -54,12 +61,12 @@ def _sample_nums(kind: str, rng: random.Random, max_value: int) -> Tuple[int, in
         return a, b, c
     if kind == "buy":  # n boxes of k items plus m loose: n*k + m
         return rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, max_value)
-    raise ValueError(f"unknown problem kind {kind!r}; expected one of {KINDS}")
+    raise ValueError(f"unknown problem kind {kind!r}; expected one of {KINDS + EXTRA_KINDS}")
 
 
 def _question(kind: str, nums: Sequence[int], name: str, item: str) -> str:
     a, b, c = nums
-    if kind == "sum":
+    if kind in ("sum", "add3"):
         return f"{name} has {a} {item}, gets {b} more, then {c} more. How many {item} now?"
     if kind == "sub":
         return f"{name} has {a} {item}, gives away {b}, then {c} more. How many {item} are left?"
@@ -69,6 +76,12 @@ def _question(kind: str, nums: Sequence[int], name: str, item: str) -> str:
 def _equations(kind: str, nums: Sequence[int]) -> List[List[Tuple[int, str, int, int]]]:
     """The ``NUM_PATHS`` solution paths, each a list of equations ``(x, op, y, z)``."""
     a, b, c = nums
+    if kind == "add3":  # each path starts with a different operand
+        return [
+            [(a, "+", b, a + b), (a + b, "+", c, a + b + c)],
+            [(b, "+", c, b + c), (b + c, "+", a, a + b + c)],
+            [(c, "+", a, a + c), (a + c, "+", b, a + b + c)],
+        ]
     if kind == "sum":
         return [
             [(a, "+", b, a + b), (a + b, "+", c, a + b + c)],
@@ -125,8 +138,8 @@ def make_synthetic_math(
     if num_problems < 0:
         raise ValueError(f"num_problems must be >= 0, got {num_problems}")
     for kind in kinds:
-        if kind not in KINDS:
-            raise ValueError(f"unknown problem kind {kind!r}; expected some of {KINDS}")
+        if kind not in KINDS + EXTRA_KINDS:
+            raise ValueError(f"unknown problem kind {kind!r}; expected some of {KINDS + EXTRA_KINDS}")
     if max_value < 4:
         raise ValueError(f"max_value must be >= 4, got {max_value}")
     n_paths = NUM_PATHS if paths_per_problem is None else paths_per_problem
