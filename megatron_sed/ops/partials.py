@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import torch
 
+from megatron_sed.ops.comm import all_gather_partials
 from megatron_sed.ops.config import SEDConfig
 
 COL_MAX, COL_SUMEXP, COL_SUMEXP_Z, COL_TARGET = 0, 1, 2, 3
@@ -130,3 +131,17 @@ def combine_partials(
         beta=torch.where(valid, beta, zero),
         gamma=torch.where(valid, gamma, zero),
     )
+
+
+def gather_and_combine(
+    partials: torch.Tensor, target_1d: torch.Tensor, cfg: SEDConfig, group, world_size: int
+) -> Combined:
+    """The loss's one collective and the combination, shared by the torch and Triton
+    Functions: all-gather this rank's [N, 4 + k] partials, combine every rank's."""
+    gathered = all_gather_partials(partials, group, world_size)
+    return combine_partials(gathered, target_1d != cfg.ignore_index, cfg, cfg.top_k)
+
+
+def backward_needs_log(cfg: SEDConfig) -> bool:
+    """Only the entropy regulariser's gradient has a p_j log p_j term (beta != 0)."""
+    return cfg.regularizer == "entropy" and not cfg.is_plain_ce

@@ -24,9 +24,9 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from megatron_sed.ops.comm import all_gather_partials, group_size_and_rank, resolve_tp_group
+from megatron_sed.ops.comm import group_size_and_rank, resolve_tp_group
 from megatron_sed.ops.config import SEDConfig
-from megatron_sed.ops.partials import NUM_FIXED_COLS, Combined, combine_partials
+from megatron_sed.ops.partials import NUM_FIXED_COLS, Combined, backward_needs_log, gather_and_combine
 
 STATS_KEYS = ("ce", "reg", "mask", "target_prob", "entropy", "topk_mass", "correct")
 
@@ -185,13 +185,10 @@ class _VocabParallelSEDLoss(torch.autograd.Function):
         partials = VocabParallelSED.forward_partials(
             logits_2d, work, local_target, in_shard, k_local, cfg.top_k
         )
-        gathered = all_gather_partials(partials, group, world_size)
-        valid = target_1d != cfg.ignore_index
-        out: Combined = combine_partials(gathered, valid, cfg, cfg.top_k)
+        out: Combined = gather_and_combine(partials, target_1d, cfg, group, world_size)
 
         log_scale = partials[:, 0] - out.lse
-        use_log = cfg.regularizer == "entropy" and not cfg.is_plain_ce
-        ctx.use_log = use_log
+        ctx.use_log = backward_needs_log(cfg)
         ctx.save_for_backward(work_full, log_scale, out.alpha, out.beta, out.gamma, local_target, in_shard)
         ctx.input_shape = vocab_parallel_logits.shape
 

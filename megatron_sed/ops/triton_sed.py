@@ -4,8 +4,8 @@ and one write backward, no float32 copy of the logits.
 Same contract as the torch Function in sed_loss.py (it is reached through
 `vocab_parallel_sed_loss` with `SEDConfig(impl="triton")`, or `impl="auto"` on CUDA
 tensors). Only the per-row work differs: the kernels in triton_kernels.py produce the
-partials and the gradient; the one all-gather (comm.all_gather_partials) and the
-combination (partials.combine_partials) are shared with the torch implementation.
+partials and the gradient; the one all-gather and the combination
+(partials.gather_and_combine) are shared with the torch implementation.
 
 Memory: the forward saves the logits themselves (no copy) and five numbers per row.
 The backward allocates the gradient in the logits' dtype, or, with the in-place option,
@@ -31,9 +31,8 @@ import triton
 import triton.language as tl
 
 from megatron_sed.ops import triton_kernels
-from megatron_sed.ops.comm import all_gather_partials
 from megatron_sed.ops.config import SEDConfig
-from megatron_sed.ops.partials import NUM_FIXED_COLS, combine_partials
+from megatron_sed.ops.partials import NUM_FIXED_COLS, backward_needs_log, gather_and_combine
 
 logger = logging.getLogger(__name__)
 
@@ -167,15 +166,14 @@ class _TritonSEDLoss(torch.autograd.Function):
         vocab_start = rank * vocab_local
 
         partials = sed_partials(logits_2d, target_1d, vocab_start, cfg.top_k)
-        gathered = all_gather_partials(partials, group, world_size)
+        out = gather_and_combine(partials, target_1d, cfg, group, world_size)
         valid = target_1d != cfg.ignore_index
-        out = combine_partials(gathered, valid, cfg, cfg.top_k)
 
         # Rows the backward must not touch (ignored targets) carry lse = 0 and zero
         # coefficients; the kernel then writes zeros without reading the row.
         lse = torch.where(valid, out.lse, torch.zeros_like(out.lse))
         ctx.save_for_backward(logits_2d, target_1d, lse, out.alpha, out.beta, out.gamma)
-        ctx.use_log = cfg.regularizer == "entropy" and not cfg.is_plain_ce
+        ctx.use_log = backward_needs_log(cfg)
         ctx.vocab_start = vocab_start
         ctx.grad_in_place = grad_in_place
         ctx.input_shape = vocab_parallel_logits.shape
