@@ -35,11 +35,14 @@ def resolve_dist_ckpt_dir(path: str | os.PathLike) -> Path:
     tracker = path / TRACKER
     if tracker.is_file():
         tag = tracker.read_text().strip()
-        sub = path / (RELEASE if tag == RELEASE else f"iter_{int(tag):07d}")
+        try:
+            sub = path / (RELEASE if tag == RELEASE else f"iter_{int(tag):07d}")
+        except ValueError:
+            raise ValueError(f"{tracker} holds {tag!r}, not an iteration number") from None
         if (sub / ".metadata").is_file():
             return sub
         raise FileNotFoundError(f"{tracker} points to {sub}, which is not a torch_dist "
-                                "checkpoint (no .metadata file)")
+                                "checkpoint (no .metadata file: an interrupted save?)")
     raise FileNotFoundError(
         f"{path} is neither a torch_dist checkpoint (no .metadata) nor a Megatron save "
         f"directory (no {TRACKER})"

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import torch
 
+from megatron_sed.convert.layout import resolve_dist_ckpt_dir
+
 
 class CheckpointError(ValueError):
     """A --load path that does not hold a usable checkpoint; the message says why."""
-
-
-TRACKER = "latest_checkpointed_iteration.txt"
 
 
 def resolve_checkpoint_dir(load: str, iteration: int | None = None) -> Path:
@@ -32,23 +31,10 @@ def resolve_checkpoint_dir(load: str, iteration: int | None = None) -> Path:
         if not (sub / ".metadata").is_file():
             raise CheckpointError(f"--load {load} --iteration {iteration}: {sub} is not a checkpoint")
         return sub
-    if (path / ".metadata").is_file():
-        return path
-    tracker = path / TRACKER
-    if tracker.is_file():
-        tag = tracker.read_text().strip()
-        try:
-            sub = path / ("release" if tag == "release" else f"iter_{int(tag):07d}")
-        except ValueError:
-            raise CheckpointError(f"{tracker} holds {tag!r}, not an iteration number") from None
-        if (sub / ".metadata").is_file():
-            return sub
-        raise CheckpointError(f"{tracker} points to {sub}, which is not a torch_dist checkpoint "
-                              "(no .metadata file: an interrupted save?)")
-    raise CheckpointError(
-        f"--load {load} is neither a torch_dist checkpoint (no .metadata) nor a save "
-        f"directory (no {TRACKER})"
-    )
+    try:  # the one resolver of --load paths, shared with the converter
+        return resolve_dist_ckpt_dir(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise CheckpointError(f"--load {load}: {err}") from None
 
 
 def read_common_state(ckpt_dir: Path) -> dict:
