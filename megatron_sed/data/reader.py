@@ -227,18 +227,20 @@ def segment_lengths(segment_ids: torch.Tensor) -> List[int]:
     return lengths
 
 
-def packed_seq_params_from_segments(segment_ids: torch.Tensor):
+def packed_seq_params_from_segments(segment_ids: torch.Tensor, device=None):
     """THD ``PackedSeqParams`` for a ``[b, s]`` batch flattened to ``b*s`` tokens.
 
     ``cu_seqlens`` (int32) are the cumulative lengths of the packed samples, row after
     row; each row's padding tail counts as one more sequence (its outputs are unsupervised).
+    Pass the host (CPU) segment ids and the target ``device``: the lengths are read on the
+    host, so device-resident ids would cost a device-to-host sync per micro-batch.
     """
     from megatron.core.packed_seq_params import PackedSeqParams
 
     lengths = segment_lengths(segment_ids)
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0)
-    cu = cu.to(segment_ids.device)
+    cu = cu.to(device if device is not None else segment_ids.device)
     return PackedSeqParams(
         qkv_format="thd",
         cu_seqlens_q=cu,

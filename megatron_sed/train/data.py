@@ -93,7 +93,7 @@ def to_model_inputs(batch: Dict[str, torch.Tensor], device, transformer_impl: st
     out["packed_seq_params"] = None
     if transformer_impl == "transformer_engine":
         if pack:
-            out["packed_seq_params"] = packed_seq_params_from_segments(batch["segment_ids"].to(device))
+            out["packed_seq_params"] = packed_seq_params_from_segments(batch["segment_ids"], device)
             for k in ("tokens", "labels", "loss_mask", "position_ids"):
                 out[k] = out[k].reshape(1, -1)  # THD: one flattened row
     else:
