@@ -125,10 +125,10 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
         self._wait(lambda: self.munge_socket.exists(), 15, "munged")
         self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
         self._spawn("slurmd", ["slurmd", "-D", "-f", str(self.conf)])
-        self._wait(self._node_idle, timeout, "slurmd to register as idle")
+        self._wait(self.node_idle, timeout, "slurmd to register as idle")
         return self
 
-    def _node_idle(self) -> bool:
+    def node_idle(self) -> bool:
         res = self.run(["sinfo", "-h", "-N", "-o", "%T"], check=False)
         return res.returncode == 0 and res.stdout.strip().startswith("idle")
 
