@@ -5,11 +5,14 @@ The patches in patches/megatron-lm/ add three calls to `pretrain_gpt.py`:
 1. `extra_args_provider(base)` where Megatron-LM parses its arguments: adds the
    `--loss-type` / `--sed-*` flags (the same `add_sed_args` our trainer uses) and
    checks them right after parsing, so a bad value fails like any Megatron flag.
-2. `install_sed_loss(model, args)` in `forward_step`: with `--loss-type sed` it makes
-   every Megatron-Core `GPTModel` in `model` compute SED on its vocab-parallel
-   `[s, b, V/tp]` logits (an instance override of `compute_language_model_loss`, the
-   method GPTModel calls once it has the logits). Idempotent and cheap after the first
-   call; logs once; a no-op for `--loss-type ce`.
+2. `install_sed_loss(model, args, forward_step, datasets_provider)` in `forward_step`:
+   with `--loss-type sed` it makes every Megatron-Core `GPTModel` in `model` compute SED
+   on its vocab-parallel `[s, b, V/tp]` logits (an instance override of
+   `compute_language_model_loss`, the method GPTModel calls once it has the logits).
+   Idempotent and cheap after the first call; logs once; a no-op for `--loss-type ce`.
+   With `--sed-mask-ratio` the first call calibrates tau on held-out data through
+   pretrain_gpt's own `forward_step` and dataset provider
+   (megatron_sed.megatron_lm_calibration).
 3. `add_sed_report(report, loss_mask, model)` in `loss_func`: the SED statistics of
    the micro-batch the model just ran, as `[sum, count]` pairs over the loss-masked
    tokens. Megatron's training loop sums such pairs over micro-batches, all-reduces
@@ -68,21 +71,29 @@ def _print_rank_0(msg: str) -> None:
 
 
 def validate_megatron_lm_sed_args(args: argparse.Namespace) -> None:
-    """`validate_sed_args` plus what only our own trainer can do: calibrating tau needs
-    a pass over held-out data before training, which pretrain_gpt.py has no place for."""
+    """`validate_sed_args` plus what pretrain_gpt.py cannot do: the EMA-tracked tau
+    (per-batch quantiles need our trainer's loop), and calibrating with pipeline
+    parallelism or with a mask that has no threshold."""
     validate_sed_args(args)
     if getattr(args, "loss_type", "ce") != "sed":
         return
     if args.sed_threshold is None and getattr(args, "sed_mask_ratio", None) is not None:
-        raise ValueError(
-            "--sed-mask-ratio (calibrating tau on held-out data) is not available in "
-            "Megatron-LM's pretrain_gpt.py: pass --sed-threshold explicitly (e.g. the tau "
-            "that `megatron-sed-train --sed-mask-ratio ...` logs at start-up)"
-        )
+        from megatron_sed.calibration import QUANTILE_SIDE
+
+        if args.sed_mask not in QUANTILE_SIDE:
+            raise ValueError(f"--sed-mask-ratio calibrates a threshold, but --sed-mask "
+                             f"{args.sed_mask} has none: use --sed-mask topk_mass or entropy")
+        if getattr(args, "pipeline_model_parallel_size", 1) > 1:
+            raise ValueError(
+                "--sed-mask-ratio (calibrating tau on held-out data) does not support pipeline "
+                "parallelism in pretrain_gpt.py (only the last stage has logits): pass "
+                "--sed-threshold (e.g. the tau a PP=1 run logs: 'calibrated SED threshold tau=...')"
+            )
     if getattr(args, "sed_threshold_update", "fixed") != "fixed":
         raise ValueError(
             "--sed-threshold-update ema is only available in megatron-sed's own trainer; "
-            "Megatron-LM's pretrain_gpt.py uses a fixed --sed-threshold"
+            "Megatron-LM's pretrain_gpt.py uses a fixed tau (--sed-threshold, or calibrated "
+            "once with --sed-mask-ratio)"
         )
 
 
@@ -155,12 +166,16 @@ def _sed_compute_language_model_loss(self, labels: torch.Tensor, logits: torch.T
                                    tp_group=_tp_group_of(self))
 
 
-def install_sed_loss(model, args: argparse.Namespace) -> int:
+def install_sed_loss(model, args: argparse.Namespace, forward_step: Optional[Callable] = None,
+                     datasets_provider: Optional[Callable] = None) -> int:
     """Make the GPTModels in `model` compute SED when `args.loss_type == "sed"`.
 
     Opt-in (nothing happens for `--loss-type ce` or without the flag), idempotent (a
     second call with the same model returns at once), logged once. Replaces Megatron's
     CE and its fused variants (--cross-entropy-loss-fusion) on those models only.
+    With --sed-mask-ratio (and no --sed-threshold) the first call calibrates tau with
+    pretrain_gpt's `forward_step` and `datasets_provider` (see
+    megatron_sed.megatron_lm_calibration), or reuses the tau of the run it resumes.
     Returns the number of modules that compute SED (0 for ce)."""
     global _logged
     if getattr(args, "loss_type", "ce") != "sed":
@@ -168,8 +183,9 @@ def install_sed_loss(model, args: argparse.Namespace) -> int:
     outer = model if not isinstance(model, (list, tuple)) else None
     if outer is not None and _TARGETS_ATTR in outer.__dict__:
         return len(outer.__dict__[_TARGETS_ATTR])
+    if _calibrating:  # forward_step -> install_sed_loss while the first call calibrates
+        return len(_targets(model))
     validate_megatron_lm_sed_args(args)
-    cfg = sed_config_from_args(args)
     targets = _language_modules(model)
     if not targets:
         raise TypeError(
@@ -177,16 +193,13 @@ def install_sed_loss(model, args: argparse.Namespace) -> int:
             f"model ({type(model).__name__}); --loss-type sed needs a Megatron-Core GPTModel "
             "(not --use-legacy-models)"
         )
-    for module in targets:
-        object.__setattr__(module, _CFG_ATTR, cfg)
-        if "compute_language_model_loss" not in module.__dict__:
-            object.__setattr__(
-                module,
-                "compute_language_model_loss",
-                types.MethodType(_sed_compute_language_model_loss, module),
-            )
+    _set_config(targets, sed_config_from_args(args))
     if outer is not None:
         object.__setattr__(outer, _TARGETS_ATTR, targets)
+    if args.sed_threshold is None and getattr(args, "sed_mask_ratio", None) is not None:
+        _calibrate(model, args, forward_step, datasets_provider)
+        _set_config(targets, sed_config_from_args(args))  # args.sed_threshold = tau now
+    cfg = getattr(targets[0], _CFG_ATTR)
     if not _logged:
         _logged = True
         fusion = getattr(getattr(targets[0], "config", None), "cross_entropy_loss_fusion", False)
@@ -197,6 +210,31 @@ def install_sed_loss(model, args: argparse.Namespace) -> int:
             + ("; replaces --cross-entropy-loss-fusion" if fusion else "")
         )
     return len(targets)
+
+
+_calibrating = False
+
+
+def _calibrate(model, args, forward_step, datasets_provider) -> None:
+    global _calibrating
+    from megatron_sed.megatron_lm_calibration import resolve_sed_threshold
+
+    _calibrating = True
+    try:
+        resolve_sed_threshold(args, model, forward_step, datasets_provider)
+    finally:
+        _calibrating = False
+
+
+def _set_config(targets, cfg: SEDConfig) -> None:
+    for module in targets:
+        object.__setattr__(module, _CFG_ATTR, cfg)
+        if "compute_language_model_loss" not in module.__dict__:
+            object.__setattr__(
+                module,
+                "compute_language_model_loss",
+                types.MethodType(_sed_compute_language_model_loss, module),
+            )
 
 
 # ---------------------------------------------------------------------------- report

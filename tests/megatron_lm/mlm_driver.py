@@ -9,7 +9,9 @@ slow) checks:
   accept the flags, and reject a bad --sed-* value the argparse way (exit status 2);
 - the patched pretrain_gpt.forward_step + loss_func on a tiny Megatron-Core GPTModel
   (CPU, gloo world of 1; the batch comes from a stand-in get_batch since Megatron's
-  needs CUDA), once with the given --loss-type and once with --loss-type ce.
+  needs CUDA), once with the given --loss-type and once with --loss-type ce;
+- --sed-mask-ratio: the patched forward_step calibrates tau on held-out samples of a
+  stand-in dataset provider (written to $MLM_DRIVER_SAVE/sed_threshold.json).
 It prints one JSON line prefixed RESULT; the test makes the assertions.
 """
 
@@ -86,9 +88,12 @@ batch = dict(tokens=tokens, labels=labels, loss_mask=loss_mask, attention_mask=N
 
 
 def fake_get_batch(data_iterator, vp_stage=None):
+    # The training batch is fixed; --sed-mask-ratio's calibration passes an iterator of
+    # collated held-out micro-batches (Megatron's real get_batch needs CUDA).
+    b = batch if data_iterator is None or isinstance(data_iterator, type(iter([]))) else next(data_iterator)
     if hasattr(pretrain_gpt, "BATCH_KEYS"):  # 0.19: values in BATCH_KEYS order
-        return [batch.get(key) for key in pretrain_gpt.BATCH_KEYS]
-    return tokens, labels, loss_mask, None, position_ids, None  # 0.16
+        return [b.get(key) for key in pretrain_gpt.BATCH_KEYS]
+    return b["tokens"], b["labels"], b["loss_mask"], None, b["position_ids"], None  # 0.16
 
 
 pretrain_gpt.get_batch = fake_get_batch
@@ -128,5 +133,48 @@ for loss_type in dict.fromkeys([args.loss_type, "ce"]):
         "loss": float(loss.detach()),
         "num_tokens": int(num_tokens),
         "ref": ref,
+    }
+
+# 4. --sed-mask-ratio: tau calibrated in the first forward_step on held-out samples from
+#    pretrain_gpt's (stand-in) dataset provider, through the patched call.
+class HeldOut(torch.utils.data.Dataset):
+    def __init__(self, n, pool=32):  # sample i does not depend on n
+        gen = torch.Generator().manual_seed(5)
+        self.t = torch.randint(0, vocab, (pool, s), generator=gen)[:n]
+        self.y = torch.randint(0, vocab, (pool, s), generator=gen)[:n]
+        self.m = (torch.rand(pool, s, generator=gen) < 0.6).float()[:n]
+
+    def __len__(self):
+        return len(self.t)
+
+    def __getitem__(self, i):
+        return {"tokens": self.t[i], "labels": self.y[i], "loss_mask": self.m[i],
+                "position_ids": torch.arange(s), "attention_mask": None}
+
+
+requests = []
+
+
+def fake_provider(num_samples, vp_stage=None):
+    requests.append(list(num_samples))
+    return None, HeldOut(num_samples[1]), None
+
+
+if args.loss_type == "sed" or "sed" in flags:
+    pretrain_gpt.train_valid_test_datasets_provider = fake_provider
+    save_dir = os.environ["MLM_DRIVER_SAVE"]
+    args.loss_type, args.sed_threshold, args.sed_mask_ratio = "sed", None, 0.3
+    args.sed_calibration_samples, args.save, args.load, args.iteration = 2 * b + 1, save_dir, None, 0
+    model = build_model()
+    calib = HeldOut(2 * b + 1)
+    with torch.no_grad():
+        probs = torch.softmax(model(calib.t, torch.arange(s).expand(len(calib), s), None).double(), -1)
+    masses = probs.topk(args.sed_top_k, dim=-1).values.sum(-1)[calib.m.bool()]
+    output_tensor, loss_fn = pretrain_gpt.forward_step(iter([]), model)
+    result["calibration"] = {
+        "tau": args.sed_threshold, "requests": requests,
+        "ref_tau": float(torch.quantile(masses, 0.3)),
+        "file": json.loads(open(os.path.join(save_dir, "sed_threshold.json")).read()),
+        "training_output_shape": list(output_tensor.shape), "training": model.training,
     }
 print("RESULT " + json.dumps(result))

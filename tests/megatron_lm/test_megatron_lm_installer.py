@@ -167,7 +167,7 @@ def test_extra_args_provider_rejects_bad_flags_like_argparse(capsys):
         (["--loss-type", "sed", "--sed-top-k", "0"], "--sed-top-k"),
         (["--loss-type", "sed", "--sed-coef", "-1"], "--sed-coef"),
         (["--loss-type", "sed", "--sed-threshold", "1.5"], "--sed-threshold"),
-        (["--loss-type", "sed", "--sed-mask-ratio", "0.3"], "--sed-mask-ratio"),
+        (["--loss-type", "sed", "--sed-mask-ratio", "0.3", "--sed-mask", "all"], "--sed-mask-ratio"),
         (["--loss-type", "focal"], "--loss-type"),
     ]:
         with pytest.raises(SystemExit) as exc:

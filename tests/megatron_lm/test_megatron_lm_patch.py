@@ -94,7 +94,7 @@ def test_patched_pretrain_gpt_parses_sed_flags_and_calls_megatron_sed(tmp_path):
         "--no-persist-layer-norm --transformer-impl local --hidden-dropout 0 --attention-dropout 0 "
         "--loss-type sed --sed-threshold 0.2 --sed-lambda 0.5 --sed-top-k 3"
     ).split()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), MLM_DRIVER_SAVE=str(tmp_path / "save"))
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).with_name("mlm_driver.py")), str(tree), MLM, *flags],
         capture_output=True, text=True, env=env, timeout=600,
@@ -122,3 +122,12 @@ def test_patched_pretrain_gpt_parses_sed_flags_and_calls_megatron_sed(tmp_path):
     # --loss-type ce: Megatron's own CE and report, untouched.
     assert not ce["installed"] and set(ce["report"]) == {"lm loss"}
     assert ce["loss"] == pytest.approx(ce["ref"]["ce_sum"], rel=1e-6)
+    # --sed-mask-ratio through the patched forward_step: one dataset request for the
+    # held-out samples (micro-batch 2, DP 1: 5 samples -> 3 steps -> 6 built), tau the
+    # float64 quantile of the top-3 masses, written next to the checkpoints.
+    cal = res["calibration"]
+    assert cal["requests"] == [[1, 6, 1]]
+    assert cal["tau"] == pytest.approx(cal["ref_tau"], abs=2e-6)
+    assert cal["file"]["tau"] == cal["tau"] and cal["file"]["num_samples"] == 5
+    assert cal["training_output_shape"] == [2, 16] and cal["training"]
+    assert "calibrated SED threshold" in proc.stdout
