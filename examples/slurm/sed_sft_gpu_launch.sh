@@ -55,7 +55,7 @@ EVAL_INTERVAL="${EVAL_INTERVAL:-200}"; EVAL_ITERS="${EVAL_ITERS:-10}"
 PRECISION="${PRECISION:-bf16}"         # bf16 | fp8 (bf16 + FP8 hybrid via Transformer Engine)
 LOSS_TYPE="${LOSS_TYPE:-sed}"
 SED_COEF="${SED_COEF:-1.0}"; SED_TOP_K="${SED_TOP_K:-2}"
-SED_THRESHOLD="${SED_THRESHOLD:-}"     # empty: calibrate tau with SED_MASK_RATIO (megatron-sed only)
+SED_THRESHOLD="${SED_THRESHOLD:-}"     # empty: calibrate tau with SED_MASK_RATIO (needs PP=1 with megatron-lm)
 SED_MASK_RATIO="${SED_MASK_RATIO:-0.3}"
 
 # ---- NCCL (InfiniBand clusters; override per site)
@@ -108,8 +108,11 @@ elif [ "$LAUNCHER" = megatron-lm ]; then
     exit 1
   fi
   if [ -z "$SED_THRESHOLD" ] && [ "$LOSS_TYPE" = sed ]; then
-    echo "error: LAUNCHER=megatron-lm needs SED_THRESHOLD (tau; calibration runs only in megatron-sed)" >&2
-    exit 1
+    if [ "$PP" -gt 1 ]; then
+      echo "error: LAUNCHER=megatron-lm with PP=$PP needs SED_THRESHOLD (tau): pretrain_gpt.py calibrates it (SED_MASK_RATIO) only without pipeline parallelism" >&2
+      exit 1
+    fi
+    common+=(--sed-mask-ratio "$SED_MASK_RATIO")  # calibrated in the first forward_step
   fi
   entry=("${MEGATRON_LM_DIR:-MEGATRON_LM_DIR}/pretrain_gpt.py" --exit-signal-handler
          --load "$CKPT_DIR" --ckpt-format torch_dist)

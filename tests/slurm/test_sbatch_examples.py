@@ -74,8 +74,11 @@ def test_gpu_dry_run_our_trainer(script, tp, tmp_path):
 @pytest.mark.parametrize("script", GPU)
 def test_gpu_dry_run_megatron_lm(script, tmp_path):
     env = dict(LAUNCHER="megatron-lm", MEGATRON_LM_DIR="/opt/Megatron-LM", RUN_DIR=str(tmp_path))
-    res = _dry(script, **env)
-    assert res.returncode == 1 and "SED_THRESHOLD" in res.stderr  # no calibration in Megatron-LM
+    # No SED_THRESHOLD: pretrain_gpt.py calibrates tau (--sed-mask-ratio), except with PP > 1.
+    cmd = _cmd(_dry(script, PP="1", SED_MASK_RATIO="0.25", **env))
+    assert _flag(cmd, "--sed-mask-ratio") == "0.25" and "--sed-threshold" not in cmd
+    res = _dry(script, PP="2", **env)
+    assert res.returncode == 1 and "SED_THRESHOLD" in res.stderr and "PP=2" in res.stderr
     cmd = _cmd(_dry(script, SED_THRESHOLD="0.9", INIT_CKPT="/ckpt/base", **env))
     assert "/opt/Megatron-LM/pretrain_gpt.py" in cmd and "--exit-signal-handler" in cmd
     assert _flag(cmd, "--load") == str(tmp_path / "checkpoints")
