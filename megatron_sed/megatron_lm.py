@@ -33,6 +33,7 @@ import torch
 
 from megatron_sed.arguments import add_sed_args, sed_config_from_args, validate_sed_args
 from megatron_sed.ops.config import SEDConfig
+from megatron_sed.rank0 import print_rank_0
 
 __all__ = [
     "REPORT_KEYS",
@@ -60,11 +61,6 @@ _CFG_ATTR = "_megatron_sed_cfg"
 _TARGETS_ATTR = "_megatron_sed_targets"
 
 _logged = False
-
-
-def _print_rank_0(msg: str) -> None:
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        print(msg, flush=True)
 
 
 # ----------------------------------------------------------------------------- flags
@@ -203,7 +199,7 @@ def install_sed_loss(model, args: argparse.Namespace, forward_step: Optional[Cal
     if not _logged:
         _logged = True
         fusion = getattr(getattr(targets[0], "config", None), "cross_entropy_loss_fusion", False)
-        _print_rank_0(
+        print_rank_0(
             f"> megatron-sed: --loss-type sed: GPTModel computes SED-SFT on its vocab-parallel "
             f"logits (coef={cfg.coef}, top_k={cfg.top_k}, threshold={cfg.threshold}, "
             f"mask={cfg.mask}, regularizer={cfg.regularizer}, impl={cfg.impl})"

@@ -43,15 +43,11 @@ from megatron_sed.calibration import (
     threshold_from_masses,
 )
 from megatron_sed.model.loss_hook import pop_sed_stats
+from megatron_sed.rank0 import print_rank_0
 
 __all__ = ["THRESHOLD_FILE", "calibrate_in_pretrain_gpt", "calibration_batches", "resolve_sed_threshold"]
 
 THRESHOLD_FILE = "sed_threshold.json"
-
-
-def _print_rank_0(msg: str) -> None:
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        print(msg, flush=True)
 
 
 def _groups():
@@ -122,7 +118,7 @@ def resolve_sed_threshold(args: argparse.Namespace, model, forward_step: Optiona
             )
         record = json.loads(path.read_text())
         tau = float(record["tau"])
-        _print_rank_0(f" > megatron-sed: resumed run reuses the calibrated SED threshold "
+        print_rank_0(f" > megatron-sed: resumed run reuses the calibrated SED threshold "
                       f"tau={tau:.6f} from {path}")
     else:
         if forward_step is None or datasets_provider is None:
@@ -133,7 +129,7 @@ def resolve_sed_threshold(args: argparse.Namespace, model, forward_step: Optiona
             )
         result = calibrate_in_pretrain_gpt(args, model, forward_step, datasets_provider)
         tau = result.tau
-        _print_rank_0(" > megatron-sed: " + result.log_line().lstrip(" >"))
+        print_rank_0(" > megatron-sed: " + result.log_line().lstrip(" >"))
         if getattr(args, "save", None) and (not torch.distributed.is_initialized()
                                             or torch.distributed.get_rank() == 0):
             _write_threshold_file(args.save, {**result.to_dict(), "source": "calibrated",
@@ -177,8 +173,9 @@ def calibrate_in_pretrain_gpt(args: argparse.Namespace, model, forward_step: Cal
 
     mask_kind = args.sed_mask
     local = []
-    was_training = [m.training for m in (model if isinstance(model, list) else [model])]
-    for m in (model if isinstance(model, list) else [model]):
+    chunks = model if isinstance(model, list) else [model]
+    was_training = [m.training for m in chunks]
+    for m in chunks:
         m.eval()
     try:
         for step in range(num_steps):
@@ -198,7 +195,7 @@ def calibrate_in_pretrain_gpt(args: argparse.Namespace, model, forward_step: Cal
                 keep = keep & rows.view(1, b)
             local.append(values[keep].float().reshape(-1))
     finally:
-        for m, mode in zip((model if isinstance(model, list) else [model]), was_training):
+        for m, mode in zip(chunks, was_training):
             m.train(mode)
         _clear_moe_aux_losses()
     masses = torch.cat(local) if local else torch.zeros(0, device=_comm_device(gather_group))

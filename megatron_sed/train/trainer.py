@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from megatron.core import parallel_state as ps
 
+from megatron_sed.rank0 import print_rank_0
 from megatron_sed.train import loop_cpu
 from megatron_sed.train.arguments import ArgumentError, parse_args
 from megatron_sed.train.checkpoint import TRACKER, has_checkpoint, load_checkpoint, save_checkpoint
@@ -30,11 +31,6 @@ logger = logging.getLogger("megatron_sed.train")
 
 def print_rank_last(msg: str) -> None:
     if not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1:
-        print(msg, flush=True)
-
-
-def print_rank_0(msg: str) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
         print(msg, flush=True)
 
 

@@ -2,7 +2,6 @@
 tracker file, common.pt with Megatron args): JSON + samples output, plot, and clear errors
 for bad checkpoints and prompts files."""
 
-import argparse
 import json
 import os
 
@@ -10,18 +9,16 @@ import pytest
 import torch
 
 from megatron_sed.eval.__main__ import main
+from model_args import tiny_model_args
 
 
 def _ckpt_args():
-    return argparse.Namespace(
+    return tiny_model_args(
         num_layers=1, hidden_size=32, ffn_hidden_size=64, num_attention_heads=2,
-        group_query_attention=False, num_query_groups=2, normalization="LayerNorm", swiglu=False,
-        disable_bias_linear=False, seq_length=160, max_position_embeddings=160,
-        position_embedding_type="learned_absolute", rotary_base=10000,
-        untie_embeddings_and_output_weights=False, tensor_model_parallel_size=2,
-        pipeline_model_parallel_size=1, sequence_parallel=False, vocab_size=262,
-        padded_vocab_size=512, make_vocab_size_divisible_by=128, transformer_impl="local",
-        device="cpu", hidden_dropout=0.1, attention_dropout=0.1, tokenizer_type="byte",
+        group_query_attention=False, normalization="LayerNorm", swiglu=False,
+        seq_length=160, max_position_embeddings=160, position_embedding_type="learned_absolute",
+        untie_embeddings_and_output_weights=False, tensor_model_parallel_size=2, vocab_size=262,
+        padded_vocab_size=512, hidden_dropout=0.1, attention_dropout=0.1, tokenizer_type="byte",
         tokenizer_model=None, chat_template=None, system_prompt=None, data_path=None,
         train_data_path=None,
     )
