@@ -5,7 +5,7 @@ from setuptools import find_packages, setup
 setup(
     name="megatron-sed",
     version="0.1.0",
-    description="Vocab-parallel SED-SFT loss and SFT trainer for Megatron-Core",
+    description="Vocab-parallel SED-SFT loss and Megatron-Core SFT plugin (--loss-type sed)",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
@@ -26,8 +26,12 @@ setup(
         "sacrebleu>=2.4",
         "matplotlib",
         "tensorboard",
+        "psutil",
     ],
     extras_require={
+        # The trainer (megatron-sed-train) runs Megatron's own pretrain loop, which the
+        # megatron-core wheel ships from 0.19 (Python >= 3.12).
+        "training": ["megatron-core[training]>=0.19"],
         # Everything the CPU test-suite needs. Triton runs its kernels on CPU
         # tensors with TRITON_INTERPRET=1; six/regex/pyyaml/pydantic let
         # Megatron-LM's argument parser and pretrain_gpt import on CPU.

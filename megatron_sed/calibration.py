@@ -22,7 +22,7 @@ Choices made here (and why):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -175,86 +175,119 @@ def _rank_and_size(group) -> tuple[int, int]:
     return 0, 1
 
 
-def calibrate_threshold(
-    logits_fn: Callable[[dict], torch.Tensor],
-    batches: Iterable[dict],
-    *,
-    ratio: float,
-    top_k: int,
-    num_samples: int,
-    dp_group=None,
-    tp_group=None,
-    mask: str = "topk_mass",
-) -> CalibrationResult:
-    """Run the (initial) model over the first `num_samples` held-out samples and return tau.
+def heldout_batches(dataset, num_steps: int, micro_batch_size: int, dp_rank: int,
+                    dp_size: int) -> Iterator[dict]:
+    """This DP rank's micro-batches of `dataset`, in Megatron's order: at step i, rows
+    i*dp*mbs + dp_rank*mbs + [0, mbs), collated like Megatron's DataLoader does. Rows past
+    the end wrap around (the caller masks them out): every rank runs every step."""
+    from torch.utils.data import default_collate
 
-    batches: this DP rank's micro-batches, dicts with "labels" and "loss_mask" ([b, s]) plus
-        whatever logits_fn needs. The global sample order is Megatron's: at step i, DP rank r
-        holds rows i*dp*mbs + r*mbs + [0, mbs); rows past `num_samples` are dropped, so the
-        selected samples (and tau) do not depend on the DP size.
-    logits_fn(batch) -> [s, b, V/tp] logits of the model in eval mode (called under no_grad).
-    Every DP rank must be given the same number of batches (it is: they step together).
-    """
-    if num_samples < 1:
-        raise ValueError(f"--sed-calibration-samples must be >= 1, got {num_samples}")
-    dp_rank, dp_size = _rank_and_size(dp_group)
-    local: list[torch.Tensor] = []
-    seen = 0  # global rows consumed before the current step
-    it = iter(batches)
-    while seen < num_samples:
-        try:
-            batch = next(it)
-        except StopIteration:
-            break
-        mbs = int(batch["labels"].shape[0])
-        first = seen + dp_rank * mbs
-        take = max(0, min(mbs, num_samples - first))
-        if take > 0:
-            with torch.no_grad():
-                logits = logits_fn(batch)
-            local.append(mask_statistic(logits[:, :take], batch["labels"][:take],
-                                        batch["loss_mask"][:take], top_k, tp_group, mask))
-        seen += dp_size * mbs
-    used = min(seen, num_samples)
-    if used < num_samples:
+    n = len(dataset)
+    for i in range(num_steps):
+        first = i * dp_size * micro_batch_size + dp_rank * micro_batch_size
+        items = [dataset[j % n] for j in range(first, first + micro_batch_size)]
+        # Keys a dataset fills with None (e.g. no attention mask) stay None, as get_batch expects.
+        yield {k: None if items[0][k] is None else default_collate([it[k] for it in items])
+               for k in items[0]}
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is True on some rank (an error on one rank must stop
+    all of them, not leave the others waiting in a collective)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=_comm_device(None))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def calibrate_with_forward_step(args, model, forward_step: Callable,
+                                heldout: Callable[[int], object]) -> CalibrationResult:
+    """tau for --sed-mask-ratio from the first --sed-calibration-samples rows of the
+    held-out dataset `heldout(num_rows)` (it must hold at least that many rows; TP ranks
+    other than 0 may get None when the data comes to them through forward_step).
+
+    Each micro-batch runs through `forward_step(batches, model)` (Megatron's interface:
+    it returns the model output and `partial(loss_func, loss_mask, ...)`) in eval mode
+    without gradients; the model must compute SED, whose per-token statistics (popped
+    from megatron_sed.model.loss_hook) give the masked statistic of every supervised
+    token. Every data-parallel rank runs the same number of forwards (rows past the
+    requested samples are masked out, not skipped: a rank that skipped a forward would
+    leave the others waiting in its collectives). The quantile is exact over DP x CP.
+    Pipeline parallelism is not supported (only the last stage has logits)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_sed.model.loss_hook import pop_sed_stats
+
+    if getattr(args, "pipeline_model_parallel_size", 1) > 1:
+        raise ValueError("--sed-mask-ratio calibration does not support pipeline parallelism "
+                         "(only the last stage has logits); calibrate at PP=1 and pass "
+                         "--sed-threshold")
+    num_samples = int(args.sed_calibration_samples)
+    mbs = int(args.micro_batch_size)
+    if dist.is_initialized():
+        dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        gather_group = ps.get_data_parallel_group(with_context_parallel=True)
+        needs_data = ps.get_tensor_model_parallel_rank() == 0
+    else:
+        dp_rank, dp_size, gather_group, needs_data = 0, 1, None, True
+    num_steps = math.ceil(num_samples / (dp_size * mbs))
+    dataset = heldout(num_steps * dp_size * mbs)
+    have = len(dataset) if dataset is not None else 0
+    if _any_rank(needs_data and have < num_samples):
         raise ValueError(
-            f"--sed-calibration-samples {num_samples}: the held-out data has only {used} "
-            "samples; lower the flag or give a larger validation split"
-        )
-    masses = torch.cat(local) if local else torch.zeros(0, device=_comm_device(dp_group))
-    if not 0.0 < ratio < 1.0:
-        raise ValueError(f"--sed-mask-ratio must lie in (0, 1), got {ratio}")
-    tau, n_tok, below = threshold_from_masses(masses, quantile_level(mask, ratio), dp_group)
-    return CalibrationResult(tau=tau, ratio=ratio, top_k=int(top_k), num_samples=used,
-                             num_tokens=n_tok, fraction_below=below, mask=mask)
+            f"--sed-mask-ratio calibrates tau on --sed-calibration-samples {num_samples} held-out "
+            f"samples, but the validation data has {have}: give --split a validation part "
+            "(e.g. 98,2,0) or --valid-data-path, lower --sed-calibration-samples, or pass "
+            "--sed-threshold")
+    batches = heldout_batches(dataset, num_steps, mbs, dp_rank, dp_size) if dataset is not None else None
 
-
-def calibrate_model(model, batches: Iterable[dict], *, ratio: float, top_k: int, num_samples: int,
-                    dp_group=None, tp_group=None, mask: str = "topk_mass") -> CalibrationResult:
-    """calibrate_threshold for a Megatron-Core GPTModel (e.g. megatron_sed's SEDGPTModel).
-
-    batches: model-input dicts as the trainer builds them (tokens, position_ids,
-    attention_mask, labels, loss_mask [b, s], optional packed_seq_params), this DP rank's
-    share in Megatron's order. The model runs in eval mode (no dropout) without labels,
-    so it returns logits [b, s, V/tp]. Pipeline parallelism is not supported here (only
-    the last stage has logits): pass --sed-threshold explicitly for PP > 1."""
-    if getattr(getattr(model, "config", None), "pipeline_model_parallel_size", 1) > 1:
-        raise ValueError("--sed-mask-ratio calibration does not support pipeline parallelism; "
-                         "calibrate at PP=1 and pass --sed-threshold")
-
-    def logits_fn(b):
-        out = model(b["tokens"], b["position_ids"], b["attention_mask"],
-                    packed_seq_params=b.get("packed_seq_params"))
-        return out.transpose(0, 1)  # [b, s, V/tp] -> [s, b, V/tp], a view
-
-    was_training = model.training
-    model.eval()
+    mask_kind = args.sed_mask
+    local = []
+    chunks = model if isinstance(model, list) else [model]
+    was_training = [m.training for m in chunks]
+    for m in chunks:
+        m.eval()
     try:
-        return calibrate_threshold(logits_fn, batches, ratio=ratio, top_k=top_k,
-                                   num_samples=num_samples, dp_group=dp_group,
-                                   tp_group=tp_group, mask=mask)
+        for step in range(num_steps):
+            with torch.no_grad():
+                _, loss_fn = forward_step(batches, model)
+            loss_mask = loss_fn.args[0]  # forward_step returns partial(loss_func, loss_mask, ...)
+            stats = pop_sed_stats()
+            if stats is None:
+                raise RuntimeError("--sed-mask-ratio: the model did not compute SED during "
+                                   "calibration")
+            values = stats[mask_kind]  # [s, b]
+            s, b = values.shape
+            keep = loss_mask.reshape(b, s).t().bool()
+            if b == mbs:  # drop rows past --sed-calibration-samples (not for packed THD batches)
+                first = step * dp_size * mbs + dp_rank * mbs
+                rows = torch.arange(first, first + b, device=keep.device) < num_samples
+                keep = keep & rows.view(1, b)
+            local.append(values[keep].float().reshape(-1))
     finally:
-        model.train(was_training)
+        for m, mode in zip(chunks, was_training):
+            m.train(mode)
+        _clear_moe_aux_losses()
+    masses = torch.cat(local) if local else torch.zeros(0, device=_comm_device(gather_group))
+    tau, n_tok, below = threshold_from_masses(masses, quantile_level(mask_kind, args.sed_mask_ratio),
+                                              gather_group)
+    return CalibrationResult(tau=tau, ratio=float(args.sed_mask_ratio), top_k=int(args.sed_top_k),
+                             num_samples=num_samples, num_tokens=n_tok, fraction_below=below,
+                             mask=mask_kind)
+
+
+def _clear_moe_aux_losses() -> None:
+    """MoE layers record aux losses on every forward; the calibration forwards must not
+    show up in the first iteration's logged values."""
+    try:
+        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+    except ImportError:
+        return
+    try:
+        clear_aux_losses_tracker()
+    except Exception:  # no tracker yet (dense model): nothing recorded
+        pass
 
 
 # ----------------------------------------------------------------------------- EMA tracking

@@ -33,6 +33,8 @@ import torch
 
 from megatron_sed.arguments import add_sed_args, sed_config_from_args, validate_sed_args
 from megatron_sed.ops.config import SEDConfig
+from megatron_sed.ops.stats import REPORT_KEYS as STAT_REPORT_KEYS
+from megatron_sed.ops.stats import sed_report
 from megatron_sed.rank0 import print_rank_0
 
 __all__ = [
@@ -46,15 +48,7 @@ __all__ = [
 
 # report key (what Megatron-LM prints and writes to TensorBoard) -> SED stat name.
 # `lm loss` stays Megatron's own key for the optimised objective (ce + reg under SED).
-REPORT_KEYS = {
-    "ce loss": "ce",
-    "sed reg": "reg",
-    "sed mask rate": "mask",
-    "entropy": "entropy",
-    "target prob": "target_prob",
-    "topk mass": "topk_mass",
-    "top1 acc": "correct",
-}
+REPORT_KEYS = {key: name for name, key in STAT_REPORT_KEYS}
 
 # Attribute names set on the models (prefixed so they never clash with Megatron's).
 _CFG_ATTR = "_megatron_sed_cfg"
@@ -222,6 +216,19 @@ def _calibrate(model, args, forward_step, datasets_provider) -> None:
         _calibrating = False
 
 
+def install_loss_override(model, cfg: SEDConfig) -> None:
+    """Make the GPTModel(s) in `model` compute SED with `cfg` through an instance override
+    of compute_language_model_loss (for megatron-core without GPTModel's output_processor
+    hook). Cheap to call on every forward: the modules are found once."""
+    outer = model if not isinstance(model, (list, tuple)) else None
+    targets = outer.__dict__.get(_TARGETS_ATTR) if outer is not None else None
+    if targets is None:
+        targets = _language_modules(model)
+        if outer is not None:
+            object.__setattr__(outer, _TARGETS_ATTR, targets)
+    _set_config(targets, cfg)
+
+
 def _set_config(targets, cfg: SEDConfig) -> None:
     for module in targets:
         object.__setattr__(module, _CFG_ATTR, cfg)
@@ -244,19 +251,6 @@ def _targets(model) -> Iterable[torch.nn.Module]:
     return [m for m in _language_modules(model) if _CFG_ATTR in m.__dict__]
 
 
-def sed_report_pairs(stats: Dict[str, torch.Tensor], loss_mask: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """{report key: tensor([sum over loss-masked tokens, number of such tokens])}.
-
-    stats are [s, b] (the loss op's layout), loss_mask is [b, s] or flattened [b*s]
-    (Megatron's loss_func flattens it)."""
-    first = stats["ce"]
-    mask = loss_mask.reshape(first.shape[1], first.shape[0]).t().to(torch.float32)
-    values = torch.stack([stats[name].detach().to(torch.float32) for name in REPORT_KEYS.values()])
-    sums = (values * mask).flatten(1).sum(dim=1)
-    count = mask.sum()
-    return {key: torch.stack([sums[i], count]) for i, key in enumerate(REPORT_KEYS)}
-
-
 def add_sed_report(report: dict, loss_mask: torch.Tensor, model) -> dict:
     """Add the SED stats of the micro-batch `model` just ran to Megatron's report dict
     (in place; also returned). A no-op when the model computes plain CE."""
@@ -266,5 +260,5 @@ def add_sed_report(report: dict, loss_mask: torch.Tensor, model) -> dict:
         return report
     stats = pop_sed_stats()  # Megatron calls loss_func right after each forward
     if stats is not None:
-        report.update(sed_report_pairs(stats, loss_mask))
+        report.update(sed_report(stats, loss_mask))
     return report

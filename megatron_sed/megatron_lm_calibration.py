@@ -29,59 +29,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 
-from megatron_sed.calibration import (
-    CalibrationResult,
-    _comm_device,
-    quantile_level,
-    threshold_from_masses,
-)
-from megatron_sed.model.loss_hook import pop_sed_stats
+from megatron_sed.calibration import CalibrationResult, calibrate_with_forward_step
 from megatron_sed.rank0 import print_rank_0
 
-__all__ = ["THRESHOLD_FILE", "calibrate_in_pretrain_gpt", "calibration_batches", "resolve_sed_threshold"]
+__all__ = ["THRESHOLD_FILE", "calibrate_in_pretrain_gpt", "resolve_sed_threshold"]
 
 THRESHOLD_FILE = "sed_threshold.json"
-
-
-def _groups():
-    """(DP rank, DP size, group to gather the statistics over: DP x CP)."""
-    from megatron.core import parallel_state as ps
-
-    if not torch.distributed.is_initialized():
-        return 0, 1, None
-    return (ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
-            ps.get_data_parallel_group(with_context_parallel=True))
-
-
-def _any_rank(flag: bool) -> bool:
-    """True on every rank when `flag` is True on some rank (an error on one rank must stop
-    all of them, not leave the others waiting in a collective)."""
-    if not torch.distributed.is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=_comm_device(None))
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
-def calibration_batches(dataset, num_steps: int, micro_batch_size: int, dp_rank: int,
-                        dp_size: int) -> Iterator[dict]:
-    """This DP rank's micro-batches of `dataset`, in Megatron's order: at step i, rows
-    i*dp*mbs + dp_rank*mbs + [0, mbs), collated like Megatron's DataLoader does."""
-    from torch.utils.data import default_collate
-
-    for i in range(num_steps):
-        first = i * dp_size * micro_batch_size + dp_rank * micro_batch_size
-        items = [dataset[j] for j in range(first, first + micro_batch_size)]
-        # Keys a dataset fills with None (e.g. no attention mask) stay None, as get_batch expects.
-        yield {k: None if items[0][k] is None else default_collate([it[k] for it in items])
-               for k in items[0]}
 
 
 def _threshold_file(directory: Optional[str]) -> Optional[Path]:
@@ -142,78 +101,13 @@ def resolve_sed_threshold(args: argparse.Namespace, model, forward_step: Optiona
 
 def calibrate_in_pretrain_gpt(args: argparse.Namespace, model, forward_step: Callable,
                               datasets_provider: Callable) -> CalibrationResult:
-    """Run the model (wrapped as forward_step sees it) over the held-out samples and
-    return tau (see the module doc). The model must already compute SED (its stats give
-    the masked statistic); it is left in the train/eval mode it was in."""
-    if getattr(args, "pipeline_model_parallel_size", 1) > 1:
-        raise ValueError("--sed-mask-ratio calibration does not support pipeline parallelism "
-                         "(only the last stage has logits); calibrate at PP=1 (e.g. with "
-                         "megatron-sed-train) and pass --sed-threshold")
-    num_samples = int(args.sed_calibration_samples)
-    mbs = int(args.micro_batch_size)
-    dp_rank, dp_size, gather_group = _groups()
-    num_steps = math.ceil(num_samples / (dp_size * mbs))
-    # Build exactly the samples needed; ranks that hold no data (TP rank > 0) get None
-    # from Megatron's builder and receive the batch from TP rank 0 inside forward_step.
-    _, valid_ds, _ = datasets_provider([1, num_steps * dp_size * mbs, 1])
-    holds_data = valid_ds is not None
-    from megatron.core import parallel_state as ps
+    """tau from pretrain_gpt's own validation dataset and forward_step (the engine is
+    megatron_sed.calibration.calibrate_with_forward_step). Rows are what pretrain_gpt's
+    dataset yields: sequences of --seq-length tokens (packed for --sft)."""
 
-    needs_data = ps.get_tensor_model_parallel_rank() == 0 if torch.distributed.is_initialized() else True
-    short = needs_data and (not holds_data or len(valid_ds) < num_steps * dp_size * mbs)
-    if _any_rank(short):
-        size = len(valid_ds) if holds_data else 0
-        raise ValueError(
-            f"--sed-mask-ratio calibrates tau on --sed-calibration-samples {num_samples} held-out "
-            f"samples, but the validation dataset has {size}: give --split a validation part "
-            "(e.g. 98,2,0) or --valid-data-path, lower --sed-calibration-samples, or pass "
-            "--sed-threshold"
-        )
-    batches = calibration_batches(valid_ds, num_steps, mbs, dp_rank, dp_size) if holds_data else None
+    def heldout(num_rows):
+        # Ranks that hold no data (TP rank > 0) get None from Megatron's builder and receive
+        # the batch from TP rank 0 inside forward_step.
+        return datasets_provider([1, num_rows, 1])[1]
 
-    mask_kind = args.sed_mask
-    local = []
-    chunks = model if isinstance(model, list) else [model]
-    was_training = [m.training for m in chunks]
-    for m in chunks:
-        m.eval()
-    try:
-        for step in range(num_steps):
-            with torch.no_grad():
-                _, loss_fn = forward_step(batches, model)
-            loss_mask = loss_fn.args[0]  # forward_step returns partial(loss_func, loss_mask, ...)
-            stats = pop_sed_stats()
-            if stats is None:
-                raise RuntimeError("--sed-mask-ratio: the model did not compute SED during "
-                                   "calibration (is install_sed_loss applied to it?)")
-            values = stats[mask_kind]  # [s, b]
-            s, b = values.shape
-            keep = loss_mask.reshape(b, s).t().bool()
-            if b == mbs:  # drop rows past --sed-calibration-samples (not for packed THD batches)
-                first = step * dp_size * mbs + dp_rank * mbs
-                rows = torch.arange(first, first + b, device=keep.device) < num_samples
-                keep = keep & rows.view(1, b)
-            local.append(values[keep].float().reshape(-1))
-    finally:
-        for m, mode in zip(chunks, was_training):
-            m.train(mode)
-        _clear_moe_aux_losses()
-    masses = torch.cat(local) if local else torch.zeros(0, device=_comm_device(gather_group))
-    tau, n_tok, below = threshold_from_masses(masses, quantile_level(mask_kind, args.sed_mask_ratio),
-                                              gather_group)
-    return CalibrationResult(tau=tau, ratio=float(args.sed_mask_ratio), top_k=int(args.sed_top_k),
-                             num_samples=num_samples, num_tokens=n_tok, fraction_below=below,
-                             mask=mask_kind)
-
-
-def _clear_moe_aux_losses() -> None:
-    """MoE layers record aux losses on every forward; the calibration forwards must not
-    show up in the first iteration's logged values."""
-    try:
-        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
-    except ImportError:
-        return
-    try:
-        clear_aux_losses_tracker()
-    except Exception:  # no tracker yet (dense model): nothing recorded
-        pass
+    return calibrate_with_forward_step(args, model, forward_step, heldout)

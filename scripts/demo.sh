@@ -43,7 +43,7 @@ PYTHONWARNINGS=ignore "${LAUNCH[@]}" \
   --normalization RMSNorm --swiglu --disable-bias-linear \
   --position-embedding-type rope --untie-embeddings-and-output-weights \
   --hidden-dropout 0 --attention-dropout 0 \
-  --seq-length 256 --micro-batch-size 8 --global-batch-size 16 \
+  --seq-length 256 --max-position-embeddings 256 --micro-batch-size 8 --global-batch-size 16 \
   --train-iters "$TRAIN_ITERS" --lr 2e-3 --min-lr 1e-4 --lr-decay-style cosine \
   --lr-warmup-iters 20 --weight-decay 0.01 --clip-grad 1.0 \
   --loss-type sed --sed-lambda 1.0 --sed-top-k 2 --sed-mask topk_mass \

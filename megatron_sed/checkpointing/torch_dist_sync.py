@@ -1,9 +1,9 @@
 """Synchronous `torch_dist` save strategy for Megatron-Core's dist_checkpointing.
 
-Megatron-Core 0.16.1's default torch_dist save strategy is the async one
-(`TorchDistSaveShardedStrategy` + `FileSystemWriterAsync`), which calls
-`torch.cuda.synchronize()` and so cannot run on CPU. This strategy does the same
-translation (MCore ShardedTensors -> PyTorch ShardedTensors, `MCoreSavePlanner`) and
+Megatron-Core's default torch_dist save strategy is the async one
+(`TorchDistSaveShardedStrategy` + `FileSystemWriterAsync`), built for GPUs (it calls
+`torch.cuda.synchronize()`). This strategy, a subclass of it (megatron-core 0.19 accepts
+no other), does the same translation (MCore ShardedTensors -> PyTorch ShardedTensors, `MCoreSavePlanner`) and
 then saves synchronously with torch.distributed.checkpoint's plain `FileSystemWriter`.
 The files are the same format (`.metadata`, `__<rank>_<n>.distcp`), so
 `dist_checkpointing.load` reads them like any Megatron checkpoint, at any TP/PP.
@@ -26,15 +26,15 @@ from typing import Callable, Optional
 from torch.distributed import checkpoint as dcp
 
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict
-from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
 from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreSavePlanner,
+    TorchDistSaveShardedStrategy,
     _replace_state_dict_keys_with_sharded_keys,
     mcore_to_pyt_state_dict,
 )
 
 
-class SyncTorchDistSaveStrategy(SaveShardedStrategy):
+class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
     """`torch_dist` (version 1) checkpoint writer without CUDA or async machinery."""
 
     def __init__(
@@ -44,8 +44,7 @@ class SyncTorchDistSaveStrategy(SaveShardedStrategy):
         thread_count: int = 1,
         planner_factory: Optional[Callable[[], MCoreSavePlanner]] = None,
     ):
-        super().__init__(backend, version)
-        self.thread_count = thread_count
+        super().__init__(backend, version, thread_count=thread_count)
         self.planner_factory = planner_factory or (
             lambda: MCoreSavePlanner(flatten_state_dict=False)
         )

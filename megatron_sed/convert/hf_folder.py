@@ -38,9 +38,7 @@ _ST_DTYPES = {
 }
 
 
-class CheckpointError(ValueError):
-    """A model folder or checkpoint that cannot be converted (missing, truncated or
-    mismatched files / tensors)."""
+from megatron_sed.checkpointing.layout import CheckpointError  # noqa: E402,F401 (re-export)
 
 
 def read_safetensors_header(path: Path) -> Dict[str, dict]:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from megatron_sed.checkpointing.process_group import single_process_group
 from megatron_sed.checkpointing.torch_dist_sync import SyncTorchDistSaveStrategy
 from megatron_sed.convert.hf_folder import CheckpointError, HFModelFolder
-from megatron_sed.convert.layout import (
+from megatron_sed.checkpointing.layout import (
     HF_ASSETS, MODEL_METADATA, RELEASE, TRACKER, atomic_output_dir,
 )
 from megatron_sed.convert.mapping import expected_hf_shapes, param_maps

@@ -23,8 +23,9 @@ from tqdm import tqdm
 
 from megatron_sed.convert.hf_folder import TOKENIZER_FILES, CheckpointError
 from megatron_sed.convert.hf_to_mcore import DTYPES, log
-from megatron_sed.convert.layout import (
-    HF_ASSETS, MODEL_METADATA, atomic_output_dir, find_model_metadata, resolve_dist_ckpt_dir,
+from megatron_sed.checkpointing.layout import (
+    HF_ASSETS, MODEL_METADATA, atomic_output_dir, find_model_metadata, read_common_state,
+    resolve_dist_ckpt_dir,
 )
 from megatron_sed.convert.mapping import param_maps
 from megatron_sed.convert.mcore_reader import MCoreModelReader
@@ -58,7 +59,7 @@ def shape_from_megatron_args(args, model_type: str, vocab_size: int) -> ModelSha
         vocab_size=vocab_size,
         max_position_embeddings=g("max_position_embeddings"),
         rotary_base=float(g("rotary_base", 10000)),
-        norm_epsilon=float(g("norm_epsilon", 1e-5)),
+        norm_epsilon=float(g("layernorm_epsilon", g("norm_epsilon", 1e-5))),
         tie_embeddings=not g("untie_embeddings_and_output_weights", False),
         add_qkv_bias=bool(g("add_qkv_bias", False)),
         rope_scaling_factor=float(g("rope_scaling_factor", 8.0)) if g("use_rope_scaling") else None,

@@ -125,7 +125,8 @@ def shape_from_hf_config(cfg: dict) -> ModelShape:
 
 
 def megatron_args(shape: ModelShape) -> dict:
-    """Megatron-LM argument values (dest names) describing this model."""
+    """Megatron-LM argument values (Megatron's dest names) describing this model, as a
+    checkpoint's `args` carries them (megatron_sed.train takes the shape from there)."""
     return dict(
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
@@ -142,11 +143,12 @@ def megatron_args(shape: ModelShape) -> dict:
         rope_scaling_factor=shape.rope_scaling_factor or 8.0,
         rotary_seq_len_interpolation_factor=shape.rotary_seq_len_interpolation_factor,
         normalization="RMSNorm",
-        norm_epsilon=shape.norm_epsilon,
+        layernorm_epsilon=shape.norm_epsilon,
         swiglu=True,
-        disable_bias_linear=True,
         add_bias_linear=False,
         add_qkv_bias=shape.add_qkv_bias,
         untie_embeddings_and_output_weights=not shape.tie_embeddings,
-        vocab_size=shape.vocab_size,
+        padded_vocab_size=shape.vocab_size,  # the embedding's rows
+        tokenizer_type="HuggingFaceTokenizer",  # shipped in OUT/hf (see checkpointing.layout)
+        sft_tokenizer_type="hf",
     )

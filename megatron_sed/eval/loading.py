@@ -13,11 +13,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_sed.convert.layout import resolve_dist_ckpt_dir
-
-
-class CheckpointError(ValueError):
-    """A --load path that does not hold a usable checkpoint; the message says why."""
+from megatron_sed.checkpointing import layout
+from megatron_sed.checkpointing.layout import CheckpointError, resolve_dist_ckpt_dir
 
 
 def resolve_checkpoint_dir(load: str, iteration: int | None = None) -> Path:
@@ -38,19 +35,9 @@ def resolve_checkpoint_dir(load: str, iteration: int | None = None) -> Path:
 
 
 def read_common_state(ckpt_dir: Path) -> dict:
-    common = ckpt_dir / "common.pt"
-    if not common.is_file():
-        raise CheckpointError(f"{ckpt_dir}: no common.pt (not a Megatron dist checkpoint)")
-    try:
-        # Our own checkpoints: common.pt pickles an argparse.Namespace (Megatron does too).
-        state = torch.load(common, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - corrupt or foreign pickle
-        raise CheckpointError(f"cannot read {common}: {type(err).__name__}: {err}") from None
-    args = state.get("args") if isinstance(state, dict) else None
-    if isinstance(args, dict):  # megatron_sed.train stores the model-shape args as a dict
-        state["args"] = args = argparse.Namespace(**args)
-    if not isinstance(args, argparse.Namespace):
-        raise CheckpointError(f"{common} holds no Megatron 'args': cannot rebuild the model")
+    state = layout.read_common_state(ckpt_dir)
+    if not hasattr(state.get("args"), "__dict__"):
+        raise CheckpointError(f"{ckpt_dir} holds no Megatron 'args': cannot rebuild the model")
     return state
 
 

@@ -77,6 +77,7 @@ def build_gpt_model(
     pre_process: bool = True,
     post_process: bool = True,
     vp_stage: Optional[int] = None,
+    pg_collection=None,
 ) -> SEDGPTModel:
     """Megatron-Core GPTModel from Megatron-named args (see megatron_sed.train.arguments).
 
@@ -114,5 +115,6 @@ def build_gpt_model(
         rope_scaling_factor=getattr(args, "rope_scaling_factor", None) or 8.0,
         seq_len_interpolation_factor=getattr(args, "rotary_seq_len_interpolation_factor", None),
         vp_stage=vp_stage,
+        pg_collection=pg_collection,
         sed_config=sed_config,
     )

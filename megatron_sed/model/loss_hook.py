@@ -51,6 +51,32 @@ def sed_language_model_loss(model, labels: Tensor, logits: Tensor, sed_config,
     return loss.transpose(0, 1).contiguous()  # [s, b] -> [b, s], like Megatron
 
 
+def supports_output_processor(model) -> bool:
+    """Whether this GPTModel's forward takes an `output_processor` (megatron-core >= 0.18):
+    the hook that lets SED replace the main head's loss while multi-token-prediction heads
+    keep Megatron's CE."""
+    import inspect
+
+    from megatron.core.models.gpt import GPTModel
+
+    return "output_processor" in inspect.signature(GPTModel.forward).parameters
+
+
+def sed_output_processor(*, hidden_states, output_layer, output_weight, labels,
+                         runtime_gather_output=None, context=None, scale_logits=None, **_):
+    """GPTModel's `output_processor` for SED (context: the SEDConfig): the output layer's
+    vocab-parallel [s, b, V/tp] logits, then the SED loss [b, s] when labels are given (the
+    logits [b, s, V/tp] otherwise), exactly as GPTModel's own post-processing does for CE."""
+    logits, _ = output_layer(hidden_states, weight=output_weight,
+                             runtime_gather_output=runtime_gather_output)
+    if scale_logits is not None:
+        logits = scale_logits(logits)
+    if labels is None:
+        return logits.transpose(0, 1).contiguous()
+    return sed_language_model_loss(output_layer, labels, logits, context,
+                                   tp_group=getattr(output_layer, "tp_group", None))
+
+
 def masked_token_loss(per_token_loss: Tensor, loss_mask: Tensor):
     """Megatron's loss_func reduction: (sum of loss * mask, number of masked tokens),
     both fp32 scalars, so micro-batches and DP ranks can be summed before dividing."""

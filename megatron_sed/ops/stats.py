@@ -49,6 +49,38 @@ def sed_stat_sums(stats: Dict[str, torch.Tensor], loss_mask: Optional[torch.Tens
     return torch.stack(sums)
 
 
+# The SED statistics as Megatron's loss_func reports them: (stat name, report key). The
+# report key is what Megatron's log line and TensorBoard show; --metrics-file uses it with
+# "_" for " " (ce_loss, sed_reg, sed_mask_rate, ...). `lm loss` (the optimised objective)
+# is reported by the loss function itself, as in Megatron.
+REPORT_KEYS = (
+    ("ce", "ce loss"),
+    ("reg", "sed reg"),
+    ("mask", "sed mask rate"),
+    ("entropy", "entropy"),
+    ("target_prob", "target prob"),
+    ("topk_mass", "topk mass"),
+    ("correct", "top1 acc"),
+)
+
+
+def sed_report(stats: Dict[str, torch.Tensor], loss_mask: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """{report key: tensor([sum over supervised tokens, number of them])} in float32, the
+    [sum, count] pairs Megatron sums over micro-batches and data-parallel ranks and logs as
+    sum / count. stats are [s, b] (the loss op's layout); loss_mask is [b, s] or its
+    flattening (Megatron's batch layout). Tokens whose loss is not finite are left out of
+    every statistic (the loss itself still carries them: Megatron's NaN check sees it)."""
+    ce = stats["ce"]
+    s, b = ce.shape
+    mask = loss_mask.reshape(b, s).t().to(torch.float32)
+    mask = mask * (torch.isfinite(ce) & torch.isfinite(stats["reg"])).to(torch.float32)
+    values = torch.stack([stats[name].detach().to(torch.float32) for name, _ in REPORT_KEYS])
+    values = torch.where(mask.bool(), values, torch.zeros_like(values))
+    sums = (values * mask).flatten(1).sum(dim=1)
+    count = mask.sum()
+    return {key: torch.stack([sums[i], count]) for i, (_, key) in enumerate(REPORT_KEYS)}
+
+
 def summarize_sed_stat_sums(sums: torch.Tensor) -> Dict[str, float]:
     """Means over the counted tokens (one host sync)."""
     values = sums.detach().double().cpu().tolist()

@@ -2,7 +2,7 @@
 
 import sys
 
-from megatron_sed.train.trainer import main
+from megatron_sed.train.entry import main
 
 if __name__ == "__main__":
     sys.exit(main())

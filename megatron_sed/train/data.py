@@ -1,31 +1,96 @@
-"""Training data for the trainer: the data engineer's packed SFT reader
-(megatron_sed.data.reader), or, without --data-path, the built-in synthetic math SFT set
-preprocessed on the fly with the byte tokenizer. Batches follow Megatron's
-pretraining sampler: iteration i, micro-batch m, data-parallel rank r reads global samples
-consumed + (m * dp + r) * mbs + [0, mbs), so the stream is a pure function of the consumed
-sample count (what a checkpoint stores)."""
+"""SFT data for Megatron's loop: the dataset provider, the tokenizer it implies, and the
+micro-batch -> model inputs step.
+
+The data is the project's packed SFT format (megatron_sed.data.reader: PREFIX.bin/.idx
+plus the assistant-only loss mask, written by megatron-sed-preprocess). Without
+--data-path the built-in synthetic math SFT set is preprocessed on the fly with the byte
+tokenizer. Megatron's own data loader and sampler read the datasets (`dataloader_type`
+single: the stream is a pure function of the consumed-sample count a checkpoint stores).
+Every rank builds and reads its data-parallel rank's batches itself (the provider is
+`is_distributed`), so tensor- and pipeline-parallel peers need no broadcast.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import tempfile
-from typing import Dict, Iterator
+from typing import Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
+BYTE_VOCAB_SIZE = 262  # megatron_sed.data.tokenizer.ByteTokenizer: 256 bytes + 6 specials
+DEFAULT_SPLIT = "98,2,0"
 
-def _synthetic_prefix(args) -> str:
-    """Preprocess the synthetic set once (rank 0), return its prefix (all ranks)."""
+
+def _data_prefixes(args) -> List[str]:
+    from megatron_sed.data.reader import parse_data_paths
+
+    prefixes: List[str] = []
+    for flag in ("data_path", "train_data_path", "valid_data_path", "test_data_path"):
+        parsed = parse_data_paths(getattr(args, flag, None))
+        if parsed is not None:
+            prefixes.extend(parsed[0])
+    return prefixes
+
+
+def resolve_tokenizer_args(args) -> None:
+    """Set Megatron's tokenizer flags and `args.sft_tokenizer_type` ("byte" | "hf": what
+    megatron-sed's eval and export rebuild) from the data when --tokenizer-type is not
+    given. Megatron's loop only needs the vocabulary size, so data tokenized by the byte
+    tokenizer (or an HF tokenizer whose folder is not given) trains with Megatron's
+    NullTokenizer of that size. A tokenizer that contradicts the data is an error."""
+    from megatron_sed.data.indexed import read_metadata
+
+    prefixes = _data_prefixes(args)
+    source = prefixes[0] if prefixes else "the built-in synthetic set"
+    info = read_metadata(prefixes[0])["tokenizer"] if prefixes else {"type": "byte",
+                                                                       "vocab_size": BYTE_VOCAB_SIZE}
+    data_type, data_vocab = info.get("type", "byte"), int(info["vocab_size"])
+    if args.tokenizer_type == "ByteTokenizer" or (args.tokenizer_type is None and data_type == "byte"):
+        args.tokenizer_type, args.sft_tokenizer_type = "NullTokenizer", "byte"
+        args.vocab_size = BYTE_VOCAB_SIZE
+    elif args.tokenizer_type is None:  # HF data, tokenizer folder unknown: its size is enough
+        args.tokenizer_type, args.sft_tokenizer_type = "NullTokenizer", "hf"
+        args.vocab_size = data_vocab
+    elif not getattr(args, "tokenizer_from_checkpoint", False):
+        args.sft_tokenizer_type = "hf" if args.tokenizer_type == "HuggingFaceTokenizer" else None
+    wanted = getattr(args, "sft_tokenizer_type", None)
+    if wanted is not None and wanted != data_type:
+        raise ValueError(f"the tokenizer is {wanted} ({args.tokenizer_type}"
+                         f"{' ' + args.tokenizer_model if args.tokenizer_model else ''}), but "
+                         f"{source} was tokenized with {data_type}: pass the tokenizer the data "
+                         "was preprocessed with (or preprocess the data with this one)")
+
+
+def check_tokenizer_matches_data(args) -> None:
+    """After Megatron built its tokenizer: its vocabulary must be the data's."""
+    from megatron.training import get_tokenizer
+
+    from megatron_sed.data.indexed import read_metadata
+    from megatron_sed.train.arguments import ArgumentError
+
+    prefixes = _data_prefixes(args)
+    if not prefixes:
+        return
+    want = int(read_metadata(prefixes[0])["tokenizer"]["vocab_size"])
+    have = int(get_tokenizer().vocab_size)
+    if want != have:
+        raise ArgumentError(f"--tokenizer-model {args.tokenizer_model} has {have} tokens but "
+                         f"{prefixes[0]} was tokenized with {want}: pass the tokenizer the data "
+                         "was preprocessed with")
+
+
+def synthetic_prefix(args) -> str:
+    """Preprocess the built-in synthetic set once (global rank 0; others wait), return its prefix."""
+    import torch.distributed as dist
+
     from megatron_sed.data.preprocess import preprocess_rows
     from megatron_sed.data.synthetic import make_synthetic_math
 
-    cache = args.synthetic_cache_dir
-    if cache is None:
-        cache = os.path.join(tempfile.gettempdir(), "megatron-sed-synthetic")
+    cache = args.synthetic_cache_dir or os.path.join(tempfile.gettempdir(), "megatron-sed-synthetic")
     prefix = os.path.join(cache, f"synthetic_math_n{args.synthetic_num_problems}_s{args.seed}_byte_v1")
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0 and not os.path.exists(prefix + ".json"):
@@ -38,64 +103,57 @@ def _synthetic_prefix(args) -> str:
     return prefix
 
 
-def build_datasets(args):
-    """(train, valid) datasets and the tokenizer; sets args.vocab_size."""
+def build_datasets(args, num_samples, pack: Optional[bool] = None):
+    """(train, valid, test) SFT datasets of at least num_samples = (train, valid, test)
+    samples each (None: one pass); a split without documents is None."""
     from megatron_sed.data.reader import build_sft_datasets
-    from megatron_sed.data.tokenizer import build_tokenizer
 
-    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.chat_template)
     data_path = args.data_path
-    if not (data_path or args.train_data_path):
-        if args.tokenizer_type != "byte":
-            raise ValueError("the built-in synthetic set uses the byte tokenizer: pass --data-path "
-                             "for --tokenizer-type hf")
-        data_path = [_synthetic_prefix(args)]
-    train_samples = args.train_iters * args.global_batch_size
-    valid_samples = None
-    if args.eval_interval:
-        evals = args.train_iters // args.eval_interval + 1
-        valid_samples = evals * args.eval_iters * args.global_batch_size
-    train, valid, _ = build_sft_datasets(
-        data_path, split=args.split, seq_length=args.seq_length, seed=args.seed, pack=args.pack,
-        valid_data_paths=args.valid_data_path, train_data_paths=args.train_data_path,
-        test_data_paths=args.test_data_path, train_samples=train_samples, valid_samples=valid_samples,
+    if not (data_path or args.train_data_path or args.valid_data_path):
+        data_path = [synthetic_prefix(args)]
+    train_n, valid_n, test_n = num_samples
+    return build_sft_datasets(
+        data_path, split=args.split or DEFAULT_SPLIT, seq_length=args.seq_length, seed=args.seed,
+        pack=args.pack if pack is None else pack, valid_data_paths=args.valid_data_path,
+        train_data_paths=args.train_data_path, test_data_paths=args.test_data_path,
+        train_samples=train_n, valid_samples=valid_n, test_samples=test_n,
     )
-    if train is None:
+
+
+def train_valid_test_datasets_provider(train_val_test_num_samples):
+    """Megatron's dataset provider (called with the sample counts it will draw)."""
+    from megatron.training import get_args, print_rank_0
+
+    args = get_args()
+    print_rank_0("> building SFT train, validation and test datasets ...")
+    train, valid, test = build_datasets(args, train_val_test_num_samples)
+    if train is None and args.train_iters:
         raise ValueError("the training split is empty: check --split / --train-data-path")
-    args.vocab_size = tokenizer.vocab_size
-    return train, valid, tokenizer
+    return train, valid, test
 
 
-def collate(samples) -> Dict[str, torch.Tensor]:
-    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+# Every rank reads its own DP rank's batches: no TP broadcast of the micro-batch.
+train_valid_test_datasets_provider.is_distributed = True
 
 
-def batch_iterator(dataset, args, consumed_samples: int, dp_rank: int, dp_size: int) -> Iterator[Dict]:
-    """Endless micro-batches for this DP rank starting at `consumed_samples` (global)."""
-    mbs = args.micro_batch_size
-    i = consumed_samples
-    n = len(dataset)
-    while True:
-        for m in range(args.num_microbatches):
-            start = i + (m * dp_size + dp_rank) * mbs
-            yield collate([dataset[(start + j) % n] for j in range(mbs)])
-        i += args.global_batch_size
-
-
-def to_model_inputs(batch: Dict[str, torch.Tensor], device, transformer_impl: str,
-                    pack: bool) -> Dict[str, object]:
-    """tokens/position_ids/labels/loss_mask on `device` plus the attention description:
-    a block-causal boolean mask (local spec) or THD PackedSeqParams (Transformer Engine)."""
+def model_inputs(batch: Dict[str, torch.Tensor], thd: bool, pack: bool = True) -> Dict[str, object]:
+    """tokens, position_ids, labels, loss_mask on the current device, plus the attention
+    description: packed samples get THD PackedSeqParams for Transformer Engine (built from
+    the host segment ids: no device sync) or a block-causal boolean mask (local spec);
+    padded single samples need only the causal mask. Labels are clamped to valid ids (the
+    loss mask says which count), as Megatron's CE expects of the heads SED leaves to it."""
     from megatron_sed.data.reader import build_block_causal_mask, packed_seq_params_from_segments
 
-    out = {k: batch[k].to(device, non_blocking=True) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+    device = torch.device("cuda", torch.cuda.current_device())
+    out = {k: batch[k].to(device, non_blocking=True)
+           for k in ("tokens", "labels", "loss_mask", "position_ids")}
+    out["labels"] = out["labels"].clamp(min=0)
     out["attention_mask"] = None
     out["packed_seq_params"] = None
-    if transformer_impl == "transformer_engine":
-        if pack:
-            out["packed_seq_params"] = packed_seq_params_from_segments(batch["segment_ids"], device)
-            for k in ("tokens", "labels", "loss_mask", "position_ids"):
-                out[k] = out[k].reshape(1, -1)  # THD: one flattened row
-    else:
+    if thd:
+        out["packed_seq_params"] = packed_seq_params_from_segments(batch["segment_ids"], device)
+        for k in ("tokens", "labels", "loss_mask", "position_ids"):
+            out[k] = out[k].reshape(1, -1)  # THD: one flattened row
+    elif pack:
         out["attention_mask"] = build_block_causal_mask(batch["segment_ids"].to(device))
     return out

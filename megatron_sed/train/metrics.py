@@ -1,4 +1,21 @@
-"""Training log output: Megatron-style lines, --metrics-file JSON lines, TensorBoard."""
+"""--metrics-file: the values of Megatron's log lines as JSON lines, for scripts and plots.
+
+Megatron's loop prints its training line from `training_log` (every iteration it gets
+the iteration's reduced report: `lm loss`, `ce loss`, `sed reg`, ... as means over the
+global batch) and its validation line from `evaluate_and_print_results`. The observer
+wraps those two functions of `megatron.training.training` (the loop looks them up there
+on every call) and, on the rank that prints (the last one), appends per --log-interval
+
+    {"iteration", "consumed_samples", "lr", "grad_norm", "loss_scale", "lm_loss",
+     "ce_loss", "sed_reg", "sed_mask_rate", "entropy", "target_prob", "topk_mass",
+     "top1_acc", "sed_threshold", "iter_time_ms", "tokens_per_sec",
+     "skipped_iterations", "nan_iterations"}
+
+(report keys with "_" for " "; means over the interval's iterations, as Megatron's line)
+and per evaluation {"iteration", "valid_lm_loss", "valid_ce_loss", ...} ("test_..." for
+the test set). Values are read once per interval (the same host sync as Megatron's
+line). Lines are flushed as written, so a killed job keeps what it logged.
+"""
 
 from __future__ import annotations
 
@@ -8,78 +25,102 @@ import os
 import time
 from typing import Dict, Optional
 
-# Metrics-file keys of the issue; log-line labels as Megatron-LM writes them.
-LINE_FIELDS = (
-    ("lm_loss", "lm loss"),
-    ("sed_reg", "sed reg"),
-    ("sed_mask_rate", "sed mask rate"),
-    ("entropy", "entropy"),
-    ("target_prob", "target prob"),
-    ("top1_acc", "top1 acc"),
-)
+import torch
 
 
-def format_train_line(it: int, train_iters: int, m: Dict) -> str:
-    parts = [
-        f" [{time.strftime('%Y-%m-%d %H:%M:%S')}] iteration {it:8d}/{train_iters:8d}",
-        f"consumed samples: {m['consumed_samples']:12d}",
-        f"elapsed time per iteration (ms): {m['iter_time_ms']:.1f}",
-        f"learning rate: {m['lr']:.6E}",
-        f"global batch size: {m['global_batch_size']:5d}",
-    ]
-    for key, label in LINE_FIELDS:
-        if m.get(key) is not None:
-            parts.append(f"{label}: {m[key]:.6E}")
-    parts.append(f"grad norm: {m['grad_norm']:.3f}")
-    parts.append(f"tokens per sec: {m['tokens_per_sec']:.1f}")
-    parts.append(f"number of skipped iterations: {m['skipped_iterations']:3d}")
-    parts.append(f"number of nan iterations: {m['nan_iterations']:3d}")
-    return " | ".join(parts) + " |"
+def _key(report_key: str) -> str:
+    return report_key.replace(" ", "_")
 
 
-def format_eval_line(it: int, m: Dict) -> str:
-    loss = m["lm_loss"]
-    ppl = math.exp(min(20.0, loss))
-    extra = " | ".join(f"{label}: {m[k]:.6E}" for k, label in LINE_FIELDS[1:] if m.get(k) is not None)
-    return (f" validation loss at iteration {it} | lm loss value: {loss:.6E} | "
-            f"lm loss PPL: {ppl:.6E} | {extra} |")
+class MetricsFile:
+    def __init__(self, path: str):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._f = open(path, "a", encoding="utf-8")
 
-
-class MetricsWriter:
-    """JSON lines (flushed per record) and optional TensorBoard; only on the logging rank."""
-
-    def __init__(self, metrics_file: Optional[str], tensorboard_dir: Optional[str], enabled: bool):
-        self.enabled = enabled
-        self.file = None
-        self.tb = None
-        if not enabled:
-            return
-        if metrics_file:
-            d = os.path.dirname(os.path.abspath(metrics_file))
-            os.makedirs(d, exist_ok=True)
-            self.file = open(metrics_file, "a", encoding="utf-8")
-        if tensorboard_dir:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                print(" > --tensorboard-dir given but tensorboard is not installed; skipping", flush=True)
-            else:
-                self.tb = SummaryWriter(log_dir=tensorboard_dir, max_queue=1000)
-
-    def write(self, record: Dict, prefix: str = "train") -> None:
-        if not self.enabled:
-            return
-        if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-        if self.tb is not None:
-            it = record["iteration"]
-            for k, v in record.items():
-                if k != "iteration" and isinstance(v, (int, float)) and v is not None:
-                    self.tb.add_scalar(f"{prefix}/{k}", v, it)
+    def write(self, record: Dict) -> None:
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
 
     def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        if self.tb is not None:
-            self.tb.close()
+        self._f.close()
+
+
+class _Interval:
+    """Sums of the per-iteration report means since the last record."""
+
+    def __init__(self):
+        self.sums: Dict[str, torch.Tensor] = {}
+        self.iterations = 0
+        self.skipped = 0
+        self.nan = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss_dict: Dict, skipped: int) -> None:
+        if skipped:
+            self.skipped += 1
+            values = [float(v.float().sum()) for v in loss_dict.values()]
+            self.nan += int(any(not math.isfinite(v) for v in values))
+            return
+        self.iterations += 1
+        for k, v in loss_dict.items():
+            v = v.detach().float().reshape(-1)[:1]
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+
+
+def install_metrics_observer(path: Optional[str]) -> None:
+    """Wrap Megatron's training_log / evaluate_and_print_results (see the module doc). Call
+    it on the last global rank only (the one that prints Megatron's lines)."""
+    if not path:
+        return
+    import megatron.training.training as loop
+    from megatron.training import get_args
+
+    if getattr(loop, "_megatron_sed_metrics", None) is not None:
+        return
+    out = MetricsFile(path)
+    state = {"interval": _Interval(), "eval_iteration": None, "eval_prefix": ""}
+    plain_log, plain_eval_print, plain_evaluate = (
+        loop.training_log, loop.evaluate_and_print_results, loop.evaluate)
+
+    def training_log(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale,
+                     report_memory_flag, skipped_iter, grad_norm, *rest, **kw):
+        if out is not None:
+            args = get_args()
+            st = state["interval"]
+            st.add(loss_dict, skipped_iter)
+            if iteration % args.log_interval == 0 or iteration == args.train_iters:
+                elapsed = time.perf_counter() - st.start
+                n = max(1, st.iterations + st.skipped)
+                record = {"iteration": iteration, "consumed_samples": args.consumed_train_samples,
+                          "lr": learning_rate, "grad_norm": grad_norm,
+                          "loss_scale": float(loss_scale) if loss_scale is not None else None}
+                for k, v in st.sums.items():
+                    record[_key(k)] = float(v) / max(1, st.iterations)
+                record["iter_time_ms"] = 1000.0 * elapsed / n
+                record["tokens_per_sec"] = n * args.global_batch_size * args.seq_length / max(elapsed, 1e-9)
+                record["skipped_iterations"] = st.skipped
+                record["nan_iterations"] = st.nan
+                out.write(record)
+                state["interval"] = _Interval()
+        return plain_log(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale,
+                         report_memory_flag, skipped_iter, grad_norm, *rest, **kw)
+
+    def evaluate(*a, **kw):
+        result = plain_evaluate(*a, **kw)
+        total = result[0] if result else None
+        if out is not None and total:
+            split = "test" if "test set" in state["eval_prefix"] else "valid"
+            record = {"iteration": state["eval_iteration"]}
+            record.update({f"{split}_{_key(k)}": float(v) for k, v in total.items()})
+            out.write(record)
+        return result
+
+    def evaluate_and_print_results(prefix, forward_step_func, data_iterator, model, iteration,
+                                   *a, **kw):
+        state["eval_iteration"], state["eval_prefix"] = iteration, prefix
+        return plain_eval_print(prefix, forward_step_func, data_iterator, model, iteration, *a, **kw)
+
+    loop.training_log = training_log
+    loop.evaluate = evaluate
+    loop.evaluate_and_print_results = evaluate_and_print_results
+    loop._megatron_sed_metrics = out

@@ -1,10 +1,19 @@
-"""forward_step / loss_func in Megatron's schedule interface, shared by the CPU and GPU
-loops (only the loop machinery differs between them).
+"""forward_step and loss_func for Megatron's training loop (its schedule interface).
 
-loss_func returns Megatron's 3-tuple (sum of per-token loss x loss mask, number of
-loss-masked tokens, report); the schedule divides by the token count and the number of
-micro-batches unless --calculate-per-token-loss. The report carries the SED stat sums
-(additive across micro-batches and DP ranks, see megatron_sed.sed_stat_sums).
+forward_step(data_iterator, model) reads this data-parallel rank's micro-batch, runs the
+GPTModel with SED on its [s, b, V/tp] logits (GPTModel's `output_processor` hook where
+the installed megatron-core has it, so multi-token-prediction heads keep plain CE; the
+`compute_language_model_loss` override otherwise) and returns the per-token loss with
+`partial(loss_func, loss_mask)`.
+
+loss_func returns Megatron's triple: the loss summed over supervised tokens, their
+number, and a report of [sum, count] pairs that Megatron sums over micro-batches,
+all-reduces over data parallelism and logs as sum / count: `lm loss` (the optimised
+objective, CE + lambda * regulariser, as in Megatron) and the SED statistics
+(`ce loss`, `sed reg`, `sed mask rate`, `entropy`, `target prob`, `topk mass`,
+`top1 acc`; megatron_sed.ops.stats.sed_report). NaN/Inf losses are checked the way
+Megatron-LM's pretrain_gpt.py checks them (its rerun state machine, under
+--check-for-nan-in-loss-and-grad).
 """
 
 from __future__ import annotations
@@ -13,32 +22,72 @@ from functools import partial
 
 import torch
 
-from megatron_sed.model.loss_hook import masked_token_loss, pop_sed_stats, sed_stat_sums_for_batch
-from megatron_sed.train.data import to_model_inputs
+from megatron_sed.model.loss_hook import pop_sed_stats, sed_output_processor, supports_output_processor
+from megatron_sed.ops.stats import sed_report
+from megatron_sed.train.data import model_inputs
+from megatron_sed.train.threshold import sed_threshold
 
 
-def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, mask_stat: str | None = None):
-    """Megatron-style reduction of the per-token loss [b, s] with the loss mask.
-    mask_stat ("topk_mass"/"entropy", for --sed-threshold-update ema): also report that
-    statistic of every supervised token (1-D) so the threshold can track its quantile."""
+def _uses_thd(args) -> bool:
+    return bool(args.pack) and args.transformer_impl == "transformer_engine"
+
+
+def _run_model(model, batch, cfg):
+    from megatron_sed.megatron_lm import install_loss_override
+
+    kwargs = {}
+    if supports_output_processor(model):
+        kwargs = dict(output_processor=sed_output_processor, output_processor_context=cfg)
+    else:  # older megatron-core: replace the language-model loss of the GPTModel(s)
+        install_loss_override(model, cfg)
+    return model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
+                 labels=batch["labels"], loss_mask=batch["loss_mask"],
+                 packed_seq_params=batch["packed_seq_params"], **kwargs)
+
+
+def forward_step(data_iterator, model, return_schedule_plan: bool = False):
+    from megatron.training import get_args, get_timers
+
+    if return_schedule_plan:
+        raise ValueError("--overlap-moe-expert-parallel-comm schedule plans are not supported "
+                         "with --loss-type sed")
+    args = get_args()
+    cfg = sed_threshold(args, model).config  # the first call restores or calibrates tau
+    timers = get_timers()
+    timers("batch-generator", log_level=2).start()
+    batch = model_inputs(next(data_iterator), thd=_uses_thd(args), pack=args.pack)
+    timers("batch-generator").stop()
+    output = _run_model(model, batch, cfg)
+    return output, partial(loss_func, batch["loss_mask"], model=model)
+
+
+def _check_finite(args, loss: torch.Tensor) -> None:
+    from megatron.core.rerun_state_machine import get_rerun_state_machine
+
+    if not args.check_for_nan_in_loss_and_grad:
+        return
+    machine = get_rerun_state_machine()
+    machine.validate_result(result=loss, rejection_func=torch.isnan, tolerance=0.0, fatal=True,
+                            message="found NaN in local forward loss calculation")
+    machine.validate_result(result=loss, rejection_func=torch.isinf, tolerance=0.0, fatal=True,
+                            message="found Inf in local forward loss calculation")
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, model=None):
+    from megatron.training import get_args
+
+    args = get_args()
+    losses = output_tensor.view(-1).float()
+    mask = loss_mask.view(-1).float()
+    loss = torch.sum(losses * mask)
+    num_tokens = mask.sum().clone().detach().to(torch.int)
+    report = {"lm loss": torch.cat([loss.clone().detach().view(1), num_tokens.view(1).float()])}
     stats = pop_sed_stats()
-    total, num_tokens = masked_token_loss(output_tensor, loss_mask)
-    sums = sed_stat_sums_for_batch(stats, loss_mask)
-    report = {"sed_sums": sums.detach() if sums is not None else None}
-    if mask_stat is not None and stats is not None:
-        report["mask_stat"] = stats[mask_stat][loss_mask.t().bool()].float()
-    return total, num_tokens.to(torch.int), report
-
-
-def make_forward_step(device, transformer_impl: str, pack: bool, mask_stat: str | None = None):
-    """forward_step(data_iterator, model) -> (per-token loss, partial(loss_func, loss_mask))."""
-
-    def forward_step(data_iterator, model):
-        batch = to_model_inputs(next(data_iterator), device, transformer_impl, pack)
-        output = model(
-            batch["tokens"], batch["position_ids"], batch["attention_mask"],
-            labels=batch["labels"], packed_seq_params=batch["packed_seq_params"],
-        )
-        return output, partial(loss_func, batch["loss_mask"], mask_stat=mask_stat)
-
-    return forward_step
+    if stats is not None:
+        report.update(sed_report(stats, loss_mask))
+        tracker = sed_threshold(args, model)
+        if model is not None and model.training:
+            tracker.observe(stats, loss_mask)
+        report.update(tracker.report(loss_mask))
+    _check_finite(args, loss)
+    return loss, num_tokens, report

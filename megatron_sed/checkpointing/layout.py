@@ -1,4 +1,17 @@
-"""Where things live in a converted checkpoint, and atomic creation of output folders.
+"""Where things live in a Megatron checkpoint directory, in one place: the trainer, the
+converter, eval and export all read and write through these names.
+
+A save directory (--save / --load), Megatron-LM's layout:
+
+    SAVE/
+      latest_checkpointed_iteration.txt   the iteration to resume from, or "release"
+      iter_0000100/                       a Megatron-Core dist checkpoint (torch_dist):
+                                          .metadata, __<rank>_<n>.distcp, metadata.json;
+                                          the non-tensor "common" state (Megatron's `args`,
+                                          iteration, scheduler, ...) inside the .distcp files
+                                          (megatron-core >= 0.19) or in common.pt (older)
+
+A converted HF model (megatron_sed.convert) is a save directory too:
 
     OUT/
       latest_checkpointed_iteration.txt   "release" (Megatron-LM's marker for converted
@@ -26,6 +39,25 @@ MODEL_METADATA = "megatron_sed_model.json"
 HF_ASSETS = "hf"
 
 
+class CheckpointError(ValueError):
+    """A model folder or checkpoint that cannot be used (missing, truncated or mismatched
+    files / tensors); the message says which and why."""
+
+
+def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
+    return Path(root) / f"iter_{int(iteration):07d}"
+
+
+def read_tracker(root: str | os.PathLike) -> Optional[str]:
+    """The tracker's content ("release" or an iteration number as text), None without one."""
+    tracker = Path(root) / TRACKER
+    return tracker.read_text().strip() if tracker.is_file() else None
+
+
+def has_checkpoint(root: str | os.PathLike | None) -> bool:
+    return bool(root) and (Path(root) / TRACKER).is_file()
+
+
 def resolve_dist_ckpt_dir(path: str | os.PathLike) -> Path:
     """The directory holding `.metadata` for a --load style path: a save dir with a
     tracker file (-> release/ or iter_NNNNNNN/), or the checkpoint directory itself."""
@@ -33,10 +65,10 @@ def resolve_dist_ckpt_dir(path: str | os.PathLike) -> Path:
     if (path / ".metadata").is_file():
         return path
     tracker = path / TRACKER
-    if tracker.is_file():
-        tag = tracker.read_text().strip()
+    tag = read_tracker(path)
+    if tag is not None:
         try:
-            sub = path / (RELEASE if tag == RELEASE else f"iter_{int(tag):07d}")
+            sub = path / RELEASE if tag == RELEASE else iteration_dir(path, int(tag))
         except ValueError:
             raise ValueError(f"{tracker} holds {tag!r}, not an iteration number") from None
         if (sub / ".metadata").is_file():
@@ -47,6 +79,39 @@ def resolve_dist_ckpt_dir(path: str | os.PathLike) -> Path:
         f"{path} is neither a torch_dist checkpoint (no .metadata) nor a Megatron save "
         f"directory (no {TRACKER})"
     )
+
+
+def read_common_state(ckpt_dir: str | os.PathLike) -> dict:
+    """The non-tensor state of a dist checkpoint directory (Megatron's `args`, iteration,
+    ...), in either layout; Megatron `args` stored as a dict become a Namespace."""
+    import argparse
+
+    from megatron.core import dist_checkpointing
+
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / ".metadata").is_file():
+        raise CheckpointError(f"{ckpt_dir} is not a torch_dist checkpoint (no .metadata)")
+    try:
+        if (ckpt_dir / "common.pt").is_file():  # megatron-core < 0.19 layout
+            import torch
+
+            state = torch.load(ckpt_dir / "common.pt", map_location="cpu", weights_only=False)
+        else:
+            state = dist_checkpointing.load_common_state_dict(str(ckpt_dir))
+    except Exception as err:  # noqa: BLE001 - corrupt files or pickled classes we lack
+        raise CheckpointError(f"cannot read the common state of {ckpt_dir}: "
+                              f"{type(err).__name__}: {err}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{ckpt_dir}: unexpected common state {type(state).__name__}")
+    if isinstance(state.get("args"), dict):
+        state["args"] = argparse.Namespace(**state["args"])
+    return state
+
+
+def read_checkpoint_args(path: str | os.PathLike):
+    """Megatron's `args` saved with the checkpoint of a --load style path (None if none)."""
+    args = read_common_state(resolve_dist_ckpt_dir(path)).get("args")
+    return args if args is not None and hasattr(args, "__dict__") else None
 
 
 def find_model_metadata(path: str | os.PathLike) -> Optional[dict]:

@@ -1,0 +1,93 @@
+"""megatron-sed-train: Megatron's `pretrain()` with the SED-SFT plugin.
+
+    torchrun --nproc-per-node 8 -m megatron_sed.train [Megatron-LM flags] --loss-type sed ...
+
+On a machine without a GPU the CPU backend (megatron_sed.backend.cpu) is installed first,
+so the same Megatron code (schedules, DDP, optimizers, checkpointing, logging) runs on
+CPU tensors with gloo. Then Megatron parses the flags (plus megatron-sed's, see
+megatron_sed.train.arguments) and `megatron.training.pretrain` runs with the plugin's
+pieces: the model provider, the dataset provider, forward_step / loss_func, and the
+--metrics-file observer. Nothing of Megatron's loop is reimplemented here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Optional, Sequence
+
+from megatron_sed.backend import cpu as cpu_backend
+
+
+def _single_process_defaults() -> None:
+    """`python -m megatron_sed.train` without torchrun/srun: a world of one on localhost."""
+    if "MASTER_ADDR" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0")
+
+
+def run(argv: Optional[Sequence[str]] = None) -> None:
+    """Parse the flags and train (raises on bad flags: see megatron_sed.train.arguments)."""
+    from megatron.core.enums import ModelType
+    from megatron.training import pretrain
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+
+    from megatron_sed.train import megatron_fixes
+    from megatron_sed.train.arguments import parse_and_validate
+    from megatron_sed.train.data import check_tokenizer_matches_data, train_valid_test_datasets_provider
+    from megatron_sed.train.metrics import install_metrics_observer
+    from megatron_sed.train.model_provider import model_provider
+    from megatron_sed.train.step import forward_step
+
+    args = parse_and_validate(argv)
+    check_tokenizer_matches_data(args)
+    if args.rank == args.world_size - 1:
+        install_metrics_observer(args.metrics_file)
+    megatron_fixes.apply()
+    pretrain(pretrain_cfg_container_from_args(args), train_valid_test_datasets_provider,
+             ModelType.encoder_or_decoder, forward_step, model_provider=model_provider)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    if not cpu_backend.gpu_present():
+        cpu_backend.install()
+    _single_process_defaults()
+    # Like Megatron: warnings and informational output from rank 0 only.
+    if int(os.environ.get("RANK", "0")) != 0:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
+                        format="%(message)s")
+    from megatron_sed.train.arguments import ArgumentError
+
+    try:
+        run(argv)
+    except (ArgumentError, AssertionError, ValueError) as err:
+        if not _is_argument_phase_error(err):
+            raise
+        print(f"megatron-sed-train: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _is_argument_phase_error(err: BaseException) -> bool:
+    """Bad flags (ours, or Megatron's asserts in validate_args) before training started."""
+    from megatron_sed.train.arguments import ArgumentError
+
+    if isinstance(err, ArgumentError):
+        return True
+    try:
+        from megatron.training.global_vars import get_args
+
+        get_args()
+    except Exception:  # noqa: BLE001 - args not set yet: still parsing/validating
+        return True
+    return False

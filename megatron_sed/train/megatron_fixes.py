@@ -1,0 +1,74 @@
+"""Work-arounds for megatron-core behaviour the plugin runs into, each narrowly scoped.
+
+- DistributedOptimizer.state_dict() with torch's Adam (no apex, no Transformer Engine:
+  every CPU run, and GPU runs without either) asserts that all parameters share one Adam
+  step count, which fails while the optimizer has no state yet, i.e. exactly when Megatron
+  builds the template to *load* a distributed-optimizer checkpoint into. A fresh torch
+  Adam's step is 0; the shim shows the state_dict one entry with step 0 for the duration
+  of that call (the loaded value replaces it).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def _fresh_torch_adam_state_dict() -> None:
+    import megatron.core.optimizer.distrib_optimizer as dopt
+
+    if getattr(dopt, "HAVE_APEX_OR_TE", True):
+        return
+    cls = dopt.DistributedOptimizer
+    if getattr(cls.state_dict, "_megatron_sed_fix", False):
+        return
+    plain = cls.state_dict
+
+    @functools.wraps(plain)
+    def state_dict(self):
+        inner = self.optimizer
+        params = [p for g in inner.param_groups for p in g["params"]]
+        if inner.state or not params:
+            return plain(self)
+        inner.state[params[0]] = {"step": torch.zeros((), dtype=torch.float32)}
+        try:
+            return plain(self)
+        finally:
+            inner.state.pop(params[0], None)
+
+    state_dict._megatron_sed_fix = True
+    cls.state_dict = state_dict
+
+
+def _fix_distributed_optimizer_load() -> None:
+    import megatron.core.optimizer.distrib_optimizer as dopt
+
+    torch_adam = not getattr(dopt, "HAVE_APEX_OR_TE", True)
+    cls = dopt.DistributedOptimizer
+    if getattr(cls.load_state_dict, "_megatron_sed_fix", False):
+        return
+    plain = cls.load_state_dict
+
+    @functools.wraps(plain)
+    def load_state_dict(self, state_dict):
+        with torch.no_grad():
+            plain(self, state_dict)
+        if not torch_adam:
+            return
+        groups = state_dict.get("optimizer", {}).get("param_groups", [])
+        steps = {g["step"] for g in groups if g.get("step") is not None}
+        if len(steps) != 1:
+            return
+        step = float(steps.pop())
+        for st in self.optimizer.state.values():
+            if "step" in st:
+                st["step"] = torch.tensor(step, dtype=torch.float32)
+
+    load_state_dict._megatron_sed_fix = True
+    cls.load_state_dict = load_state_dict
+
+
+def apply() -> None:
+    _fresh_torch_adam_state_dict()
+    _fix_distributed_optimizer_load()

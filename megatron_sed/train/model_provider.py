@@ -1,0 +1,30 @@
+"""Megatron's model_provider: a Megatron-Core GPTModel built from Megatron's parsed args.
+
+The TransformerConfig is Megatron's own (`core_transformer_config_from_args`), so every
+Megatron-LM model, precision and recompute flag means what it means there. The layer spec
+is Megatron-Core's Transformer Engine spec with `--transformer-impl transformer_engine`
+(FP8 through `--fp8-format`), and megatron-sed's local spec (Megatron-Core's local layers
+with torch SDPA attention, see megatron_sed.model.specs) with `--transformer-impl local`.
+The SED loss is not part of the model: forward_step hands it to GPTModel per call
+(megatron_sed.train.step).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+
+def model_provider(pre_process: bool = True, post_process: bool = True,
+                   vp_stage: Optional[int] = None, config=None, pg_collection=None):
+    from megatron.training import get_args, print_rank_0
+    from megatron.training.arguments import core_transformer_config_from_args
+
+    from megatron_sed.model import build_gpt_model
+
+    args = get_args()
+    if config is None:
+        config = core_transformer_config_from_args(args)
+    print_rank_0(f"> building GPTModel ({args.transformer_impl} layers) ...")
+    return build_gpt_model(args, config=config, pre_process=pre_process,
+                           post_process=post_process, vp_stage=vp_stage,
+                           pg_collection=pg_collection)
