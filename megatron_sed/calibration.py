@@ -153,7 +153,7 @@ class CalibrationResult:
     def log_line(self) -> str:
         what = f"top-{self.top_k} mass" if self.mask == "topk_mass" else "entropy"
         return (
-            f" > calibrated SED threshold tau={self.tau:.6f} ({what}, --sed-mask-ratio "
+            f" > calibrated SED threshold tau={self.tau:.6g} ({what}, --sed-mask-ratio "
             f"{self.ratio:g}) on {self.num_tokens} supervised tokens of {self.num_samples} "
             f"held-out samples: {100 * self.fraction_selected:.2f}% of them regularised"
         )

@@ -94,20 +94,11 @@ def hf_config_from_shape(shape: ModelShape) -> dict:
 
 
 def _load_common_args(ckpt_dir: Path):
-    common = ckpt_dir / "common.pt"
-    if not common.is_file():
-        return None
     try:
-        state = torch.load(common, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - e.g. pickled classes of a missing package
-        log(f"cannot read Megatron args from {common} ({type(e).__name__}: {e})")
+        return read_common_state(ckpt_dir).get("args")
+    except CheckpointError as e:
+        log(f"cannot read Megatron args: {e}")
         return None
-    args = state.get("args") if isinstance(state, dict) else None
-    if isinstance(args, dict):  # megatron_sed.train stores a dict of the shape flags
-        import argparse
-
-        args = argparse.Namespace(**args)
-    return args
 
 
 def resolve_source(load: Path, reference: Optional[Path], model_type: Optional[str],
@@ -138,7 +129,7 @@ def resolve_source(load: Path, reference: Optional[Path], model_type: Optional[s
         return ckpt, ModelShape.from_dict(meta["model"]), meta["hf_config"], tok
     if args is None:
         raise CheckpointError(
-            f"{load}: no {MODEL_METADATA} and no Megatron args in common.pt; pass "
+            f"{load}: no {MODEL_METADATA} and no Megatron args in the checkpoint; pass "
             "--reference (the converted checkpoint or the original HF folder)"
         )
     if model_type is None:

@@ -112,6 +112,15 @@ def _check_gpu_stack(args) -> None:
         raise ArgumentError("--fp8-format needs --transformer-impl transformer_engine")
 
 
+def _check_schedule(args) -> None:
+    """Megatron asserts these without a message; say which flags conflict."""
+    iters = args.train_iters
+    decay = args.lr_decay_iters if args.lr_decay_iters is not None else iters
+    if iters is not None and decay is not None and args.lr_warmup_iters >= decay > 0:
+        raise ArgumentError(f"--lr-warmup-iters ({args.lr_warmup_iters}) must be smaller than "
+                            f"--lr-decay-iters ({decay}; default --train-iters)")
+
+
 def _check_plugin_limits(args) -> None:
     if args.loss_type == "sed" and getattr(args, "cross_entropy_fusion_impl", None) == "linear":
         raise ArgumentError("--cross-entropy-fusion-impl linear fuses the output layer with "
@@ -161,6 +170,7 @@ def parse_and_validate(argv: Optional[Sequence[str]] = None) -> argparse.Namespa
     else:
         _check_gpu_stack(args)
     _check_plugin_limits(args)
+    _check_schedule(args)
     validate_args(args, {})
     set_global_variables(args)
     return args

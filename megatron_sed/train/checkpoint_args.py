@@ -29,32 +29,17 @@ MODEL_SHAPE_ARGS = (
 )
 TOKENIZER_ARGS = ("tokenizer_type", "tokenizer_model", "vocab_size", "sft_tokenizer_type")
 
-_loaded: dict = {}  # {"path": ..., "args": Namespace, "iteration": int} of the last read
+_loaded: dict = {}  # {"path": ..., "args": Namespace} of the checkpoint this run loads
 
 
 def checkpoint_source(args) -> Optional[str]:
     """The directory Megatron will load from, or None (training from scratch)."""
-    from megatron_sed.checkpointing.layout import TRACKER
+    from megatron_sed.checkpointing.layout import has_checkpoint
 
     for path in (getattr(args, "load", None), getattr(args, "pretrained_checkpoint", None)):
-        if path and (Path(path) / TRACKER).is_file():
+        if has_checkpoint(path):
             return path
     return None
-
-
-def read_checkpoint_args(path: str) -> Optional[argparse.Namespace]:
-    """The `args` a checkpoint was saved with (None when it has none)."""
-    from megatron.core import dist_checkpointing
-
-    from megatron_sed.checkpointing.layout import resolve_dist_ckpt_dir
-
-    ckpt_dir = resolve_dist_ckpt_dir(path)
-    common = dist_checkpointing.load_common_state_dict(str(ckpt_dir))
-    saved = common.get("args") if isinstance(common, dict) else None
-    if isinstance(saved, dict):
-        saved = argparse.Namespace(**saved)
-    _loaded.update(path=str(path), args=saved, dir=str(ckpt_dir))
-    return saved
 
 
 def loaded_checkpoint_args() -> Optional[argparse.Namespace]:
@@ -80,10 +65,13 @@ def apply_checkpoint_args(args: argparse.Namespace, given: set) -> Optional[argp
     (see the module doc). Returns the checkpoint's args, or None without a checkpoint."""
     from megatron_sed.checkpointing.layout import HF_ASSETS, find_model_metadata
 
+    from megatron_sed.checkpointing.layout import read_checkpoint_args
+
     src = checkpoint_source(args)
     if src is None:
         return None
     saved = read_checkpoint_args(src)
+    _loaded.update(path=str(src), args=saved)
     if saved is None:
         return None
     mismatches = []

@@ -115,7 +115,7 @@ def _resolve(args, model) -> SEDThreshold:
         if saved.get("tau") is not None:
             args.sed_threshold_state = saved
             print_rank_0(f"> megatron-sed: resumed run continues with SED threshold "
-                         f"tau={saved['tau']:.6f} ({saved.get('source')}) from {args.load}")
+                         f"tau={saved['tau']:.6g} ({saved.get('source')}) from {args.load}")
             return SEDThreshold(args, float(saved["tau"]), saved.get("source") or "checkpoint",
                                 saved.get("calibration"))
         if args.sed_mask_ratio is not None:

@@ -1,8 +1,13 @@
 """Threshold calibration (--sed-mask-ratio) and the EMA tracker.
 
-The quantile over masses gathered from DP ranks must equal the single-process quantile over
-the same samples (worlds 1, 2 and 4; world 4 also shards the vocabulary with TP=2), and the
-top-k masses must match a float64 full-vocab reference."""
+The engine (megatron_sed.calibration.calibrate_with_forward_step) runs micro-batches
+through a Megatron-style forward_step whose model computes SED (stats stashed, loss mask
+in the returned partial): the quantile over masses gathered from DP ranks must equal the
+single-process float64 quantile over the same samples (worlds 1, 2 and 4; world 4 also
+shards the vocabulary with TP=2), and every rank runs the same number of forwards."""
+
+import argparse
+from functools import partial
 
 import numpy as np
 import pytest
@@ -11,12 +16,14 @@ import torch
 from dist_utils import run_distributed
 from megatron_sed.calibration import (
     ThresholdEMA,
-    calibrate_threshold,
+    calibrate_with_forward_step,
     exact_quantile,
     fraction_below,
     threshold_from_masses,
     topk_masses,
 )
+
+pytestmark = pytest.mark.compat
 
 SEQ, VOCAB, TOPK, ROWS, NUM_SAMPLES, RATIO = 6, 16, 2, 24, 19, 0.3
 
@@ -39,18 +46,59 @@ def _reference_tau():
     return float(np.quantile(mass.numpy(), RATIO)), mass
 
 
-def _batches(dp_rank, dp_size, mbs, tp_rank=0, tp_size=1):
-    """This DP rank's micro-batches in Megatron's sample order, vocab shard of this TP rank."""
-    logits, labels, loss_mask = _dataset()
-    shard = VOCAB // tp_size
-    step = dp_size * mbs
-    for start in range(0, ROWS, step):
-        rows = slice(start + dp_rank * mbs, start + (dp_rank + 1) * mbs)
-        yield {
-            "logits": logits[rows, :, tp_rank * shard : (tp_rank + 1) * shard].transpose(0, 1),
-            "labels": labels[rows],
-            "loss_mask": loss_mask[rows],
-        }
+class _HeldOut(torch.utils.data.Dataset):
+    """The first `rows` rows of the synthetic data, one sample per row, as a data set;
+    the logits stand in for the model's output on that sample (this TP rank's shard)."""
+
+    def __init__(self, rows=ROWS, tp_rank=0, tp_size=1):
+        self.logits, self.labels, self.loss_mask = _dataset()
+        self.rows, self.shard = rows, slice(tp_rank * VOCAB // tp_size, (tp_rank + 1) * VOCAB // tp_size)
+
+    def __len__(self):
+        return self.rows
+
+    def __getitem__(self, i):
+        return {"logits": self.logits[i, :, self.shard], "labels": self.labels[i],
+                "loss_mask": self.loss_mask[i]}
+
+
+class _Model(torch.nn.Module):
+    """Counts its forwards; records train/eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+
+def _forward_step(tp_group, data_iterator, model):
+    """Megatron's forward_step contract with the SED loss on the batch's logits."""
+    from megatron_sed import SEDConfig, vocab_parallel_sed_loss
+    from megatron_sed.model.loss_hook import stash_sed_stats
+
+    batch = next(data_iterator)
+    model.calls += 1
+    assert not model.training, "calibration must run the model in eval mode"
+    logits = batch["logits"].transpose(0, 1).contiguous()  # [s, b, V/tp]
+    cfg = SEDConfig(coef=1.0, top_k=TOPK, threshold=0.5)
+    loss, stats = vocab_parallel_sed_loss(logits, batch["labels"].t().contiguous(), cfg, tp_group=tp_group)
+    stash_sed_stats(stats)
+    return loss.t(), partial(lambda loss_mask, out: None, batch["loss_mask"])
+
+
+def _args(**over):
+    a = argparse.Namespace(sed_calibration_samples=NUM_SAMPLES, micro_batch_size=3, sed_mask="topk_mass",
+                           sed_mask_ratio=RATIO, sed_top_k=TOPK, pipeline_model_parallel_size=1)
+    a.__dict__.update(over)
+    return a
+
+
+def _calibrate(args, tp_group=None, **heldout):
+    model = _Model()
+    model.train()
+    res = calibrate_with_forward_step(args, model, partial(_forward_step, tp_group),
+                                      lambda n: _HeldOut(**heldout))
+    assert model.training, "calibration must restore train mode"
+    return res, model
 
 
 def test_exact_quantile_matches_numpy():
@@ -85,15 +133,14 @@ def test_topk_masses_match_float64_reference():
 
 def test_calibrate_single_process_and_too_few_samples():
     ref_tau, ref_mass = _reference_tau()
-    res = calibrate_threshold(lambda b: b["logits"], _batches(0, 1, 4), ratio=RATIO, top_k=TOPK,
-                              num_samples=NUM_SAMPLES)
+    res, model = _calibrate(_args())
     assert res.tau == pytest.approx(ref_tau, abs=1e-6)
     assert res.num_samples == NUM_SAMPLES and res.num_tokens == ref_mass.numel()
     assert abs(res.fraction_below - RATIO) <= 1.0 / ref_mass.numel() + 1e-9
+    assert model.calls == 7  # ceil(19 / 3): the last micro-batch holds 1 counted row of 3
     assert "tau=" in res.log_line()
-    with pytest.raises(ValueError, match="only 24 samples"):
-        calibrate_threshold(lambda b: b["logits"], _batches(0, 1, 4), ratio=RATIO, top_k=TOPK,
-                            num_samples=100)
+    with pytest.raises(ValueError, match="has 24"):
+        _calibrate(_args(sed_calibration_samples=100))
 
 
 def test_entropy_mask_selects_the_top_ratio():
@@ -101,60 +148,12 @@ def test_entropy_mask_selects_the_top_ratio():
     logits, _, loss_mask = _dataset()
     p = torch.softmax(logits[:NUM_SAMPLES].double(), dim=-1)
     ent = -(p * p.log()).sum(-1)[loss_mask[:NUM_SAMPLES].bool()]
-    res = calibrate_threshold(lambda b: b["logits"], _batches(0, 1, 4), ratio=RATIO, top_k=TOPK,
-                              num_samples=NUM_SAMPLES, mask="entropy")
+    res, _ = _calibrate(_args(sed_mask="entropy"))
     assert res.tau == pytest.approx(float(np.quantile(ent.numpy(), 1 - RATIO)), abs=1e-5)
     assert abs(res.fraction_selected - RATIO) <= 1.0 / ent.numel() + 1e-9
     assert "entropy" in res.log_line()
-    with pytest.raises(ValueError, match="topk_mass or entropy"):
-        calibrate_threshold(lambda b: b["logits"], _batches(0, 1, 4), ratio=RATIO, top_k=TOPK,
-                            num_samples=4, mask="all")
-
-
-def test_calibrate_model_on_gptmodel():
-    """calibrate_model runs a Megatron-Core GPTModel in eval mode over trainer-style batches
-    and matches the float64 quantile of that model's own logits."""
-    import argparse
-
-    from megatron.core import parallel_state as ps
-
-    from megatron_sed.calibration import calibrate_model
-    from megatron_sed.checkpointing import single_process_group
-    from megatron_sed.model import build_gpt_model
-
-    args = argparse.Namespace(
-        num_layers=1, hidden_size=32, ffn_hidden_size=64, num_attention_heads=2,
-        group_query_attention=False, num_query_groups=2, normalization="LayerNorm", swiglu=False,
-        disable_bias_linear=False, seq_length=12, max_position_embeddings=12,
-        position_embedding_type="rope", rotary_base=10000, untie_embeddings_and_output_weights=True,
-        tensor_model_parallel_size=1, pipeline_model_parallel_size=1, sequence_parallel=False,
-        vocab_size=64, padded_vocab_size=64, transformer_impl="local", device="cpu",
-        hidden_dropout=0.5, attention_dropout=0.5,  # eval mode must switch these off
-    )
-    g = torch.Generator().manual_seed(5)
-    tokens = torch.randint(0, 64, (6, 12), generator=g)
-    batches = [{"tokens": tokens[i:i + 2], "position_ids": torch.arange(12).repeat(2, 1),
-                "attention_mask": None, "labels": torch.roll(tokens[i:i + 2], -1, 1),
-                "loss_mask": (torch.rand(2, 12, generator=g) > 0.4).float()} for i in (0, 2, 4)]
-    with single_process_group():
-        ps.initialize_model_parallel(tensor_model_parallel_size=1)
-        try:
-            torch.manual_seed(0)
-            model = build_gpt_model(args)
-            with torch.no_grad():
-                model.output_layer.weight.mul_(20)
-            model.train()
-            res = calibrate_model(model, batches, ratio=0.4, top_k=3, num_samples=5)
-            assert model.training, "calibrate_model must restore train mode"
-            model.eval()
-            with torch.no_grad():
-                logits = torch.cat([model(b["tokens"], b["position_ids"], None) for b in batches])
-        finally:
-            ps.destroy_model_parallel()
-    mask = torch.cat([b["loss_mask"] for b in batches])[:5].bool()
-    mass = torch.softmax(logits[:5].double(), -1).topk(3, -1).values.sum(-1)[mask]
-    assert res.num_samples == 5 and res.num_tokens == int(mask.sum())
-    assert res.tau == pytest.approx(float(np.quantile(mass.numpy(), 0.4)), abs=1e-5)
+    with pytest.raises(ValueError, match="pipeline parallelism"):
+        _calibrate(_args(pipeline_model_parallel_size=2))
 
 
 def test_ema_tracker():
@@ -179,23 +178,19 @@ def test_ema_tracker():
 
 def _dist_worker(rank, world_size, ref_tau, num_tokens):
     import torch.distributed as dist
+    from megatron.core import parallel_state as ps
 
-    # Megatron's layout (TP innermost) built directly with new_group: world 4 = TP 2 x DP 2.
-    # (parallel_state would do the same but costs seconds of import per rank.)
     tp = 2 if world_size == 4 else 1
-    tp_groups = [dist.new_group(list(range(s, s + tp))) for s in range(0, world_size, tp)]
-    dp_groups = [dist.new_group(list(range(t, world_size, tp))) for t in range(tp)]
-    tp_rank, tp_group = rank % tp, tp_groups[rank // tp]
-    dp_group = dp_groups[tp_rank]
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp)
+    tp_rank, tp_group = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_group()
+    dp_group = ps.get_data_parallel_group()
     dp_rank, dp_size = dist.get_rank(dp_group), dist.get_world_size(dp_group)
 
-    res = calibrate_threshold(
-        lambda b: b["logits"].contiguous(), _batches(dp_rank, dp_size, 3, tp_rank, tp),
-        ratio=RATIO, top_k=TOPK, num_samples=NUM_SAMPLES, dp_group=dp_group,
-        tp_group=tp_group,  # explicit, also at TP=1: None would import Megatron to look it up
-    )
+    res, model = _calibrate(_args(), tp_group=tp_group, tp_rank=tp_rank, tp_size=tp)
     assert abs(res.tau - ref_tau) <= 1e-6, (res.tau, ref_tau)
     assert res.num_tokens == num_tokens and res.num_samples == NUM_SAMPLES
+    # every DP rank runs ceil(19 / (dp * 3)) forwards, even with no counted row left
+    assert model.calls == -(-NUM_SAMPLES // (dp_size * 3))
     taus = [None] * world_size
     dist.all_gather_object(taus, res.tau)
     assert len(set(taus)) == 1, f"tau differs across ranks: {taus}"

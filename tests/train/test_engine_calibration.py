@@ -1,0 +1,103 @@
+"""--sed-mask-ratio in megatron-sed-train: tau calibrated in the first forward_step on the
+first --sed-calibration-samples held-out SFT samples (counted as samples although training
+packs several per sequence), exact under data parallelism, reused on resume,
+recalibrated on --finetune, overridden by --sed-threshold; --sed-threshold-update ema
+tracks it per global batch and resumes on the same trajectory."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from engine import RUN, TINY_MODEL, synthetic_flags, train
+
+N = 5  # odd: at DP 2 x micro-batch 2 the second step's rows 7, 8 are padding
+
+
+def _llama_flags(llama, *extra):
+    return ["--finetune", "--load", str(llama.converted), "--data-path", llama.data,
+            "--split", "90,10,0", "--seq-length", str(llama.seq_length), *RUN,
+            "--train-iters", "1", "--lr-warmup-iters", "0", "--hidden-dropout", "0", "--attention-dropout", "0",
+            "--loss-type", "sed", "--sed-top-k", "2", "--sed-mask-ratio", "0.3",
+            "--sed-calibration-samples", str(N), *extra]
+
+
+def _logged_tau(log: str) -> float:
+    m = re.search(r"calibrated SED threshold tau=([0-9.eE+-]+) .* on (\d+) supervised tokens of (\d+)", log)
+    assert m, log[-3000:]
+    return float(m.group(1)), int(m.group(2)), int(m.group(3))
+
+
+def _reference(llama):
+    """float64 top-2 masses of transformers' model on the supervised tokens of the first N
+    held-out samples (corpus order, one sample per sequence), numpy's quantile."""
+    import transformers
+
+    from megatron_sed.data.reader import build_sft_datasets
+
+    _, valid, _ = build_sft_datasets([llama.data], split="90,10,0", seq_length=llama.seq_length,
+                                     seed=1234, pack=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(llama.hf_dir), dtype=torch.float64)
+    masses = []
+    with torch.no_grad():
+        for i in range(N):
+            s = valid[i]
+            keep = s["segment_ids"] >= 0
+            logits = model(s["tokens"][keep][None]).logits[0]
+            mass = torch.softmax(logits, -1).topk(2, -1).values.sum(-1)
+            masses.append(mass[s["loss_mask"][keep].bool()])
+    masses = torch.cat(masses).numpy()
+    return float(np.quantile(masses, 0.3)), masses.size
+
+
+def test_calibration_is_exact_and_the_same_at_dp1_and_dp2(tiny_llama, tmp_path):
+    ref_tau, ref_tokens = _reference(tiny_llama)
+    taus = {}
+    for n in (1, 2):
+        run = train(tmp_path, f"dp{n}", n, _llama_flags(tiny_llama))
+        tau, tokens, samples = _logged_tau(run.log)
+        assert samples == N and tokens == ref_tokens
+        assert run.records[0]["sed_threshold"] == pytest.approx(tau, rel=1e-5)
+        taus[n] = tau
+    assert taus[1] == taus[2]
+    assert taus[1] == pytest.approx(ref_tau, rel=1e-5, abs=1e-6)
+
+
+def _flags(tmp, *extra):
+    return [*TINY_MODEL, *RUN, *synthetic_flags(tmp, problems=60), "--split", "80,20,0",
+            "--loss-type", "sed", "--sed-mask-ratio", "0.3", "--sed-calibration-samples", "8",
+            *extra]
+
+
+def test_resume_reuses_tau_finetune_recalibrates_explicit_tau_wins(tmp_path):
+    ck = tmp_path / "ck"
+    first = train(tmp_path, "first", 1, _flags(tmp_path, "--train-iters", "4", "--save", str(ck),
+                                               "--save-interval", "2", "--exit-interval", "2"))
+    tau, _, _ = _logged_tau(first.log)
+    resumed = train(tmp_path, "resumed", 1, _flags(tmp_path, "--train-iters", "4", "--load", str(ck)))
+    assert "calibrated SED threshold" not in resumed.log
+    assert f"continues with SED threshold tau={tau:.6g}" in resumed.log
+    assert all(r["sed_threshold"] == pytest.approx(tau, rel=1e-5) for r in resumed.records)
+    finetuned = train(tmp_path, "finetuned", 1, _flags(tmp_path, "--train-iters", "2", "--load", str(ck),
+                                                       "--finetune"))
+    tau_ft, _, _ = _logged_tau(finetuned.log)
+    assert tau_ft != tau  # the trained model's masses differ from the initial model's
+    explicit = train(tmp_path, "explicit", 1, _flags(tmp_path, "--train-iters", "2",
+                                                     "--sed-threshold", "0.5"))
+    assert "calibrated" not in explicit.log and explicit.records[0]["sed_threshold"] == 0.5
+
+
+def test_ema_tracks_the_batch_quantile_and_resumes_on_the_same_trajectory(tmp_path):
+    ema = ["--sed-threshold-update", "ema", "--sed-threshold-ema", "0.5", "--train-iters", "6"]
+    straight = train(tmp_path, "straight", 2, _flags(tmp_path, *ema))
+    taus = straight.series("sed_threshold")
+    assert len(set(round(t, 9) for t in taus)) == len(taus), taus  # moves every iteration
+    ck = tmp_path / "ck"
+    train(tmp_path, "part1", 2, _flags(tmp_path, *ema, "--save", str(ck), "--save-interval", "3",
+                                       "--exit-interval", "3"))
+    part2 = train(tmp_path, "part2", 2, _flags(tmp_path, *ema, "--load", str(ck)))
+    assert part2.series("sed_threshold") == taus[3:]
+    assert part2.series("lm_loss") == straight.series("lm_loss")[3:]
