@@ -32,7 +32,8 @@ def _flag(cmd, name):
     return cmd[cmd.index(name) + 1]
 
 
-@pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.sbatch")) + ["sed_sft_gpu_launch.sh"])
+@pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.sbatch"))
+                         + ["sed_sft_gpu_launch.sh", "lib/rendezvous.sh"])
 def test_bash_syntax(script):
     assert subprocess.run(["bash", "-n", str(EXAMPLES / script)]).returncode == 0
 
