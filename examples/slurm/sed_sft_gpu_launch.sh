@@ -1,27 +1,28 @@
 #!/bin/bash
 # Shared launcher of the multi-node GPU sbatch scripts (sed_sft_llama3_3b.sbatch,
 # sed_sft_qwen25_math_7b.sbatch); they set the model's MODEL_ARGS and layout defaults
-# and source this file. One srun task per node runs torchrun with GPUS_PER_NODE ranks;
-# torchrun's c10d rendezvous is on the first host of SLURM_JOB_NODELIST.
+# and source this file. One srun task per GPU is one training rank (lib/rank.sh), the
+# rendezvous is the NodeAddr of the first node of SLURM_JOB_NODELIST and each task picks
+# the socket interface that routes there (lib/rendezvous.sh) -- the same code the
+# two-node CPU test exercises (tests/slurm/). A preemption (USR1 before the time limit)
+# saves a checkpoint on every rank and requeues the job (lib/requeue.sh).
 #
-# LAUNCHER=megatron-sed (default) runs `python -m megatron_sed.train`;
-# LAUNCHER=megatron-lm runs a patched Megatron-LM's pretrain_gpt.py (MEGATRON_LM_DIR,
-# see scripts/apply_megatron_patch.sh). Every knob is an environment variable with a
-# default; extra arguments ("$@" of the sbatch script) go to the trainer last, so they win.
-# DRY_RUN=1 prints the launch command instead of running it (works outside SLURM).
+# LAUNCHER=megatron-sed (default) runs `python -m megatron_sed.train` (Megatron's
+# pretrain with the SED plugin); LAUNCHER=megatron-lm runs a patched Megatron-LM's
+# pretrain_gpt.py (MEGATRON_LM_DIR, see scripts/apply_megatron_patch.sh): same flags.
+# Every knob is an environment variable with a default; extra arguments ("$@" of the
+# sbatch script) go to the trainer last, so they win. DRY_RUN=1 prints the launch command
+# instead of running it (works outside SLURM).
 set -euo pipefail
 
 # ---- cluster / launch
 LAUNCHER="${LAUNCHER:-megatron-sed}"
 GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
 NNODES="${SLURM_NNODES:-${NNODES:-1}}"
-NODELIST="${SLURM_JOB_NODELIST:-${NODELIST:-localhost}}"
-if command -v scontrol >/dev/null 2>&1 && [ -n "${SLURM_JOB_NODELIST:-}" ]; then
-  MASTER_ADDR="${MASTER_ADDR:-$(scontrol show hostnames "$NODELIST" | head -n 1)}"
-else
-  MASTER_ADDR="${MASTER_ADDR:-${NODELIST%%,*}}"
-fi
-MASTER_PORT="${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}"
+HERE="${SED_EXAMPLES_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}"
+# shellcheck source=lib/rendezvous.sh
+source "$HERE/lib/rendezvous.sh"
+sed_rendezvous_master
 PYTHON="${PYTHON:-python}"
 MEGATRON_LM_DIR="${MEGATRON_LM_DIR:-}"
 CONTAINER_ARGS="${CONTAINER_ARGS:-}"   # e.g. "--container-image=... --container-mounts=..." (pyxis)
@@ -89,45 +90,34 @@ case "$PRECISION" in
 esac
 [ -n "$DATA_PATH" ] && common+=(--data-path "$DATA_PATH")
 [ -n "$SED_THRESHOLD" ] && common+=(--sed-threshold "$SED_THRESHOLD")
-# Resume from our own checkpoints after a requeue; else start from the base model.
-resume=0
-[ -f "$CKPT_DIR/latest_checkpointed_iteration.txt" ] && resume=1
+# Megatron's own resume logic: --load CKPT_DIR when it holds a checkpoint (a requeued
+# job), else --pretrained-checkpoint INIT_CKPT with fine-tuning semantics (weights only,
+# iteration 0). A preemption signal saves on every rank (--exit-signal-handler).
+common+=(--load "$CKPT_DIR" --exit-signal-handler --exit-signal SIGUSR1)
+[ -n "$INIT_CKPT" ] && common+=(--pretrained-checkpoint "$INIT_CKPT")
+[ -n "$TOKENIZER_MODEL" ] && common+=(--tokenizer-type HuggingFaceTokenizer --tokenizer-model "$TOKENIZER_MODEL")
 
 if [ "$LAUNCHER" = megatron-sed ]; then
   entry=(-m megatron_sed.train --metrics-file "$RUN_DIR/metrics.jsonl")
-  [ -n "$TOKENIZER_MODEL" ] && entry+=(--tokenizer-type hf --tokenizer-model "$TOKENIZER_MODEL")
-  [ -z "$SED_THRESHOLD" ] && entry+=(--sed-mask-ratio "$SED_MASK_RATIO")
-  if [ "$resume" = 1 ]; then
-    entry+=(--load "$CKPT_DIR")
-  elif [ -n "$INIT_CKPT" ]; then
-    entry+=(--load "$INIT_CKPT" --finetune)
-  fi
+  [ -z "$SED_THRESHOLD" ] && [ "$LOSS_TYPE" = sed ] && entry+=(--sed-mask-ratio "$SED_MASK_RATIO")
 elif [ "$LAUNCHER" = megatron-lm ]; then
   if [ -z "$MEGATRON_LM_DIR" ] && [ "$DRY_RUN" != 1 ]; then
     echo "error: LAUNCHER=megatron-lm needs MEGATRON_LM_DIR (a checkout patched by scripts/apply_megatron_patch.sh)" >&2
     exit 1
   fi
-  if [ -z "$SED_THRESHOLD" ] && [ "$LOSS_TYPE" = sed ]; then
-    if [ "$PP" -gt 1 ]; then
-      echo "error: LAUNCHER=megatron-lm with PP=$PP needs SED_THRESHOLD (tau): pretrain_gpt.py calibrates it (SED_MASK_RATIO) only without pipeline parallelism" >&2
-      exit 1
-    fi
-    common+=(--sed-mask-ratio "$SED_MASK_RATIO")  # calibrated in the first forward_step
-  fi
-  entry=("${MEGATRON_LM_DIR:-MEGATRON_LM_DIR}/pretrain_gpt.py" --exit-signal-handler
-         --load "$CKPT_DIR" --ckpt-format torch_dist)
-  [ -n "$INIT_CKPT" ] && entry+=(--pretrained-checkpoint "$INIT_CKPT")
-  [ -n "$TOKENIZER_MODEL" ] && entry+=(--tokenizer-type HuggingFaceTokenizer --tokenizer-model "$TOKENIZER_MODEL")
+  entry=("${MEGATRON_LM_DIR:-MEGATRON_LM_DIR}/pretrain_gpt.py" --ckpt-format torch_dist)
+  [ -z "$SED_THRESHOLD" ] && [ "$LOSS_TYPE" = sed ] && entry+=(--sed-mask-ratio "$SED_MASK_RATIO")
 else
   echo "error: LAUNCHER must be megatron-sed or megatron-lm, got $LAUNCHER" >&2
   exit 1
 fi
+if [ -z "$SED_THRESHOLD" ] && [ "$LOSS_TYPE" = sed ] && [ "$PP" -gt 1 ]; then
+  echo "error: PP=$PP needs SED_THRESHOLD (tau): calibrating it (SED_MASK_RATIO) needs the logits, which only the last pipeline stage has; calibrate once at PP=1" >&2
+  exit 1
+fi
 
-launch=(srun --ntasks-per-node=1 --kill-on-bad-exit=1 $CONTAINER_ARGS
-        "$PYTHON" -m torch.distributed.run
-        --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE"
-        --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${SLURM_JOB_ID:-0}"
-        "${entry[@]}" "${common[@]}" "$@")
+launch=(srun --ntasks-per-node="$GPUS_PER_NODE" --kill-on-bad-exit=1 $CONTAINER_ARGS
+        bash "$HERE/lib/rank.sh" "$PYTHON" "${entry[@]}" "${common[@]}" "$@")
 
 echo "== $RUN_NAME: $LAUNCHER, $NNODES nodes x $GPUS_PER_NODE GPUs = $WORLD ranks: TP=$TP PP=$PP DP=$DP," \
      "global batch $GLOBAL_BATCH, $PRECISION, rendezvous $MASTER_ADDR:$MASTER_PORT, restart ${SLURM_RESTART_COUNT:-0}"
@@ -137,15 +127,6 @@ if [ "$DRY_RUN" = 1 ]; then
 fi
 
 mkdir -p "$RUN_DIR" "$CKPT_DIR"
-# Preemption / time limit: SLURM sends USR1 to the batch shell (--signal=B:USR1@...).
-# Megatron-LM (--exit-signal-handler) saves on SIGTERM; then the job is requeued and
-# resumes from $CKPT_DIR. megatron-sed resumes from its last periodic checkpoint.
-requeue() {
-  echo "[$(date -Is)] caught USR1: checkpoint and requeue job $SLURM_JOB_ID"
-  [ "$LAUNCHER" = megatron-lm ] && { kill -TERM "$srun_pid" 2>/dev/null || true; wait "$srun_pid" || true; }
-  scontrol requeue "$SLURM_JOB_ID"
-}
-trap requeue USR1
-"${launch[@]}" &
-srun_pid=$!
-wait "$srun_pid"
+# shellcheck source=lib/requeue.sh
+source "$HERE/lib/requeue.sh"
+sed_run_requeueable "$CKPT_DIR" "${launch[@]}"

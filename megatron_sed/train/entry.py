@@ -50,7 +50,7 @@ def run(argv: Optional[Sequence[str]] = None) -> None:
     check_tokenizer_matches_data(args)
     if args.rank == args.world_size - 1:
         install_metrics_observer(args.metrics_file)
-    megatron_fixes.apply()
+    megatron_fixes.apply(args)
     pretrain(pretrain_cfg_container_from_args(args), train_valid_test_datasets_provider,
              ModelType.encoder_or_decoder, forward_step, model_provider=model_provider)
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 
 import torch
 
@@ -69,6 +70,23 @@ def _fix_distributed_optimizer_load() -> None:
     cls.load_state_dict = load_state_dict
 
 
-def apply() -> None:
+def _signal_proof_checkpoint_writer(args) -> None:
+    if not getattr(args, "exit_signal_handler", False):
+        return
+    try:
+        from megatron.core.dist_checkpointing.strategies.filesystem_async import get_write_results_queue
+    except ImportError:
+        return
+    sigs = {signal.SIGTERM, signal.Signals(int(args.exit_signal))}
+    saved = {s: signal.signal(s, signal.SIG_IGN) for s in sigs}
+    try:
+        get_write_results_queue()
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+def apply(args) -> None:
+    _signal_proof_checkpoint_writer(args)
     _fresh_torch_adam_state_dict()
     _fix_distributed_optimizer_load()

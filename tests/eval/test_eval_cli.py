@@ -141,7 +141,7 @@ def test_bad_checkpoints(save_dir, prompts, tmp_path, capsys):
     bad_common.mkdir()
     (bad_common / ".metadata").write_bytes(b"x")
     (bad_common / "common.pt").write_bytes(b"not a pickle")
-    _fails(["--load", str(bad_common)] + base, capsys, "cannot read", "common.pt")
+    _fails(["--load", str(bad_common)] + base, capsys, "cannot read the common state", "bad_common")
     assert not (tmp_path / "x.json").exists()
 
 

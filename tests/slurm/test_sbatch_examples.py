@@ -33,7 +33,7 @@ def _flag(cmd, name):
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.sbatch"))
-                         + ["sed_sft_gpu_launch.sh", "lib/rendezvous.sh"])
+                         + ["sed_sft_gpu_launch.sh", "lib/rendezvous.sh", "lib/rank.sh", "lib/requeue.sh"])
 def test_bash_syntax(script):
     assert subprocess.run(["bash", "-n", str(EXAMPLES / script)]).returncode == 0
 
@@ -47,35 +47,35 @@ def test_gpu_dry_run_our_trainer(script, tp, tmp_path):
         nodes.update(SLURM_JOB_NODELIST="gpu[007-010]", SLURM_CONF=str(conf))
     res = _dry(script, "--lr", "3e-5", RUN_DIR=str(tmp_path), INIT_CKPT="/ckpt/base", **nodes)
     cmd = _cmd(res)
-    assert cmd[:2] == ["srun", "--ntasks-per-node=1"]
-    assert _flag(cmd, "--nnodes") == "4" and _flag(cmd, "--nproc-per-node") == "8"
+    # one task per GPU, each a rank started by lib/rank.sh (rendezvous + env:// from SLURM)
+    assert cmd[:2] == ["srun", "--ntasks-per-node=8"] and cmd[3:5] == ["bash", str(EXAMPLES / "lib" / "rank.sh")]
     host = "gpu007" if "SLURM_JOB_NODELIST" in nodes else "localhost"
-    assert _flag(cmd, "--rdzv-endpoint") == f"{host}:{20000 + 4242}"
-    assert cmd[cmd.index("-m", cmd.index("--rdzv-id")) + 1] == "megatron_sed.train"
+    assert f"rendezvous {host}:{20000 + 4242}" in res.stdout
+    assert cmd[cmd.index("-m") + 1] == "megatron_sed.train"
     assert _flag(cmd, "--tensor-model-parallel-size") == str(tp)
     assert ("--sequence-parallel" in cmd) == (tp > 1)
     dp = 32 // tp
     assert f"DP={dp}," in res.stdout and _flag(cmd, "--global-batch-size") == str(dp * 8)
     assert "--bf16" in cmd and "--fp8-format" not in cmd
     assert _flag(cmd, "--loss-type") == "sed" and _flag(cmd, "--sed-mask-ratio") == "0.3"
-    assert _flag(cmd, "--load") == "/ckpt/base" and "--finetune" in cmd  # fresh start
+    # Megatron's resume logic: --load RUN's checkpoints, else fine-tune the base model
+    assert _flag(cmd, "--load") == str(tmp_path / "checkpoints")
+    assert _flag(cmd, "--pretrained-checkpoint") == "/ckpt/base"
     assert _flag(cmd, "--save") == str(tmp_path / "checkpoints")
+    assert "--exit-signal-handler" in cmd and _flag(cmd, "--exit-signal") == "SIGUSR1"
     assert cmd[-2:] == ["--lr", "3e-5"]  # "$@" last, so it wins over the defaults
 
-    # After a requeue: resume from our own checkpoints, FP8 switch, other knobs.
-    (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "latest_checkpointed_iteration.txt").write_text("200")
-    cmd = _cmd(_dry(script, RUN_DIR=str(tmp_path), INIT_CKPT="/ckpt/base", PRECISION="fp8",
-                    SED_THRESHOLD="0.9", TRAIN_ITERS="10", **nodes))
-    assert _flag(cmd, "--load") == str(tmp_path / "checkpoints") and "--finetune" not in cmd
+    cmd = _cmd(_dry(script, RUN_DIR=str(tmp_path), PRECISION="fp8", SED_THRESHOLD="0.9",
+                    TRAIN_ITERS="10", **nodes))
     assert _flag(cmd, "--fp8-format") == "hybrid" and _flag(cmd, "--sed-threshold") == "0.9"
     assert "--sed-mask-ratio" not in cmd and _flag(cmd, "--train-iters") == "10"
+    assert "--pretrained-checkpoint" not in cmd
 
 
 @pytest.mark.parametrize("script", GPU)
 def test_gpu_dry_run_megatron_lm(script, tmp_path):
     env = dict(LAUNCHER="megatron-lm", MEGATRON_LM_DIR="/opt/Megatron-LM", RUN_DIR=str(tmp_path))
-    # No SED_THRESHOLD: pretrain_gpt.py calibrates tau (--sed-mask-ratio), except with PP > 1.
+    # No SED_THRESHOLD: tau is calibrated (--sed-mask-ratio), except with PP > 1.
     cmd = _cmd(_dry(script, PP="1", SED_MASK_RATIO="0.25", **env))
     assert _flag(cmd, "--sed-mask-ratio") == "0.25" and "--sed-threshold" not in cmd
     res = _dry(script, PP="2", **env)
@@ -98,9 +98,10 @@ def test_gpu_dry_run_rejects_bad_layouts():
 
 def test_cpu_dry_run(tmp_path):
     cmd = _cmd(_dry("sed_sft_cpu.sbatch", "--seed", "7", RUN_DIR=str(tmp_path), TP_SIZE="2"))
-    assert cmd[0] == "srun" and "megatron_sed.train" in cmd
-    assert _flag(cmd, "--distributed-backend") == "gloo" and _flag(cmd, "--loss-type") == "sed"
-    assert _flag(cmd, "--tensor-model-parallel-size") == "2" and "--load" not in cmd
+    assert cmd[0] == "srun" and "megatron_sed.train" in cmd and str(EXAMPLES / "lib" / "rank.sh") in cmd
+    assert _flag(cmd, "--loss-type") == "sed" and _flag(cmd, "--exit-signal") == "SIGUSR1"
+    assert _flag(cmd, "--tensor-model-parallel-size") == "2"
+    assert _flag(cmd, "--load") == _flag(cmd, "--save") == str(tmp_path / "checkpoints")
     assert cmd[-2:] == ["--seed", "7"]
 
 
