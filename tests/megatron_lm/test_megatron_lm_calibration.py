@@ -24,6 +24,8 @@ from dist_utils import run_distributed
 from megatron_sed import megatron_lm
 from megatron_sed.megatron_lm_calibration import THRESHOLD_FILE
 
+pytestmark = pytest.mark.compat
+
 VOCAB, SEQ, HIDDEN, MBS = 64, 8, 16, 2
 NUM_SAMPLES = 7  # not a multiple of DP x MBS: the extra rows must be dropped
 RATIO = 0.3

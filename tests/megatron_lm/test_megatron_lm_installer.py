@@ -18,6 +18,8 @@ from dist_utils import run_distributed
 from megatron_sed import megatron_lm
 from megatron_sed.arguments import add_sed_args
 
+pytestmark = pytest.mark.compat
+
 VOCAB, SEQ, BATCH, HIDDEN = 64, 8, 3, 16
 
 

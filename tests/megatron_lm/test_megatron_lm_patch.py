@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.compat
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "apply_megatron_patch.sh"
 PATCHES = sorted((REPO / "patches" / "megatron-lm").glob("core_v*.patch"))

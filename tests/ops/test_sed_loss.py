@@ -8,6 +8,8 @@ import torch
 from megatron_sed import SEDConfig, SEDLoss, reduce_sed_stats, sed_stat_sums, vocab_parallel_sed_loss
 from sed_reference import GRAD_TOL, TOL, make_inputs, reference_sed
 
+pytestmark = pytest.mark.compat
+
 CASES = [
     ("topk_mass", "quadratic", 0.8),
     ("entropy", "quadratic", 1.0),

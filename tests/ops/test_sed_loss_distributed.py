@@ -9,6 +9,8 @@ import torch.distributed as dist
 from dist_utils import run_distributed
 from sed_reference import make_inputs, reference_sed
 
+pytestmark = pytest.mark.compat
+
 VOCAB = 48  # divisible by 1, 2, 4
 
 

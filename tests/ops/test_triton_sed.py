@@ -36,7 +36,9 @@ if not torch.cuda.is_available() and not triton_sed.kernels_interpreted():
 from sed_reference import GRAD_TOL, TOL, reference_sed
 from sed_reference import make_inputs as make_sed_inputs
 
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's nan*0 lanes
+pytestmark = [pytest.mark.compat,
+              pytest.mark.filterwarnings("ignore::RuntimeWarning")]  # the interpreter's nan*0 lanes
+
 IGNORE = -100
 
 
