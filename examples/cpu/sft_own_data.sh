@@ -14,12 +14,13 @@ if [ -z "$INPUT" ]; then
 fi
 python -m megatron_sed.data.preprocess --input "$INPUT" --output-prefix "$OUT/sft" \
   --tokenizer-type byte --max-seq-length 1024 --overlength truncate
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 PYTHONWARNINGS=ignore python -m megatron_sed.train \
-  --data-path "$OUT/sft" --split 95,5,0 --tokenizer-type byte \
+  --data-path "$OUT/sft" --split 95,5,0 \
   --num-layers 2 --hidden-size 128 --num-attention-heads 4 --position-embedding-type rope \
   --normalization RMSNorm --swiglu --hidden-dropout 0 --attention-dropout 0 \
-  --seq-length 256 --micro-batch-size 4 --global-batch-size 8 --train-iters "${TRAIN_ITERS:-30}" \
+  --seq-length 256 --max-position-embeddings 256 --micro-batch-size 4 --global-batch-size 8 \
+  --train-iters "${TRAIN_ITERS:-30}" \
   --lr 1e-3 --lr-warmup-iters 3 --loss-type sed --sed-mask-ratio 0.3 --sed-calibration-samples 8 \
   --log-interval 5 --eval-interval 15 --eval-iters 2 \
   --save "$OUT/checkpoints" --metrics-file "$OUT/metrics.jsonl" "$@"

@@ -14,9 +14,9 @@ PYTHONWARNINGS=ignore torchrun --standalone --nproc-per-node 2 -m megatron_sed.t
   --num-layers 4 --hidden-size 128 --num-attention-heads 4 --group-query-attention --num-query-groups 2 \
   --normalization RMSNorm --swiglu --disable-bias-linear --position-embedding-type rope \
   --untie-embeddings-and-output-weights --hidden-dropout 0 --attention-dropout 0 \
-  --seq-length 256 --micro-batch-size 4 --global-batch-size 16 \
+  --seq-length 256 --max-position-embeddings 256 --micro-batch-size 4 --global-batch-size 16 \
   --train-iters "${TRAIN_ITERS:-40}" --lr 2e-3 --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters 5 \
   --loss-type sed --sed-top-k 2 --sed-threshold 0.5 \
   --synthetic-num-problems 400 --synthetic-cache-dir "$OUT/data" \
-  --log-interval 5 --save "$OUT/checkpoints" --save-interval 20 \
+  --log-interval 5 --eval-iters 2 --save "$OUT/checkpoints" --save-interval 20 \
   --metrics-file "$OUT/metrics.jsonl" "$@"

@@ -15,6 +15,7 @@ forward, so one slot is enough: the hook `stash_sed_stats(stats)`, the loss func
 
 from __future__ import annotations
 
+import functools
 from typing import Dict, Optional
 
 import torch
@@ -51,10 +52,11 @@ def sed_language_model_loss(model, labels: Tensor, logits: Tensor, sed_config,
     return loss.transpose(0, 1).contiguous()  # [s, b] -> [b, s], like Megatron
 
 
-def supports_output_processor(model) -> bool:
-    """Whether this GPTModel's forward takes an `output_processor` (megatron-core >= 0.18):
-    the hook that lets SED replace the main head's loss while multi-token-prediction heads
-    keep Megatron's CE."""
+@functools.lru_cache(maxsize=1)
+def supports_output_processor() -> bool:
+    """Whether the installed megatron-core's GPTModel.forward takes an `output_processor`
+    (>= 0.18): the hook that lets SED replace the main head's loss while multi-token-
+    prediction heads keep Megatron's CE."""
     import inspect
 
     from megatron.core.models.gpt import GPTModel

@@ -62,6 +62,10 @@ def add_trainer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     g.add_argument("--metrics-file", type=str, default=None,
                    help="Append one JSON line per --log-interval (and per evaluation) with the "
                    "logged values (lm_loss, sed_reg, sed_mask_rate, ..., grad_norm, lr).")
+    g.add_argument("--no-sed-stats", dest="sed_stats", action="store_false",
+                   help="With --loss-type ce: Megatron's own cross-entropy and no SED statistics "
+                   "in the log (by default CE runs also go through the SED op, with the "
+                   "regulariser off, so their entropy / target prob / top-k mass are logged).")
     g.add_argument("--no-pack", dest="pack", action="store_false",
                    help="One SFT sample per sequence, right-padded, instead of packing several "
                    "per sequence (packing resets positions and blocks attention across samples).")
@@ -75,6 +79,9 @@ def add_trainer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     for action in parser._actions:  # accept megatron-sed's older tokenizer names too
         if action.dest == "tokenizer_type" and action.choices is not None:
             action.choices = tuple(action.choices) + tuple(TOKENIZER_ALIASES)
+    # megatron-core 0.19 has no --eval-interval default and then fails sizing the
+    # validation set; Megatron-LM's long-standing default:
+    parser.set_defaults(eval_interval=1000)
     if cpu_backend.is_active():
         parser.set_defaults(**CPU_DEFAULTS)
     return parser

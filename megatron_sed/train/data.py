@@ -66,21 +66,23 @@ def resolve_tokenizer_args(args) -> None:
 
 
 def check_tokenizer_matches_data(args) -> None:
-    """After Megatron built its tokenizer: its vocabulary must be the data's."""
+    """After Megatron built its tokenizer: an HF tokenizer must be the one the data was
+    tokenized with (same size); any tokenizer must cover the data's token ids."""
     from megatron.training import get_tokenizer
 
     from megatron_sed.data.indexed import read_metadata
     from megatron_sed.train.arguments import ArgumentError
 
     prefixes = _data_prefixes(args)
-    if not prefixes:
-        return
-    want = int(read_metadata(prefixes[0])["tokenizer"]["vocab_size"])
+    want = int(read_metadata(prefixes[0])["tokenizer"]["vocab_size"]) if prefixes else BYTE_VOCAB_SIZE
     have = int(get_tokenizer().vocab_size)
-    if want != have:
+    if args.tokenizer_type == "HuggingFaceTokenizer" and want != have:
         raise ArgumentError(f"--tokenizer-model {args.tokenizer_model} has {have} tokens but "
-                         f"{prefixes[0]} was tokenized with {want}: pass the tokenizer the data "
-                         "was preprocessed with")
+                            f"{prefixes[0] if prefixes else 'the data'} was tokenized with {want}: "
+                            "pass the tokenizer the data was preprocessed with")
+    if have < want:
+        raise ArgumentError(f"the tokenizer ({args.tokenizer_type}) has {have} tokens, fewer than "
+                            f"the {want} the data was tokenized with (--vocab-size?)")
 
 
 def synthetic_prefix(args) -> str:

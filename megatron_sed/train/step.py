@@ -36,7 +36,9 @@ def _run_model(model, batch, cfg):
     from megatron_sed.megatron_lm import install_loss_override
 
     kwargs = {}
-    if supports_output_processor(model):
+    if cfg is None:  # --loss-type ce --no-sed-stats: GPTModel's own (Megatron's) CE
+        pass
+    elif supports_output_processor():
         kwargs = dict(output_processor=sed_output_processor, output_processor_context=cfg)
     else:  # older megatron-core: replace the language-model loss of the GPTModel(s)
         install_loss_override(model, cfg)
@@ -52,7 +54,8 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
         raise ValueError("--overlap-moe-expert-parallel-comm schedule plans are not supported "
                          "with --loss-type sed")
     args = get_args()
-    cfg = sed_threshold(args, model).config  # the first call restores or calibrates tau
+    native_ce = args.loss_type == "ce" and not args.sed_stats
+    cfg = None if native_ce else sed_threshold(args, model).config  # 1st call: restore/calibrate tau
     timers = get_timers()
     timers("batch-generator", log_level=2).start()
     batch = model_inputs(next(data_iterator), thd=_uses_thd(args), pack=args.pack)
