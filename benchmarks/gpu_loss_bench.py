@@ -147,20 +147,20 @@ def build_methods(args, device, tp_group) -> Dict[str, Callable]:
     sed = SEDConfig(coef=1.0, top_k=args.top_k, threshold=0.95, mask="topk_mass", regularizer="quadratic")
     methods["sed_torch"] = lambda x, t: vocab_parallel_sed_loss(x, t, sed.replace(impl="torch"))[0]
     try:
-        from megatron_sed.ops import triton_sed
+        from megatron_sed.ops import triton_sed  # noqa: F401 (import check)
     except ImportError as exc:
         reason = f"skipped: Triton SED not importable ({exc})"
         methods["sed_triton"] = methods["sed_triton_inplace"] = reason
         return methods
 
-    tri = sed.replace(impl="triton")
+    from megatron_sed import KernelOptions, vocab_parallel_sed_loss
 
     def triton_fn(in_place, block=None, warps=None):
+        cfg = sed.replace(impl="triton", kernel=KernelOptions(block_size=block, num_warps=warps,
+                                                               grad_in_place=in_place))
+
         def fn(x, t):
-            # Set on every call (None = the defaults) and left set: the backward, which
-            # runs after fn returns, must launch with the same block and warps.
-            triton_sed.BLOCK_SIZE, triton_sed.NUM_WARPS = block, warps
-            return triton_sed.triton_vocab_parallel_sed_loss(x, t, tri, None, 1, 0, grad_in_place=in_place)[0]
+            return vocab_parallel_sed_loss(x, t, cfg)[0]
 
         return fn
 

@@ -4,20 +4,24 @@ Public API::
 
     from megatron_sed import SEDConfig, vocab_parallel_sed_loss
     loss, stats = vocab_parallel_sed_loss(vocab_parallel_logits, target, cfg, tp_group=None)
+
+`stats` is an SEDStats (one [s, b] tensor per statistic; also a read-only mapping);
+`reduce_sed_stats(stats, loss_mask, group)` gives the means a training log shows.
 """
 
-from megatron_sed.ops.config import SEDConfig
+from megatron_sed.ops.config import KernelOptions, SEDConfig
 from megatron_sed.ops.sed_loss import SEDLoss, vocab_parallel_sed_loss
-from megatron_sed.ops.stats import STAT_NAMES, reduce_sed_stats, sed_stat_sums, summarize_sed_stat_sums
+from megatron_sed.ops.stats import STAT_FIELDS, SEDStats, reduce_sed_stats, sed_report
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "KernelOptions",
     "SEDConfig",
     "SEDLoss",
-    "vocab_parallel_sed_loss",
-    "STAT_NAMES",
+    "SEDStats",
+    "STAT_FIELDS",
     "reduce_sed_stats",
-    "sed_stat_sums",
-    "summarize_sed_stat_sums",
+    "sed_report",
+    "vocab_parallel_sed_loss",
 ]

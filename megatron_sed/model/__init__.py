@@ -39,7 +39,8 @@ Megatron-Core's local spec does, so local and TE checkpoints are interchangeable
 
 Loss hook (megatron_sed.model.loss_hook): sed_language_model_loss(model, labels, logits,
 sed_config) is the body of compute_language_model_loss; stash_sed_stats/pop_sed_stats;
-masked_token_loss(loss, loss_mask) -> (sum, count) like Megatron's loss_func.
+masked_token_loss(loss, loss_mask) -> (sum, count) like Megatron's loss_func;
+sed_output_processor: the same for GPTModel's output_processor hook.
 """
 
 from megatron_sed.model.attention import SDPACoreAttention, packed_attention_mask
@@ -53,7 +54,6 @@ from megatron_sed.model.loss_hook import (
     masked_token_loss,
     pop_sed_stats,
     sed_language_model_loss,
-    sed_stat_sums_for_batch,
     stash_sed_stats,
 )
 from megatron_sed.model.specs import (
@@ -79,7 +79,6 @@ __all__ = [
     "params_dtype_from_args",
     "pop_sed_stats",
     "sed_language_model_loss",
-    "sed_stat_sums_for_batch",
     "stash_sed_stats",
     "te_available",
     "transformer_config_from_args",

@@ -21,15 +21,17 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
-_STASH: Dict[str, Optional[dict]] = {"stats": None}
+from megatron_sed.ops.stats import SEDStats
+
+_STASH: Dict[str, Optional[SEDStats]] = {"stats": None}
 
 
-def stash_sed_stats(stats: dict) -> None:
+def stash_sed_stats(stats: SEDStats) -> None:
     """Keep the per-token stats ([s, b] tensors) of the latest forward."""
     _STASH["stats"] = stats
 
 
-def pop_sed_stats() -> Optional[dict]:
+def pop_sed_stats() -> Optional[SEDStats]:
     """The stats of the latest forward with labels (None when there were none), cleared."""
     stats, _STASH["stats"] = _STASH["stats"], None
     return stats
@@ -48,7 +50,7 @@ def sed_language_model_loss(model, labels: Tensor, logits: Tensor, sed_config,
         tp_group = getattr(pgc, "tp", None) if pgc is not None else None
     target = labels.transpose(0, 1).contiguous()  # [b, s] -> [s, b]; small
     loss, stats = vocab_parallel_sed_loss(logits, target, sed_config, tp_group=tp_group)
-    stash_sed_stats({k: v.detach() for k, v in stats.items()})
+    stash_sed_stats(stats.detach())
     return loss.transpose(0, 1).contiguous()  # [s, b] -> [b, s], like Megatron
 
 
@@ -85,13 +87,3 @@ def masked_token_loss(per_token_loss: Tensor, loss_mask: Tensor):
     mask = loss_mask.reshape(-1).float()
     total = torch.sum(per_token_loss.reshape(-1).float() * mask)
     return total, mask.sum()
-
-
-def sed_stat_sums_for_batch(stats: Optional[dict], loss_mask: Tensor) -> Optional[Tensor]:
-    """Additive sums of the stashed [s, b] stats under the [b, s] loss mask (see
-    megatron_sed.sed_stat_sums); None when no stats were stashed."""
-    if stats is None:
-        return None
-    from megatron_sed import sed_stat_sums
-
-    return sed_stat_sums(stats, loss_mask.transpose(0, 1).bool())

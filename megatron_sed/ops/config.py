@@ -1,13 +1,43 @@
-"""SEDConfig: the hyperparameters of the SED-SFT loss, validated once at construction."""
+"""SEDConfig: the hyperparameters of the SED-SFT loss, validated once at construction;
+KernelOptions: how the implementations run (never what they compute)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Optional
 
 MASKS = ("topk_mass", "entropy", "all", "none")
 REGULARIZERS = ("quadratic", "entropy")
 IMPLS = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """Tuning knobs of the implementations; results are the same for every choice.
+
+    chunk_bytes:   torch implementation: bytes of logits per chunk of rows (None: cache-
+                   sized on CPU, a few large chunks on GPU; see torch_sed.chunk_bytes).
+    block_size:    Triton kernels: columns per program iteration (None: 8 KiB of logits).
+    num_warps:     Triton kernels: warps per program (None: by block size).
+    grad_in_place: Triton backward writes the gradient over the logits (peak memory =
+                   the logits alone; the caller's logits are destroyed and the graph can
+                   be backpropagated once). The torch implementation always reuses its
+                   float32 working buffer and is unaffected.
+    """
+
+    chunk_bytes: Optional[int] = None
+    block_size: Optional[int] = None
+    num_warps: Optional[int] = None
+    grad_in_place: bool = False
+
+    def __post_init__(self):
+        for name in ("chunk_bytes", "block_size", "num_warps"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"KernelOptions.{name} must be a positive integer or None, got {v!r}")
+        if self.block_size is not None and self.block_size & (self.block_size - 1):
+            raise ValueError(f"KernelOptions.block_size must be a power of two, got {self.block_size}")
 
 
 @dataclass(frozen=True)
@@ -25,6 +55,9 @@ class SEDConfig:
     ignore_index: targets equal to it contribute 0 loss and 0 gradient.
     impl:        "auto" (Triton on CUDA tensors when available, else torch),
                  "torch" or "triton".
+    kernel:      KernelOptions (chunking, Triton block / warps, in-place gradient).
+
+    The objective, its gradient and the algebra behind them: docs/method.md.
     """
 
     coef: float = 1.0
@@ -34,6 +67,7 @@ class SEDConfig:
     regularizer: str = "quadratic"
     ignore_index: int = -100
     impl: str = "auto"
+    kernel: KernelOptions = field(default_factory=KernelOptions)
 
     def __post_init__(self):
         if isinstance(self.coef, bool) or not isinstance(self.coef, (int, float)):
@@ -66,6 +100,8 @@ class SEDConfig:
             )
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise ValueError(f"SEDConfig.ignore_index must be an int, got {self.ignore_index!r}")
+        if not isinstance(self.kernel, KernelOptions):
+            raise ValueError(f"SEDConfig.kernel must be a KernelOptions, got {self.kernel!r}")
 
     @property
     def is_plain_ce(self) -> bool:

@@ -23,6 +23,7 @@ import torch
 
 from megatron_sed.ops.comm import all_gather_partials
 from megatron_sed.ops.config import SEDConfig
+from megatron_sed.ops.stats import STAT_NAMES
 
 COL_MAX, COL_SUMEXP, COL_SUMEXP_Z, COL_TARGET = 0, 1, 2, 3
 NUM_FIXED_COLS = 4
@@ -46,13 +47,9 @@ class Combined(NamedTuple):
     gamma: torch.Tensor
 
     def outputs(self, shape) -> tuple:
-        """(loss, ce, reg, mask, target_prob, entropy, topk_mass, correct) viewed as
-        `shape`: what both autograd Functions return (the stats non-differentiable)."""
-        return tuple(
-            t.view(shape)
-            for t in (self.loss, self.ce, self.reg, self.mask, self.target_prob,
-                      self.entropy, self.topk_mass, self.correct)
-        )
+        """(loss, *stats in stats.STAT_NAMES order) viewed as `shape`: what both autograd
+        Functions return (the stats non-differentiable)."""
+        return (self.loss.view(shape),) + tuple(getattr(self, n).view(shape) for n in STAT_NAMES)
 
 
 def combine_partials(
@@ -106,7 +103,7 @@ def combine_partials(
     if cfg.regularizer == "quadratic":
         reg_value = (target_prob - 0.5) ** 2
         # d(p_y - 1/2)^2 / dz_j = -2 (p_y - 1/2) p_y g_j with g_j = p_j - [j = y]:
-        # the CE gradient times one scalar (SED_METHOD.md).
+        # the CE gradient times one scalar (docs/method.md).
         factor = 1.0 - c * target_prob * (2.0 * target_prob - 1.0)
         alpha, beta, gamma = factor, zero, factor
     else:  # R = -H; d(-H)/dz_j = p_j (log p_j + H)

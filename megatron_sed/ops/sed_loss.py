@@ -1,213 +1,25 @@
-"""Vocab-parallel SED-SFT loss: the torch implementation and the public entry point.
+"""The public entry point of the SED loss: input checks and the one dispatcher between
+the implementations (torch: torch_sed.py; Triton: triton_sed.py), plus the module wrapper.
 
-Written in the style of `megatron.core.tensor_parallel.cross_entropy`: small static
-helpers and one autograd Function. Memory and traffic:
-
-- One float32 working buffer of the local logits, as Megatron's CE has (for float32
-  input it *is* the input, overwritten in place, exactly like Megatron's CE). It ends
-  the forward holding exp(z - m_r), the unnormalised local softmax; the per-row factor
-  exp(m_r - lse) that normalises it is folded into the backward's single multiply.
-- The forward walks the rows in cache-sized chunks: the dtype conversion, top-k,
-  shift, exp and the two row sums touch each chunk while it sits in cache, so the
-  extra statistics (entropy, top-k) cost almost no memory traffic.
-- One all-gather of `[N, 4 + k]` partials per forward (see partials.py), none in
-  backward. The backward is Megatron's in-place CE backward with one scalar per row
-  (SED_METHOD.md): grad_j = g * (p_j * (alpha + beta * log p_j) - gamma * [j = y]),
-  with the target term formed in float32 before autograd casts to the input dtype.
-- No host synchronisation on CUDA tensors (the target range check is asynchronous there).
+Both implementations compute the same per-rank partials, share the one all-gather and
+the combination (partials.py) and return (loss, *stats) in stats.STAT_NAMES order; the
+objective and its gradient are derived in docs/method.md.
 """
 
 from __future__ import annotations
 
-import os
-from typing import Dict, Optional, Tuple
+import logging
+from typing import Optional, Tuple
 
 import torch
 
 from megatron_sed.ops.comm import group_size_and_rank, resolve_tp_group
 from megatron_sed.ops.config import SEDConfig
-from megatron_sed.ops.partials import NUM_FIXED_COLS, Combined, backward_needs_log, gather_and_combine
+from megatron_sed.ops.stats import STAT_NAMES, SEDStats
+from megatron_sed.ops.torch_sed import TorchSEDLoss
 
-STATS_KEYS = ("ce", "reg", "mask", "target_prob", "entropy", "topk_mass", "correct")
-
-# Rows per chunk. With one intra-op thread, chunks of ~2 MiB (work + scratch fit a
-# core's L2) stay in cache while the forward makes its several passes over them. With
-# several threads each op on a chunk is a fork/join parallel region, so chunks must be
-# large enough to amortise it (small chunks were 4-10x slower at 2 threads). The one
-# chunk-sized scratch buffer is capped at 2% of the working buffer so peak memory stays
-# that of Megatron's CE. MEGATRON_SED_CHUNK_BYTES overrides all of this.
-_CHUNK_BYTES_ENV = os.environ.get("MEGATRON_SED_CHUNK_BYTES")
-_DEFAULT_CHUNK_BYTES = int(_CHUNK_BYTES_ENV) if _CHUNK_BYTES_ENV else None
-_MIN_CHUNK_BYTES = 2 << 20
-
-
-def _chunk_bytes(total_bytes: int) -> int:
-    if _DEFAULT_CHUNK_BYTES is not None:
-        return _DEFAULT_CHUNK_BYTES
-    threads = torch.get_num_threads()
-    if threads <= 1:
-        return _MIN_CHUNK_BYTES
-    return max(_MIN_CHUNK_BYTES, min((32 << 20) * threads, total_bytes // 50))
-
-
-def _rows_per_chunk(num_rows: int, row_bytes: int) -> int:
-    return max(1, min(num_rows, _chunk_bytes(num_rows * row_bytes) // max(row_bytes, 1)))
-
-
-class VocabParallelSED:
-    """Static helpers of the torch implementation (one idea each)."""
-
-    @staticmethod
-    def working_dtype(dtype: torch.dtype) -> torch.dtype:
-        """float32 math for every input dtype; float64 stays float64 (gradcheck)."""
-        return torch.float64 if dtype == torch.float64 else torch.float32
-
-    @staticmethod
-    def local_target(target_1d: torch.Tensor, vocab_start: int, vocab_end: int):
-        """Local column of each row's target, and whether it lies in this shard."""
-        in_shard = (target_1d >= vocab_start) & (target_1d < vocab_end)
-        local = torch.where(in_shard, target_1d - vocab_start, torch.zeros_like(target_1d))
-        return local, in_shard
-
-    @staticmethod
-    def row_topk(w: torch.Tensor, k: int, block: int = 64) -> torch.Tensor:
-        """The k largest values of each row, descending.
-
-        torch.topk on CPU costs ~4x a max reduction. The k largest values always lie in
-        the k blocks with the largest block maxima (a value outside them would have k
-        larger block maxima above it), so a fast block-max pass, a top-k over the block
-        maxima and a top-k over the k candidate blocks give the same values."""
-        n, vocab = w.shape
-        if vocab % block or vocab < 8 * block or k * block * 2 > vocab:
-            return torch.topk(w, k, dim=-1, sorted=True).values
-        blocks = w.view(n, vocab // block, block)
-        best = blocks.amax(dim=-1).topk(k, dim=-1).indices
-        candidates = blocks.gather(1, best.unsqueeze(-1).expand(n, k, block))
-        return candidates.view(n, k * block).topk(k, dim=-1, sorted=True).values
-
-    @staticmethod
-    def forward_partials(
-        logits_2d: torch.Tensor,
-        work: torch.Tensor,
-        local_target: torch.Tensor,
-        in_shard: torch.Tensor,
-        k_local: int,
-        num_topk_cols: int,
-    ) -> torch.Tensor:
-        """Fill `work` with exp(z - m_r) chunk by chunk and return the [N, 4 + k] partials.
-
-        `work` may alias `logits_2d` (float32 input: in place, as Megatron's CE)."""
-        n, vocab = work.shape
-        partials = torch.empty((n, NUM_FIXED_COLS + num_topk_cols), dtype=work.dtype, device=work.device)
-        if num_topk_cols > k_local:
-            partials[:, NUM_FIXED_COLS + k_local :] = float("-inf")
-        same = work.data_ptr() == logits_2d.data_ptr()
-        rows = _rows_per_chunk(n, vocab * work.element_size())
-        scratch = torch.empty((rows, vocab), dtype=work.dtype, device=work.device)
-        for start in range(0, n, rows):
-            end = min(start + rows, n)
-            w = work[start:end]
-            if not same:
-                w.copy_(logits_2d[start:end])
-            top = VocabParallelSED.row_topk(w, k_local)
-            row_max = top[:, 0]
-            partials[start:end, NUM_FIXED_COLS : NUM_FIXED_COLS + k_local] = top
-            partials[start:end, 0] = row_max
-            target_logit = w.gather(1, local_target[start:end].unsqueeze(1)).squeeze(1)
-            partials[start:end, 3] = torch.where(
-                in_shard[start:end], target_logit, torch.zeros_like(target_logit)
-            )
-            shifted = torch.sub(w, row_max.unsqueeze(1), out=scratch[: end - start])
-            torch.exp(shifted, out=w)
-            partials[start:end, 1] = w.sum(dim=-1)
-            # sum_j e_j (z_j - m_r), in the chunk's scratch while it sits in cache
-            # (a batched dot product via bmm is several times slower on CPU).
-            partials[start:end, 2] = shifted.mul_(w).sum(dim=-1)
-        return partials
-
-    @staticmethod
-    def backward_inplace(
-        work: torch.Tensor,
-        log_scale: torch.Tensor,
-        alpha: torch.Tensor,
-        beta: torch.Tensor,
-        gamma: torch.Tensor,
-        local_target: torch.Tensor,
-        in_shard: torch.Tensor,
-        grad_output: torch.Tensor,
-        use_log: bool,
-    ) -> torch.Tensor:
-        """Turn `work` (= exp(z - m_r)) into dL/dz in place and return it.
-
-        p_j = work_j * exp(log_scale), log_scale = m_r - lse."""
-        g = grad_output.reshape(-1).to(work.dtype)
-        if not use_log:
-            work.mul_((torch.exp(log_scale) * alpha * g).unsqueeze(1))
-        else:
-            n, vocab = work.shape
-            rows = _rows_per_chunk(n, vocab * work.element_size())
-            tiny = torch.finfo(work.dtype).tiny
-            scale = torch.exp(log_scale) * g
-            for start in range(0, n, rows):
-                end = min(start + rows, n)
-                w = work[start:end]
-                # log p_j = log(work_j) + m_r - lse; work_j == 0 contributes 0 * finite.
-                log_p = torch.log(w.clamp_min(tiny)).add_(log_scale[start:end].unsqueeze(1))
-                log_p.mul_(beta[start:end].unsqueeze(1)).add_(alpha[start:end].unsqueeze(1))
-                w.mul_(log_p).mul_(scale[start:end].unsqueeze(1))
-        target_term = torch.where(in_shard, gamma * g, torch.zeros_like(g))
-        rows_idx = torch.arange(work.shape[0], device=work.device)
-        work[rows_idx, local_target] -= target_term
-        return work
-
-
-class _VocabParallelSEDLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, vocab_parallel_logits, target, cfg: SEDConfig, group, world_size, rank):
-        vocab_local = vocab_parallel_logits.shape[-1]
-        logits_2d = vocab_parallel_logits.reshape(-1, vocab_local)
-        target_1d = target.reshape(-1)
-        dtype = VocabParallelSED.working_dtype(vocab_parallel_logits.dtype)
-        if vocab_parallel_logits.dtype == torch.float32 and vocab_parallel_logits.is_contiguous():
-            # In place, like Megatron's CE on float32 logits. The saved tensor is the input
-            # itself: autograd forbids saving a view whose base was modified. float64 (the
-            # reference / gradcheck dtype) is never modified in place.
-            work_full = vocab_parallel_logits
-        else:
-            work_full = torch.empty(vocab_parallel_logits.shape, dtype=dtype, device=logits_2d.device)
-        work = work_full.view(-1, vocab_local)
-
-        vocab_start = rank * vocab_local
-        local_target, in_shard = VocabParallelSED.local_target(
-            target_1d, vocab_start, vocab_start + vocab_local
-        )
-        k_local = min(cfg.top_k, vocab_local)
-        partials = VocabParallelSED.forward_partials(
-            logits_2d, work, local_target, in_shard, k_local, cfg.top_k
-        )
-        out: Combined = gather_and_combine(partials, target_1d, cfg, group, world_size)
-
-        log_scale = partials[:, 0] - out.lse
-        ctx.use_log = backward_needs_log(cfg)
-        ctx.save_for_backward(work_full, log_scale, out.alpha, out.beta, out.gamma, local_target, in_shard)
-        ctx.input_shape = vocab_parallel_logits.shape
-
-        # float32 results (float64 for float64 input, the reference dtype)
-        outputs = out.outputs(target.shape)
-        ctx.mark_non_differentiable(*outputs[1:])
-        return outputs
-
-    @staticmethod
-    def backward(ctx, grad_loss, *unused_stat_grads):
-        work_full, log_scale, alpha, beta, gamma, local_target, in_shard = ctx.saved_tensors
-        if work_full.dtype == torch.float64:
-            # float64 (reference / gradcheck dtype): keep the saved buffer intact so the
-            # graph can be differentiated more than once, as gradcheck does.
-            work_full = work_full.clone()
-        grad = VocabParallelSED.backward_inplace(
-            work_full.view(-1, work_full.shape[-1]), log_scale, alpha, beta, gamma, local_target, in_shard, grad_loss, ctx.use_log
-        )
-        return grad.view(ctx.input_shape), None, None, None, None, None
+logger = logging.getLogger(__name__)
+_warned: set = set()
 
 
 def _check_inputs(logits: torch.Tensor, target: torch.Tensor, cfg: SEDConfig, world_size: int):
@@ -241,20 +53,30 @@ def _check_inputs(logits: torch.Tensor, target: torch.Tensor, cfg: SEDConfig, wo
         torch._assert_async(~bad.any(), f"a target id is outside the vocabulary [0, {vocab})")
 
 
-def _use_triton(logits: torch.Tensor, cfg: SEDConfig) -> bool:
-    if cfg.impl == "torch":
-        return False
-    if cfg.impl == "triton":
-        return True
-    return logits.is_cuda and _triton_available()
-
-
-def _triton_available() -> bool:
+def _triton_module():
+    """megatron_sed.ops.triton_sed, or None when Triton does not import."""
     try:
-        from megatron_sed.ops import triton_sed  # noqa: F401
+        from megatron_sed.ops import triton_sed
     except ImportError:
-        return False
-    return True
+        return None
+    return triton_sed
+
+
+def choose_impl(logits: torch.Tensor, cfg: SEDConfig) -> str:
+    """"torch" or "triton" for this input. impl="triton" on an input the kernels cannot
+    run raises ValueError naming why; impl="auto" then falls back to torch, warning once."""
+    if cfg.impl == "torch" or (cfg.impl == "auto" and not logits.is_cuda):
+        return "torch"
+    triton_sed = _triton_module()
+    reason = "Triton is not installed" if triton_sed is None else triton_sed.unsupported_reason(logits, cfg)
+    if reason is None:
+        return "triton"
+    if cfg.impl == "triton":
+        raise ValueError(f"SEDConfig(impl='triton'): {reason}")
+    if reason not in _warned:
+        _warned.add(reason)
+        logger.warning("SED loss: falling back to the torch implementation: %s", reason)
+    return "torch"
 
 
 def vocab_parallel_sed_loss(
@@ -262,7 +84,7 @@ def vocab_parallel_sed_loss(
     target: torch.Tensor,
     cfg: Optional[SEDConfig] = None,
     tp_group=None,
-) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+) -> Tuple[torch.Tensor, SEDStats]:
     """SED-SFT loss over tensor-parallel vocab shards.
 
     Args:
@@ -276,21 +98,20 @@ def vocab_parallel_sed_loss(
 
     Returns:
         loss: [s, b] float32 per token, ce + coef * M * R (0 on ignored targets).
-        stats: [s, b] tensors ce, reg (= coef*M*R), mask (bool), target_prob, entropy,
-            topk_mass, correct (bool); identical on every TP rank; no gradient.
+        stats: SEDStats of [s, b] tensors: ce, reg (= coef*M*R), mask (bool),
+            target_prob, entropy, topk_mass, correct (bool); identical on every TP rank;
+            no gradient.
     """
     cfg = cfg if cfg is not None else SEDConfig()
     group = resolve_tp_group(tp_group)
     world_size, rank = group_size_and_rank(group)
     _check_inputs(vocab_parallel_logits, target, cfg, world_size)
-    if _use_triton(vocab_parallel_logits, cfg):
-        from megatron_sed.ops.triton_sed import triton_vocab_parallel_sed_loss
-
-        outputs = triton_vocab_parallel_sed_loss(vocab_parallel_logits, target, cfg, group, world_size, rank)
+    if choose_impl(vocab_parallel_logits, cfg) == "triton":
+        outputs = _triton_module().TritonSEDLoss.apply(vocab_parallel_logits, target, cfg, group,
+                                                       world_size, rank)
     else:
-        outputs = _VocabParallelSEDLoss.apply(vocab_parallel_logits, target, cfg, group, world_size, rank)
-    loss, stats = outputs[0], dict(zip(STATS_KEYS, outputs[1:]))
-    return loss, stats
+        outputs = TorchSEDLoss.apply(vocab_parallel_logits, target, cfg, group, world_size, rank)
+    return outputs[0], SEDStats(**dict(zip(STAT_NAMES, outputs[1:])))
 
 
 class SEDLoss(torch.nn.Module):

@@ -1,105 +1,127 @@
-"""Reduce the per-token SED statistics to the scalars a training log shows.
+"""The SED loss's per-token statistics: a typed result, one registry of their names, and
+the one reduction every integration uses.
 
-Sums are additive across micro-batches and data-parallel ranks, so a trainer adds
-`sed_stat_sums(...)` vectors, all-reduces one small tensor and calls
-`summarize_sed_stat_sums` once per log interval (one host sync, off the hot path).
+`SEDStats` is what `vocab_parallel_sed_loss` returns beside the loss (cf. Liger's
+`CrossEntropyOutput`): one [s, b] tensor per statistic, identical on every TP rank, no
+gradient. It is also a read-only mapping (`stats["ce"]`), so code can loop over it.
+
+`STAT_FIELDS` is the single list of (attribute, report key): the report key is what
+Megatron's log line, TensorBoard and the validation line show (`ce loss`, `sed reg`, ...),
+and, with "_" for " ", the `--metrics-file` key (`ce_loss`, `sed_reg`, ...). `lm loss`,
+the optimised objective, is Megatron's own key and is reported by the loss functions.
+
+`sed_report` turns a micro-batch's statistics into Megatron's `[sum, count]` report pairs
+(summed over micro-batches and data-parallel ranks by Megatron, logged as sum / count);
+megatron-sed-train's loss_func and the Megatron-LM glue both call it, and
+`reduce_sed_stats` is the same reduction for other loops.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Dict, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
-# Order of the entries of a sums vector; the number of loss-masked tokens follows.
-STAT_NAMES = ("ce", "reg", "mask", "entropy", "target_prob", "topk_mass", "correct", "nonfinite")
 
-# Log names of the means (the trainer's --metrics-file keys).
-_LOG_NAMES = {
-    "ce": "lm_loss",
-    "reg": "sed_reg",
-    "mask": "sed_mask_rate",
-    "entropy": "entropy",
-    "target_prob": "target_prob",
-    "topk_mass": "topk_mass",
-    "correct": "top1_acc",
-}
+@dataclass(frozen=True)
+class StatField:
+    name: str  # SEDStats attribute
+    report_key: str  # Megatron's report key / log-line label
+    meaning: str
+
+    @property
+    def metric_key(self) -> str:
+        """The --metrics-file / reduce_sed_stats key."""
+        return self.report_key.replace(" ", "_")
 
 
-def sed_stat_sums(stats: Dict[str, torch.Tensor], loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """float64 vector: the loss-mask-weighted sum of each STAT_NAMES entry, then the
-    number of counted tokens. `loss_mask` has the stats' shape (or is None: all tokens).
-    Non-finite tokens (NaN/inf loss) are counted in 'nonfinite' and left out of the other
-    sums, so one bad token shows up in the log instead of turning every mean into NaN."""
-    ce = stats["ce"]
-    weight = torch.ones_like(ce, dtype=torch.float64) if loss_mask is None else loss_mask.to(torch.float64)
-    if weight.shape != ce.shape:
-        raise ValueError(f"loss_mask shape {tuple(weight.shape)} != stats shape {tuple(ce.shape)}")
-    finite = torch.isfinite(ce) & torch.isfinite(stats["reg"])
-    kept = torch.where(finite, weight, torch.zeros_like(weight))
-    sums = []
-    for name in STAT_NAMES:
-        if name == "nonfinite":
-            sums.append(((~finite).to(torch.float64) * weight).sum())
-            continue
-        value = stats[name].to(torch.float64)
-        sums.append(torch.where(finite, value, torch.zeros_like(value)).mul(kept).sum())
-    sums.append(kept.sum())
-    return torch.stack(sums)
-
-
-# The SED statistics as Megatron's loss_func reports them: (stat name, report key). The
-# report key is what Megatron's log line and TensorBoard show; --metrics-file uses it with
-# "_" for " " (ce_loss, sed_reg, sed_mask_rate, ...). `lm loss` (the optimised objective)
-# is reported by the loss function itself, as in Megatron.
-REPORT_KEYS = (
-    ("ce", "ce loss"),
-    ("reg", "sed reg"),
-    ("mask", "sed mask rate"),
-    ("entropy", "entropy"),
-    ("target_prob", "target prob"),
-    ("topk_mass", "topk mass"),
-    ("correct", "top1 acc"),
+STAT_FIELDS = (
+    StatField("ce", "ce loss", "cross-entropy -log p(target)"),
+    StatField("reg", "sed reg", "the regulariser term lambda * M * R"),
+    StatField("mask", "sed mask rate", "M: the token is regularised"),
+    StatField("entropy", "entropy", "H(p) in nats"),
+    StatField("target_prob", "target prob", "p(target)"),
+    StatField("topk_mass", "topk mass", "P_topk, the mass of the k most likely tokens"),
+    StatField("correct", "top1 acc", "the target is the most likely token"),
 )
 
 
-def sed_report(stats: Dict[str, torch.Tensor], loss_mask: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """{report key: tensor([sum over supervised tokens, number of them])} in float32, the
-    [sum, count] pairs Megatron sums over micro-batches and data-parallel ranks and logs as
-    sum / count. stats are [s, b] (the loss op's layout); loss_mask is [b, s] or its
-    flattening (Megatron's batch layout). Tokens whose loss is not finite are left out of
-    every statistic (the loss itself still carries them: Megatron's NaN check sees it)."""
+@dataclass(frozen=True, eq=False)
+class SEDStats(Mapping):
+    """Per-token statistics of one SED loss call ([s, b] like the target; 0 / False at
+    ignored targets). `mask` and `correct` are bool, the rest float32 (float64 for
+    float64 logits)."""
+
+    ce: torch.Tensor
+    reg: torch.Tensor
+    mask: torch.Tensor
+    target_prob: torch.Tensor
+    entropy: torch.Tensor
+    topk_mass: torch.Tensor
+    correct: torch.Tensor
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in _NAMES:
+            raise KeyError(f"{name!r} is not an SED statistic; they are {_NAMES}")
+        return getattr(self, name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_NAMES)
+
+    def __len__(self) -> int:
+        return len(_NAMES)
+
+    def detach(self) -> "SEDStats":
+        return SEDStats(**{n: getattr(self, n).detach() for n in _NAMES})
+
+
+_NAMES = tuple(f.name for f in fields(SEDStats))
+STAT_NAMES = _NAMES  # the order of the autograd Functions' outputs after the loss
+assert set(_NAMES) == {f.name for f in STAT_FIELDS}
+
+
+def _finite_weights(stats: Mapping, loss_mask: torch.Tensor) -> torch.Tensor:
+    """float32 [s, b]: the loss mask ([b, s] or flattened, Megatron's layout) where the
+    token's loss is finite, 0 elsewhere."""
     ce = stats["ce"]
     s, b = ce.shape
     mask = loss_mask.reshape(b, s).t().to(torch.float32)
-    mask = mask * (torch.isfinite(ce) & torch.isfinite(stats["reg"])).to(torch.float32)
-    values = torch.stack([stats[name].detach().to(torch.float32) for name, _ in REPORT_KEYS])
-    values = torch.where(mask.bool(), values, torch.zeros_like(values))
-    sums = (values * mask).flatten(1).sum(dim=1)
-    count = mask.sum()
-    return {key: torch.stack([sums[i], count]) for i, (_, key) in enumerate(REPORT_KEYS)}
+    return mask * (torch.isfinite(ce) & torch.isfinite(stats["reg"])).to(torch.float32)
 
 
-def summarize_sed_stat_sums(sums: torch.Tensor) -> Dict[str, float]:
-    """Means over the counted tokens (one host sync)."""
-    values = sums.detach().double().cpu().tolist()
-    count = values[-1]
-    out = {}
-    for name, total in zip(STAT_NAMES, values):
-        if name == "nonfinite":
-            out["nonfinite_tokens"] = total
-        else:
-            out[_LOG_NAMES[name]] = total / count if count > 0 else 0.0
-    out["num_tokens"] = count
-    return out
+def sed_report(stats: Mapping, loss_mask: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """{report key: tensor([sum over supervised tokens, their number])} in float32.
+    Tokens whose loss is not finite are left out of every statistic (the loss itself still
+    carries them: Megatron's NaN check sees it)."""
+    weight = _finite_weights(stats, loss_mask)
+    values = torch.stack([stats[f.name].detach().to(torch.float32) for f in STAT_FIELDS])
+    values = torch.where(weight.bool(), values, torch.zeros_like(values))
+    sums = (values * weight).flatten(1).sum(dim=1)
+    count = weight.sum()
+    return {f.report_key: torch.stack([sums[i], count]) for i, f in enumerate(STAT_FIELDS)}
 
 
-def reduce_sed_stats(
-    stats: Dict[str, torch.Tensor], loss_mask: Optional[torch.Tensor] = None, group=None
-) -> Dict[str, float]:
-    """sed_stat_sums, all-reduced over `group` (e.g. data-parallel) when given, then means."""
-    sums = sed_stat_sums(stats, loss_mask)
+def reduce_sed_stats(stats: Mapping, loss_mask: Optional[torch.Tensor] = None,
+                     group=None) -> Dict[str, float]:
+    """Means of the statistics over the (loss-masked, finite) tokens, all-reduced over
+    `group` (e.g. data-parallel) when given: {metric key: mean, "num_tokens": n,
+    "nonfinite_tokens": m}. The same pairs as sed_report, so the numbers equal what
+    megatron-sed-train logs."""
+    ce = stats["ce"]
+    if loss_mask is None:
+        loss_mask = torch.ones(ce.shape[1], ce.shape[0], device=ce.device)
+    pairs = sed_report(stats, loss_mask)
+    total = loss_mask.to(torch.float32).sum()
+    vec = torch.cat([torch.stack([pairs[f.report_key][0] for f in STAT_FIELDS]),
+                     pairs[STAT_FIELDS[0].report_key][1:], total.view(1)]).double()
     if group is not None and dist.is_initialized() and dist.get_world_size(group=group) > 1:
-        dist.all_reduce(sums, group=group)
-    return summarize_sed_stat_sums(sums)
+        dist.all_reduce(vec, group=group)
+    values = vec.cpu().tolist()  # one host sync
+    count, total = values[-2], values[-1]
+    out = {f.metric_key: (v / count if count > 0 else 0.0) for f, v in zip(STAT_FIELDS, values)}
+    out["num_tokens"] = count
+    out["nonfinite_tokens"] = total - count
+    return out

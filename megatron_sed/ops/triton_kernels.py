@@ -19,10 +19,10 @@ the first few blocks is rare.
 
 Backward (`sed_grad_kernel`) recomputes p_j = exp(z_j - lse) from the logits and writes
 
-    grad_j = p_j * (c1 + c2 * (z_j - lse)) - c3 * [j == y]
+    grad_j = p_j * (alpha + beta * (z_j - lse)) - gamma * [j == y]
 
-in ACC before one rounding to the gradient's dtype (c1 = g alpha, c2 = g beta,
-c3 = g gamma, see partials.Combined). Rows whose three coefficients are all zero
+in ACC before one rounding to the gradient's dtype (alpha, beta, gamma: partials.Combined's
+coefficients already multiplied by the incoming gradient g). Rows whose three coefficients are all zero
 (ignored targets) are written as zeros without reading their logits.
 """
 
@@ -122,9 +122,9 @@ def sed_grad_kernel(
     grad_stride_row,
     target_ptr,
     lse_ptr,
-    c1_ptr,
-    c2_ptr,
-    c3_ptr,
+    alpha_ptr,
+    beta_ptr,
+    gamma_ptr,
     n_cols,
     vocab_start,
     USE_LOG: tl.constexpr,
@@ -136,12 +136,12 @@ def sed_grad_kernel(
     grad_row = grad_ptr + row * grad_stride_row
     offs = tl.arange(0, BLOCK)
     lse = tl.load(lse_ptr + row).to(ACC)
-    c1 = tl.load(c1_ptr + row).to(ACC)
-    c2 = tl.load(c2_ptr + row).to(ACC)
-    c3 = tl.load(c3_ptr + row).to(ACC)
+    alpha = tl.load(alpha_ptr + row).to(ACC)
+    beta = tl.load(beta_ptr + row).to(ACC)
+    gamma = tl.load(gamma_ptr + row).to(ACC)
     local = tl.load(target_ptr + row) - vocab_start  # outside [0, n_cols): no target term here
 
-    if tl.abs(c1) + tl.abs(c2) + tl.abs(c3) == 0:
+    if tl.abs(alpha) + tl.abs(beta) + tl.abs(gamma) == 0:
         # Ignored row: zero gradient, and no need to read the logits (which may be anything).
         for start in range(0, n_cols, BLOCK):
             cols = start + offs
@@ -154,9 +154,9 @@ def sed_grad_kernel(
             log_p = z - lse
             p = tl.exp(log_p)
             if USE_LOG:
-                g = p * (c1 + c2 * log_p)
+                g = p * (alpha + beta * log_p)
             else:
-                g = p * c1
+                g = p * alpha
             # The target term is subtracted in ACC, before the one rounding to the output dtype.
-            g = g - tl.where(cols == local, c3, 0.0)
+            g = g - tl.where(cols == local, gamma, 0.0)
             tl.store(grad_row + cols, g.to(grad_ptr.dtype.element_ty), mask=valid)

@@ -1,29 +1,26 @@
 """Vocab-parallel SED loss on Triton kernels: one read of the logits forward, one read
 and one write backward, no float32 copy of the logits.
 
-Same contract as the torch Function in sed_loss.py (it is reached through
-`vocab_parallel_sed_loss` with `SEDConfig(impl="triton")`, or `impl="auto"` on CUDA
-tensors). Only the per-row work differs: the kernels in triton_kernels.py produce the
-partials and the gradient; the one all-gather and the combination
-(partials.gather_and_combine) are shared with the torch implementation.
+Same contract as the torch Function (torch_sed.TorchSEDLoss); the dispatcher
+`vocab_parallel_sed_loss` (sed_loss.py) picks it with `SEDConfig(impl="triton")`, or
+`impl="auto"` on CUDA tensors. Only the per-row work differs: the kernels in
+triton_kernels.py produce the partials and the gradient; the one all-gather and the
+combination (partials.gather_and_combine) are shared with the torch implementation.
 
 Memory: the forward saves the logits themselves (no copy) and five numbers per row.
-The backward allocates the gradient in the logits' dtype, or, with the in-place option,
-writes it over the logits (peak = the logits alone). In place is off by default because
-it destroys the logits, which the caller may still hold; turn it on with
-`triton_vocab_parallel_sed_loss(..., grad_in_place=True)`, the module flag
-`GRAD_IN_PLACE`, or MEGATRON_SED_TRITON_GRAD_IN_PLACE=1. The graph can then be
-backpropagated only once.
+The backward allocates the gradient in the logits' dtype, or, with
+`SEDConfig(kernel=KernelOptions(grad_in_place=True))`, writes it over the logits (peak =
+the logits alone). In place is off by default because it destroys the logits, which the
+caller may still hold; the graph can then be backpropagated only once. Block size and
+warps come from the same KernelOptions.
 
-Limits: top_k <= MAX_TOP_K (the running top-k lives in registers). With impl="triton"
-an unsupported input raises ValueError naming the culprit; with impl="auto" it falls
-back to the torch implementation with a one-time warning.
+Limits: top_k <= MAX_TOP_K (the running top-k lives in registers); `unsupported_reason`
+says why an input cannot run (the dispatcher raises it for impl="triton" and falls back
+to torch for impl="auto").
 """
 
 from __future__ import annotations
 
-import logging
-import os
 from typing import Optional
 
 import torch
@@ -31,19 +28,11 @@ import triton
 import triton.language as tl
 
 from megatron_sed.ops import triton_kernels
-from megatron_sed.ops.config import SEDConfig
+from megatron_sed.ops.config import KernelOptions, SEDConfig
 from megatron_sed.ops.partials import NUM_FIXED_COLS, backward_needs_log, gather_and_combine
-
-logger = logging.getLogger(__name__)
 
 MAX_TOP_K = 8
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
-GRAD_IN_PLACE = os.environ.get("MEGATRON_SED_TRITON_GRAD_IN_PLACE", "0") == "1"
-# Columns per block and warps per program; None picks by dtype / block. Tests set the
-# block small to exercise many blocks; benchmarks/gpu_loss_bench.py --sweep tries others.
-BLOCK_SIZE: Optional[int] = None
-NUM_WARPS: Optional[int] = None
-_WARNED: set = set()
 
 
 def kernels_interpreted() -> bool:
@@ -77,9 +66,9 @@ def _acc_dtypes(dtype: torch.dtype):
     return torch.float32, tl.float32
 
 
-def _block_size(n_cols: int, dtype: torch.dtype) -> int:
-    if BLOCK_SIZE is not None:
-        return BLOCK_SIZE
+def _block_size(n_cols: int, dtype: torch.dtype, opts: KernelOptions) -> int:
+    if opts.block_size is not None:
+        return opts.block_size
     # 8 KiB of logits per block (4096 bf16 columns, 16 per thread at 8 warps): the forward
     # kernel then needs ~128 registers per thread, so two programs fit on an SM. Untuned
     # on hardware yet: benchmarks/gpu_loss_bench.py --sweep times the alternatives.
@@ -87,20 +76,21 @@ def _block_size(n_cols: int, dtype: torch.dtype) -> int:
     return min(triton.next_power_of_2(max(n_cols, 1)), target)
 
 
-def _num_warps(block: int) -> int:
-    if NUM_WARPS is not None:
-        return NUM_WARPS
+def _num_warps(block: int, opts: KernelOptions) -> int:
+    if opts.num_warps is not None:
+        return opts.num_warps
     return 4 if block <= 1024 else (8 if block <= 4096 else 16)
 
 
-def sed_partials(logits_2d: torch.Tensor, target_1d: torch.Tensor, vocab_start: int, top_k: int) -> torch.Tensor:
+def sed_partials(logits_2d: torch.Tensor, target_1d: torch.Tensor, vocab_start: int, top_k: int,
+                 opts: KernelOptions = KernelOptions()) -> torch.Tensor:
     """[N, V_r] logits (unit column stride) -> [N, 4 + top_k] partials (see partials.py)."""
     n, n_cols = logits_2d.shape
     acc_torch, acc_tl = _acc_dtypes(logits_2d.dtype)
     partials = torch.empty((n, NUM_FIXED_COLS + top_k), dtype=acc_torch, device=logits_2d.device)
     if n == 0:
         return partials
-    block = _block_size(n_cols, logits_2d.dtype)
+    block = _block_size(n_cols, logits_2d.dtype, opts)
     triton_kernels.sed_partials_kernel[(n,)](
         logits_2d,
         logits_2d.stride(0),
@@ -113,7 +103,7 @@ def sed_partials(logits_2d: torch.Tensor, target_1d: torch.Tensor, vocab_start: 
         KP=max(2, triton.next_power_of_2(top_k)),
         BLOCK=block,
         ACC=acc_tl,
-        num_warps=_num_warps(block),
+        num_warps=_num_warps(block, opts),
     )
     return partials
 
@@ -123,18 +113,20 @@ def sed_grad(
     target_1d: torch.Tensor,
     vocab_start: int,
     lse: torch.Tensor,
-    c1: torch.Tensor,
-    c2: torch.Tensor,
-    c3: torch.Tensor,
+    alpha: torch.Tensor,
+    beta: torch.Tensor,
+    gamma: torch.Tensor,
     use_log: bool,
     out: torch.Tensor,
+    opts: KernelOptions = KernelOptions(),
 ) -> torch.Tensor:
-    """Write grad_j = p_j (c1 + c2 log p_j) - c3 [j = y] into `out` (may be `logits_2d`)."""
+    """Write grad_j = p_j (alpha + beta log p_j) - gamma [j = y] into `out` (may be
+    `logits_2d`); alpha, beta, gamma per row, already scaled by the incoming gradient."""
     n, n_cols = logits_2d.shape
     if n == 0:
         return out
     _, acc_tl = _acc_dtypes(logits_2d.dtype)
-    block = _block_size(n_cols, logits_2d.dtype)
+    block = _block_size(n_cols, logits_2d.dtype, opts)
     triton_kernels.sed_grad_kernel[(n,)](
         logits_2d,
         logits_2d.stride(0),
@@ -142,22 +134,26 @@ def sed_grad(
         out.stride(0),
         target_1d,
         lse,
-        c1,
-        c2,
-        c3,
+        alpha,
+        beta,
+        gamma,
         n_cols,
         vocab_start,
         USE_LOG=use_log,
         BLOCK=block,
         ACC=acc_tl,
-        num_warps=_num_warps(block),
+        num_warps=_num_warps(block, opts),
     )
     return out
 
 
-class _TritonSEDLoss(torch.autograd.Function):
+class TritonSEDLoss(torch.autograd.Function):
+    """apply(logits, target, cfg, group, world_size, rank) -> (loss, *stats in
+    megatron_sed.ops.stats.STAT_NAMES order), shaped like target. Inputs are validated
+    (and this implementation chosen) by sed_loss.vocab_parallel_sed_loss."""
+
     @staticmethod
-    def forward(ctx, vocab_parallel_logits, target, cfg: SEDConfig, group, world_size, rank, grad_in_place):
+    def forward(ctx, vocab_parallel_logits, target, cfg: SEDConfig, group, world_size, rank):
         vocab_local = vocab_parallel_logits.shape[-1]
         logits_2d = vocab_parallel_logits.reshape(-1, vocab_local)
         if vocab_local > 1 and logits_2d.stride(1) != 1:
@@ -165,7 +161,7 @@ class _TritonSEDLoss(torch.autograd.Function):
         target_1d = target.reshape(-1).to(torch.int64).contiguous()
         vocab_start = rank * vocab_local
 
-        partials = sed_partials(logits_2d, target_1d, vocab_start, cfg.top_k)
+        partials = sed_partials(logits_2d, target_1d, vocab_start, cfg.top_k, cfg.kernel)
         out = gather_and_combine(partials, target_1d, cfg, group, world_size)
         valid = target_1d != cfg.ignore_index
 
@@ -175,7 +171,7 @@ class _TritonSEDLoss(torch.autograd.Function):
         ctx.save_for_backward(logits_2d, target_1d, lse, out.alpha, out.beta, out.gamma)
         ctx.use_log = backward_needs_log(cfg)
         ctx.vocab_start = vocab_start
-        ctx.grad_in_place = grad_in_place
+        ctx.opts = cfg.kernel
         ctx.input_shape = vocab_parallel_logits.shape
 
         outputs = out.outputs(target.shape)
@@ -186,35 +182,9 @@ class _TritonSEDLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, *unused_stat_grads):
         logits_2d, target_1d, lse, alpha, beta, gamma = ctx.saved_tensors
         g = grad_loss.reshape(-1).to(alpha.dtype)
-        c1, c2, c3 = (g * alpha).contiguous(), (g * beta).contiguous(), (g * gamma).contiguous()
-        out = logits_2d if ctx.grad_in_place else torch.empty_like(logits_2d, memory_format=torch.contiguous_format)
-        sed_grad(logits_2d, target_1d, ctx.vocab_start, lse.contiguous(), c1, c2, c3, ctx.use_log, out)
-        return out.view(ctx.input_shape), None, None, None, None, None, None
-
-
-def triton_vocab_parallel_sed_loss(
-    vocab_parallel_logits: torch.Tensor,
-    target: torch.Tensor,
-    cfg: SEDConfig,
-    group,
-    world_size: int,
-    rank: int,
-    grad_in_place: Optional[bool] = None,
-):
-    """The Triton counterpart of sed_loss._VocabParallelSEDLoss.apply: returns
-    (loss, ce, reg, mask, target_prob, entropy, topk_mass, correct), shaped like target.
-
-    Inputs are validated by vocab_parallel_sed_loss. grad_in_place None -> GRAD_IN_PLACE.
-    """
-    reason = unsupported_reason(vocab_parallel_logits, cfg)
-    if reason is not None:
-        if cfg.impl == "triton":
-            raise ValueError(f"SEDConfig(impl='triton'): {reason}")
-        if reason not in _WARNED:
-            _WARNED.add(reason)
-            logger.warning("SED loss: falling back to the torch implementation: %s", reason)
-        from megatron_sed.ops.sed_loss import _VocabParallelSEDLoss
-
-        return _VocabParallelSEDLoss.apply(vocab_parallel_logits, target, cfg, group, world_size, rank)
-    in_place = GRAD_IN_PLACE if grad_in_place is None else bool(grad_in_place)
-    return _TritonSEDLoss.apply(vocab_parallel_logits, target, cfg, group, world_size, rank, in_place)
+        alpha, beta, gamma = (g * alpha).contiguous(), (g * beta).contiguous(), (g * gamma).contiguous()
+        out = logits_2d if ctx.opts.grad_in_place else torch.empty_like(
+            logits_2d, memory_format=torch.contiguous_format)
+        sed_grad(logits_2d, target_1d, ctx.vocab_start, lse.contiguous(), alpha, beta, gamma,
+                 ctx.use_log, out, ctx.opts)
+        return out.view(ctx.input_shape), None, None, None, None, None

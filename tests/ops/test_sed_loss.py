@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from megatron_sed import SEDConfig, SEDLoss, reduce_sed_stats, sed_stat_sums, vocab_parallel_sed_loss
+from megatron_sed import KernelOptions, SEDConfig, SEDLoss, SEDStats, reduce_sed_stats, vocab_parallel_sed_loss
 from sed_reference import GRAD_TOL, TOL, make_inputs, reference_sed
 
 pytestmark = pytest.mark.compat
@@ -154,38 +154,42 @@ def test_nonfinite_logits_are_flagged_not_hidden():
     torch.testing.assert_close(loss[keep], good_loss[keep])
     summary = reduce_sed_stats(stats)
     assert summary["nonfinite_tokens"] == 2
-    assert summary["num_tokens"] == 4 and math.isfinite(summary["lm_loss"])
+    assert summary["num_tokens"] == 4 and math.isfinite(summary["ce_loss"])
 
 
-def test_stat_sums_match_masked_means():
+def test_typed_stats_and_the_one_reduction_match_masked_means():
+    """SEDStats is typed (attributes) and a mapping; sed_report's [sum, count] pairs (what
+    Megatron logs) and reduce_sed_stats give the loss-masked means; loss_mask is in
+    Megatron's [b, s] layout while the stats are [s, b]."""
+    from megatron_sed import STAT_FIELDS, sed_report
+
     logits, target = make_inputs(6, 3, 25, seed=8)
     _, loss, stats = run_op(logits.float(), target, SEDConfig(mask="topk_mass", threshold=0.8))
-    loss_mask = (target != -100).float()
+    assert isinstance(stats, SEDStats) and stats.ce is stats["ce"]
+    assert set(stats) == {f.name for f in STAT_FIELDS} and len(stats) == 7
+    loss_mask = (target != -100).float()  # [s, b]
     loss_mask[0] = 0
-    summary = reduce_sed_stats(stats, loss_mask)
     w = loss_mask.bool()
-    assert summary["num_tokens"] == int(w.sum())
-    assert summary["lm_loss"] == pytest.approx(float(stats["ce"][w].double().mean()), rel=1e-9)
-    assert summary["sed_mask_rate"] == pytest.approx(float(stats["mask"][w].double().mean()), rel=1e-9)
-    assert summary["top1_acc"] == pytest.approx(float(stats["correct"][w].double().mean()), rel=1e-9)
-    assert summary["entropy"] == pytest.approx(float(stats["entropy"][w].double().mean()), rel=1e-9)
-    sums = sed_stat_sums(stats, loss_mask) + sed_stat_sums(stats, loss_mask)
-    from megatron_sed import summarize_sed_stat_sums
+    summary = reduce_sed_stats(stats, loss_mask.t().contiguous())
+    pairs = sed_report(stats, loss_mask.t().contiguous())
+    assert summary["num_tokens"] == int(w.sum()) == float(pairs["ce loss"][1])
+    for f in STAT_FIELDS:
+        want = float(stats[f.name][w].double().mean())
+        assert summary[f.metric_key] == pytest.approx(want, rel=1e-6), f.name
+        assert float(pairs[f.report_key][0] / pairs[f.report_key][1]) == pytest.approx(want, rel=1e-5)
+    with pytest.raises(KeyError, match="not an SED statistic"):
+        stats["loss"]
 
-    assert summarize_sed_stat_sums(sums)["lm_loss"] == pytest.approx(summary["lm_loss"], rel=1e-12)
 
-
-def test_module_wrapper_and_chunking(monkeypatch):
+def test_module_wrapper_and_chunking():
     """Results do not depend on the chunk size (one row per chunk vs all rows)."""
-    import megatron_sed.ops.sed_loss as sed_loss
-
     logits, target = make_inputs(5, 3, 33, seed=9)
-    cfg = SEDConfig(mask="entropy", threshold=1.0, regularizer="entropy", top_k=4)
-    module = SEDLoss(cfg)
-    assert "entropy" in repr(module)
     outs = []
     for chunk_bytes in (1, 1 << 30):
-        monkeypatch.setattr(sed_loss, "_DEFAULT_CHUNK_BYTES", chunk_bytes)
+        cfg = SEDConfig(mask="entropy", threshold=1.0, regularizer="entropy", top_k=4,
+                        kernel=KernelOptions(chunk_bytes=chunk_bytes))
+        module = SEDLoss(cfg)
+        assert "entropy" in repr(module)
         x = logits.float().clone().requires_grad_()
         loss, stats = module(x, target)
         loss.sum().backward()
@@ -237,7 +241,7 @@ def test_bad_inputs_raise_value_error_naming_the_value():
 def test_block_topk_equals_torch_topk(k):
     """The block-max top-k shortcut (taken when the shard is a multiple of 64 wide) gives
     torch.topk's values, ties across and within blocks included."""
-    from megatron_sed.ops.sed_loss import VocabParallelSED
+    from megatron_sed.ops.torch_sed import VocabParallelSED
 
     g = torch.Generator().manual_seed(k)
     w = torch.randn(64, 1024, generator=g)
@@ -259,3 +263,19 @@ def test_wide_vocab_matches_reference():
     loss.sum().backward()
     ref_loss.sum().backward()
     torch.testing.assert_close(x.grad.double(), ref_x.grad, **GRAD_TOL[torch.float32])
+
+
+def test_chunks_are_sized_for_the_device():
+    """CPU: cache-sized chunks (one thread); GPU: a few large ones. At 8192 x 131072 fp32
+    on a GPU that is 8 chunks (~80 kernel launches per forward) instead of 2,000."""
+    from megatron_sed.ops.torch_sed import rows_per_chunk
+
+    n, row = 8192, 131072 * 4
+    opts = KernelOptions()
+    gpu_rows = rows_per_chunk(n, row, torch.device("cuda"), opts)
+    assert -(-n // gpu_rows) == 8
+    torch.set_num_threads(1)
+    cpu_rows = rows_per_chunk(n, row, torch.device("cpu"), opts)
+    assert cpu_rows * row <= 2 << 20 and -(-n // cpu_rows) >= 1000
+    assert rows_per_chunk(n, row, torch.device("cuda"), KernelOptions(chunk_bytes=row * 3)) == 3
+    assert rows_per_chunk(10, 1 << 30, torch.device("cuda"), opts) == 1  # at least one row

@@ -1,9 +1,9 @@
 """Triton SED kernels (run on CPU tensors by the Triton interpreter) against the torch
 implementation and an independent float64 full-vocabulary reference written here.
 
-The interpreter executes each program in Python, so shapes stay tiny; BLOCK_SIZE is
-set small so the online max / sum-exp / top-k updates cross several blocks and a
-ragged tail.
+The interpreter executes each program in Python, so shapes stay tiny; the block size
+(KernelOptions.block_size) is set small so the online max / sum-exp / top-k updates cross
+several blocks and a ragged tail.
 """
 
 import os
@@ -22,9 +22,10 @@ import torch  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-from megatron_sed import SEDConfig, vocab_parallel_sed_loss  # noqa: E402
+from megatron_sed import KernelOptions, vocab_parallel_sed_loss  # noqa: E402
+from megatron_sed import SEDConfig as _SEDConfig  # noqa: E402
 from megatron_sed.ops import triton_sed  # noqa: E402
-from megatron_sed.ops.triton_sed import sed_partials, triton_vocab_parallel_sed_loss  # noqa: E402
+from megatron_sed.ops.triton_sed import sed_partials  # noqa: E402
 
 if not torch.cuda.is_available() and not triton_sed.kernels_interpreted():
     pytest.skip(
@@ -51,9 +52,11 @@ def make_inputs(s, b, vocab, seed, scale=3.0):
     return make_sed_inputs(s, b, vocab, seed, scale=scale, ignore_frac=0.2, ignore_index=IGNORE)
 
 
-@pytest.fixture(autouse=True)
-def small_blocks(monkeypatch):
-    monkeypatch.setattr(triton_sed, "BLOCK_SIZE", 16)
+SMALL_BLOCKS = KernelOptions(block_size=16)
+
+
+def SEDConfig(**kw):  # noqa: N802 - the tests' configs: small Triton blocks
+    return _SEDConfig(kernel=kw.pop("kernel", SMALL_BLOCKS), **kw)
 
 
 def run(logits, target, cfg, grad_out):
@@ -118,7 +121,7 @@ def test_partials_ties_padding_and_neg_inf():
     target = torch.tensor([0, 36, 5, 100, -3, IGNORE])  # 100 and -3: other shards
     vocab_start = 0
     for dtype, tol in ((torch.float32, dict(rtol=1e-6, atol=1e-6)), (torch.float64, {})):
-        p = sed_partials(x.to(dtype), target, vocab_start, 5).double()
+        p = sed_partials(x.to(dtype), target, vocab_start, 5, SMALL_BLOCKS).double()
         m = x.max(-1).values
         e = torch.exp(x - m[:, None])
         torch.testing.assert_close(p[:, 0], m, **tol)
@@ -128,7 +131,7 @@ def test_partials_ties_padding_and_neg_inf():
         z_y = x.gather(1, target.clamp(0, 36)[:, None]).squeeze(1)
         torch.testing.assert_close(p[:, 3], torch.where(in_shard, z_y, 0.0), **tol)
         torch.testing.assert_close(p[:, 4:], x.topk(5, dim=-1).values, **tol)
-    narrow = sed_partials(torch.tensor([[1.0, 3.0, 2.0]]), torch.tensor([2]), 0, 5)
+    narrow = sed_partials(torch.tensor([[1.0, 3.0, 2.0]]), torch.tensor([2]), 0, 5, SMALL_BLOCKS)
     assert narrow[0, 4:].tolist() == [3.0, 2.0, 1.0, float("-inf"), float("-inf")]
     assert narrow[0, 3].item() == 2.0
 
@@ -143,15 +146,16 @@ def test_gradcheck_float64():
 
 def test_grad_in_place_writes_over_the_logits():
     logits, target = make_inputs(3, 2, 20, seed=7)
-    cfg = SEDConfig(coef=1.0, top_k=2, threshold=0.9, impl="triton")
     grads = {}
     for in_place in (False, True):
+        cfg = SEDConfig(coef=1.0, top_k=2, threshold=0.9, impl="triton",
+                        kernel=KernelOptions(block_size=16, grad_in_place=in_place))
         leaf = logits.to(torch.bfloat16).requires_grad_()
         y = leaf * 1  # a non-leaf, like the output layer's logits
         seen = {}
         y.register_hook(lambda grad, seen=seen: seen.update(grad=grad))
-        outs = triton_vocab_parallel_sed_loss(y, target, cfg, None, 1, 0, grad_in_place=in_place)
-        outs[0].sum().backward()
+        loss, _ = vocab_parallel_sed_loss(y, target, cfg)  # the public API reaches it
+        loss.sum().backward()
         assert (seen["grad"].data_ptr() == y.data_ptr()) == in_place
         grads[in_place] = leaf.grad
     assert torch.equal(grads[True], grads[False])
@@ -162,18 +166,20 @@ def test_top_k_above_kernel_limit():
     cfg = SEDConfig(top_k=triton_sed.MAX_TOP_K + 1, threshold=0.9, impl="triton")
     with pytest.raises(ValueError, match="top_k=9"):
         vocab_parallel_sed_loss(logits.float(), target, cfg)
-    # impl="auto" (reached on CUDA tensors) falls back to the torch implementation.
+    # impl="auto" (Triton on CUDA tensors) falls back to the torch implementation.
+    from megatron_sed.ops.sed_loss import choose_impl
+
     auto = cfg.replace(impl="auto")
-    got = triton_vocab_parallel_sed_loss(logits.float(), target, auto, None, 1, 0)
-    want, _ = vocab_parallel_sed_loss(logits.float(), target, auto.replace(impl="torch"))
-    torch.testing.assert_close(got[0], want)
+    cuda_like = type("CudaLogits", (), {"is_cuda": True, "dtype": torch.float32})()
+    assert choose_impl(cuda_like, auto) == "torch"
+    assert choose_impl(logits.float(), cfg.replace(top_k=2)) == "triton"
+    assert choose_impl(logits.float(), auto.replace(top_k=2)) == "torch"  # CPU tensors
 
 
 # ----------------------------------------------------------------------------- TP = 2
 def _tp_worker(rank, world_size):
     import torch.distributed as dist
 
-    triton_sed.BLOCK_SIZE = 8
     logits64, target = make_inputs(4, 2, 26, seed=21)  # identical on every rank
     shard = 26 // world_size
     grad_out = torch.rand(target.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
@@ -219,7 +225,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
         triton.compile(ASTSource(K.sed_partials_kernel, fwd, dict(NUM_PARTIAL_COLS=12, K=8, KP=8, BLOCK=4096, ACC=ACC)),
                        target=target, options=dict(num_warps=8))
         bwd = dict(logits_ptr=ptr, stride_row="i64", grad_ptr=ptr, grad_stride_row="i64", target_ptr="*i64",
-                   lse_ptr=acc, c1_ptr=acc, c2_ptr=acc, c3_ptr=acc, n_cols="i32", vocab_start="i32",
+                   lse_ptr=acc, alpha_ptr=acc, beta_ptr=acc, gamma_ptr=acc, n_cols="i32", vocab_start="i32",
                    USE_LOG="constexpr", BLOCK="constexpr", ACC="constexpr")
         triton.compile(ASTSource(K.sed_grad_kernel, bwd, dict(USE_LOG=True, BLOCK=4096, ACC=ACC)),
                        target=target, options=dict(num_warps=8))
