@@ -38,6 +38,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-timeout",
+            "ruff",  # lint + format check, run by scripts/test.sh before pytest
             "triton>=3.1",
             "six",
             "regex",

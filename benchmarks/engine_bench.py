@@ -31,11 +31,30 @@ import tempfile
 from pathlib import Path
 
 DEMO_MODEL = [
-    "--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "4",
-    "--group-query-attention", "--num-query-groups", "2", "--normalization", "RMSNorm", "--swiglu",
-    "--disable-bias-linear", "--position-embedding-type", "rope",
-    "--untie-embeddings-and-output-weights", "--hidden-dropout", "0", "--attention-dropout", "0",
-    "--seq-length", "256", "--max-position-embeddings", "256",
+    "--num-layers",
+    "4",
+    "--hidden-size",
+    "128",
+    "--num-attention-heads",
+    "4",
+    "--group-query-attention",
+    "--num-query-groups",
+    "2",
+    "--normalization",
+    "RMSNorm",
+    "--swiglu",
+    "--disable-bias-linear",
+    "--position-embedding-type",
+    "rope",
+    "--untie-embeddings-and-output-weights",
+    "--hidden-dropout",
+    "0",
+    "--attention-dropout",
+    "0",
+    "--seq-length",
+    "256",
+    "--max-position-embeddings",
+    "256",
 ]
 
 
@@ -44,8 +63,18 @@ def _run(python: str, flags, workdir: Path, env_extra=None, nproc=2, pythonpath=
     metrics = workdir / "metrics.jsonl"
     if metrics.exists():
         metrics.unlink()
-    cmd = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "megatron_sed.train", *flags, "--metrics-file", str(metrics)]
+    cmd = [
+        python,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "megatron_sed.train",
+        *flags,
+        "--metrics-file",
+        str(metrics),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env_extra or {}))
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
@@ -63,8 +92,15 @@ def _pairs(label_a, run_a, label_b, run_b, repeats):
         a.append(run_a())
         b.append(run_b())
     ratios = [x / y for x, y in zip(a, b)]
-    return {"a": label_a, "b": label_b, "a_ms": statistics.median(a), "b_ms": statistics.median(b),
-            "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
+    return {
+        "a": label_a,
+        "b": label_b,
+        "a_ms": statistics.median(a),
+        "b_ms": statistics.median(b),
+        "ratio": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+    }
 
 
 def main(argv=None) -> int:
@@ -79,40 +115,117 @@ def main(argv=None) -> int:
     if a.quick:
         a.iters, a.repeats, a.vocab = 30, 1, [32000]
     tmp = Path(tempfile.mkdtemp(prefix="engine_bench_"))
-    common = [*DEMO_MODEL, "--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "2",
-              "--weight-decay", "0.01", "--clip-grad", "1.0", "--synthetic-num-problems", "400",
-              "--split", "90,10,0", "--log-interval", str(max(5, a.iters // 6)),
-              "--train-iters", str(a.iters)]
-    print(f"# engine step time, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"python {platform.python_version()}")
+    common = [
+        *DEMO_MODEL,
+        "--lr",
+        "1e-3",
+        "--min-lr",
+        "1e-4",
+        "--lr-warmup-iters",
+        "2",
+        "--weight-decay",
+        "0.01",
+        "--clip-grad",
+        "1.0",
+        "--synthetic-num-problems",
+        "400",
+        "--split",
+        "90,10,0",
+        "--log-interval",
+        str(max(5, a.iters // 6)),
+        "--train-iters",
+        str(a.iters),
+    ]
+    print(
+        f"# engine step time, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"python {platform.python_version()}"
+    )
     rows = []
     if a.old_tree is not None:
-        demo = [*common, "--micro-batch-size", "8", "--global-batch-size", "16", "--loss-type", "sed",
-                "--sed-threshold", "0.9"]
+        demo = [
+            *common,
+            "--micro-batch-size",
+            "8",
+            "--global-batch-size",
+            "16",
+            "--loss-type",
+            "sed",
+            "--sed-threshold",
+            "0.9",
+        ]
         new_dir, old_dir = tmp / "new", tmp / "old"
         new_dir.mkdir()
         old_dir.mkdir()
-        rows.append(("demo model, vocab 262, DP 2", _pairs(
-            "engine", lambda: _run(sys.executable, [*demo, "--synthetic-cache-dir", str(tmp / "syn_new"),
-                                                     "--eval-iters", "1", "--eval-interval", "100000"], new_dir),
-            "old loop", lambda: _run(a.old_python, [*demo, "--synthetic-cache-dir", str(tmp / "syn_old")],
-                                     old_dir, pythonpath=str(a.old_tree)),
-            a.repeats)))
+        rows.append(
+            (
+                "demo model, vocab 262, DP 2",
+                _pairs(
+                    "engine",
+                    lambda: _run(
+                        sys.executable,
+                        [
+                            *demo,
+                            "--synthetic-cache-dir",
+                            str(tmp / "syn_new"),
+                            "--eval-iters",
+                            "1",
+                            "--eval-interval",
+                            "100000",
+                        ],
+                        new_dir,
+                    ),
+                    "old loop",
+                    lambda: _run(
+                        a.old_python,
+                        [*demo, "--synthetic-cache-dir", str(tmp / "syn_old")],
+                        old_dir,
+                        pythonpath=str(a.old_tree),
+                    ),
+                    a.repeats,
+                ),
+            )
+        )
     for vocab in a.vocab:
-        flags = [*common, "--micro-batch-size", "4", "--global-batch-size", "8", "--tokenizer-type",
-                 "NullTokenizer", "--vocab-size", str(vocab), "--eval-iters", "1",
-                 "--eval-interval", "100000", "--synthetic-cache-dir", str(tmp / "syn_new")]
+        flags = [
+            *common,
+            "--micro-batch-size",
+            "4",
+            "--global-batch-size",
+            "8",
+            "--tokenizer-type",
+            "NullTokenizer",
+            "--vocab-size",
+            str(vocab),
+            "--eval-iters",
+            "1",
+            "--eval-interval",
+            "100000",
+            "--synthetic-cache-dir",
+            str(tmp / "syn_new"),
+        ]
         d = tmp / f"v{vocab}"
         d.mkdir()
-        rows.append((f"demo model, vocab {vocab}, DP 2", _pairs(
-            "SED", lambda: _run(sys.executable, [*flags, "--loss-type", "sed", "--sed-threshold", "0.9"], d),
-            "Megatron CE", lambda: _run(sys.executable, [*flags, "--loss-type", "ce", "--no-sed-stats"], d),
-            a.repeats)))
+        rows.append(
+            (
+                f"demo model, vocab {vocab}, DP 2",
+                _pairs(
+                    "SED",
+                    lambda f=flags, d=d: _run(
+                        sys.executable, [*f, "--loss-type", "sed", "--sed-threshold", "0.9"], d
+                    ),
+                    "Megatron CE",
+                    lambda f=flags, d=d: _run(sys.executable, [*f, "--loss-type", "ce", "--no-sed-stats"], d),
+                    a.repeats,
+                ),
+            )
+        )
     print("\n| setting | A | B | A step (ms) | B step (ms) | A/B (median of pairs) | A/B min-max |")
     print("|---|---|---|---|---|---|---|")
     for setting, r in rows:
-        print(f"| {setting} | {r['a']} | {r['b']} | {r['a_ms']:.1f} | {r['b_ms']:.1f} | "
-              f"{r['ratio']:.3f} | {r['ratio_min']:.3f}-{r['ratio_max']:.3f} |")
+        print(
+            f"| {setting} | {r['a']} | {r['b']} | {r['a_ms']:.1f} | {r['b_ms']:.1f} | "
+            f"{r['ratio']:.3f} | {r['ratio_min']:.3f}-{r['ratio_max']:.3f} |"
+        )
     return 0
 
 

@@ -31,8 +31,9 @@ import socket
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Optional
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -120,13 +121,13 @@ def init_megatron_tp1(device):
     return parallel_state.get_tensor_model_parallel_group()
 
 
-def build_methods(args, device, tp_group) -> Dict[str, Callable]:
+def build_methods(args, device, tp_group) -> dict[str, Callable]:
     """name -> fn(logits [s, b, V], target [s, b]) returning a per-token loss (or a reason str)."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     from megatron_sed import SEDConfig, vocab_parallel_sed_loss
 
-    methods: Dict[str, Callable] = {}
+    methods: dict[str, Callable] = {}
     methods["megatron_ce_unfused"] = lambda x, t: vocab_parallel_cross_entropy(x, t)
     if device.type == "cuda":
         from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
@@ -153,11 +154,12 @@ def build_methods(args, device, tp_group) -> Dict[str, Callable]:
         methods["sed_triton"] = methods["sed_triton_inplace"] = reason
         return methods
 
-    from megatron_sed import KernelOptions, vocab_parallel_sed_loss
+    from megatron_sed import KernelOptions
 
     def triton_fn(in_place, block=None, warps=None):
-        cfg = sed.replace(impl="triton", kernel=KernelOptions(block_size=block, num_warps=warps,
-                                                               grad_in_place=in_place))
+        cfg = sed.replace(
+            impl="triton", kernel=KernelOptions(block_size=block, num_warps=warps, grad_in_place=in_place)
+        )
 
         def fn(x, t):
             return vocab_parallel_sed_loss(x, t, cfg)[0]
@@ -233,7 +235,7 @@ def fmt(v, spec):
     return "-" if v is None or v != v else format(v, spec)
 
 
-def format_table(results: List[Result], vocab: int, elem_size: int, copy_bw: Dict[int, float]) -> str:
+def format_table(results: list[Result], vocab: int, elem_size: int, copy_bw: dict[int, float]) -> str:
     """Markdown table; ratios against Megatron's native fused CE of the same token count."""
     lines = [
         "| tokens | method | fwd ms | bwd ms | total ms | vs Megatron fused CE | GB/s (3 passes) "
@@ -246,7 +248,9 @@ def format_table(results: List[Result], vocab: int, elem_size: int, copy_bw: Dic
         logits_and_grad = 2 * r.tokens * vocab * elem_size
         ref = next((q for q in results if q.tokens == r.tokens and q.method == "megatron_ce_fused"), None)
         ran = r.total_ms == r.total_ms
-        vs_fused = r.total_ms / ref.total_ms if ran and ref is not None and ref.total_ms == ref.total_ms else None
+        vs_fused = (
+            r.total_ms / ref.total_ms if ran and ref is not None and ref.total_ms == ref.total_ms else None
+        )
         gbps = must_move / (r.total_ms / 1e3) / 1e9 if ran else None
         floor_ms = must_move / copy_bw[r.tokens] * 1e3 if r.tokens in copy_bw else None
         x_floor = r.total_ms / floor_ms if ran and floor_ms else None
@@ -282,19 +286,26 @@ def main(argv=None) -> int:
     if args.methods:
         unknown = set(args.methods) - set(methods)
         if unknown:
-            print(f"gpu_loss_bench: unknown --methods {sorted(unknown)}; known: {sorted(methods)}", file=sys.stderr)
+            print(
+                f"gpu_loss_bench: unknown --methods {sorted(unknown)}; known: {sorted(methods)}",
+                file=sys.stderr,
+            )
             return 2
         methods = {k: v for k, v in methods.items() if k in args.methods}
     timer = Timer(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run, Triton interpreter)"
+    name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run, Triton interpreter)"
+    )
     print(f" > gpu_loss_bench on {name}: vocab {args.vocab}, {args.dtype}, tokens {args.tokens}", flush=True)
 
-    results: List[Result] = []
-    copy_bw: Dict[int, float] = {}
+    results: list[Result] = []
+    copy_bw: dict[int, float] = {}
     for tokens in args.tokens:
         g = torch.Generator(device=device).manual_seed(1234)
         # LM-like logits: a few confident rows, most spread (so the SED mask is mixed).
-        master = (torch.randn(tokens, 1, args.vocab, generator=g, device=device, dtype=torch.float32) * 2.0).to(dtype)
+        master = (
+            torch.randn(tokens, 1, args.vocab, generator=g, device=device, dtype=torch.float32) * 2.0
+        ).to(dtype)
         target = torch.randint(0, args.vocab, (tokens, 1), generator=g, device=device)
         copy_bw[tokens] = copy_bandwidth(master, timer)
         ref_loss = {}

@@ -119,15 +119,31 @@ def worker(args):
 
 # --------------------------------------------------------------------------- driver
 def measure(impl, tokens, vocab, dtype, tp, repeat, threads):
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--impl", impl, "--tokens", str(tokens),
-           "--vocab", str(vocab), "--dtype", dtype, "--tp", str(tp), "--repeat", str(repeat),
-           "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        "--impl",
+        impl,
+        "--tokens",
+        str(tokens),
+        "--vocab",
+        str(vocab),
+        "--dtype",
+        dtype,
+        "--tp",
+        str(tp),
+        "--repeat",
+        str(repeat),
+        "--threads",
+        str(threads),
+    ]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp}"] + cmd[1:]
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(threads))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"benchmark worker failed ({' '.join(cmd)}):\n{out.stderr[-3000:]}")
-    line = [l for l in out.stdout.splitlines() if l.startswith("{")][-1]
+    line = [x for x in out.stdout.splitlines() if x.startswith("{")][-1]
     return json.loads(line)
 
 
@@ -160,8 +176,12 @@ def main():
     p.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: cores / tp)")
-    p.add_argument("--max-naive-gib", type=float, default=14.0,
-                   help="skip the naive op where its estimated memory exceeds this")
+    p.add_argument(
+        "--max-naive-gib",
+        type=float,
+        default=14.0,
+        help="skip the naive op where its estimated memory exceeds this",
+    )
     p.add_argument("--write-docs", action="store_true", help="update the table in docs/performance.md")
     # worker mode
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -176,8 +196,10 @@ def main():
 
     cores = os.cpu_count() or 1
     rows = []
-    header = ("| tokens | vocab | dtype | TP | CE ms | SED ms | naive ms | SED/CE time | "
-              "CE peak MiB | SED peak MiB | naive peak MiB | SED/CE mem | naive/SED mem |")
+    header = (
+        "| tokens | vocab | dtype | TP | CE ms | SED ms | naive ms | SED/CE time | "
+        "CE peak MiB | SED peak MiB | naive peak MiB | SED/CE mem | naive/SED mem |"
+    )
     print(header)
     print("|" + "---|" * 13)
     for tokens in args.tokens:
@@ -185,7 +207,10 @@ def main():
             for dtype in args.dtypes:
                 for tp in args.tp:
                     threads = args.threads or max(1, cores // tp)
-                    res = {impl: measure(impl, tokens, vocab, dtype, tp, args.repeat, threads) for impl in ("ce", "sed")}
+                    res = {
+                        impl: measure(impl, tokens, vocab, dtype, tp, args.repeat, threads)
+                        for impl in ("ce", "sed")
+                    }
                     nbytes = 2 if dtype == "bfloat16" else 4
                     if tp == 1 and estimate_naive_bytes(tokens, vocab, nbytes) <= args.max_naive_gib * 2**30:
                         res["naive"] = measure("naive", tokens, vocab, dtype, tp, args.repeat, threads)
@@ -194,9 +219,11 @@ def main():
                     naive_ms = f"{ms['naive']:.0f}" if "naive" in ms else "n/a"
                     naive_mib = f"{mib['naive']:.0f}" if "naive" in mib else "n/a"
                     naive_ratio = f"{mib['naive'] / max(mib['sed'], 1):.2f}" if "naive" in mib else "n/a"
-                    row = (f"| {tokens} | {vocab} | {dtype} | {tp} | {ms['ce']:.0f} | {ms['sed']:.0f} | {naive_ms} | "
-                           f"{ms['sed'] / ms['ce']:.2f} | {mib['ce']:.0f} | {mib['sed']:.0f} | {naive_mib} | "
-                           f"{mib['sed'] / max(mib['ce'], 1):.2f} | {naive_ratio} |")
+                    row = (
+                        f"| {tokens} | {vocab} | {dtype} | {tp} | {ms['ce']:.0f} | {ms['sed']:.0f} | {naive_ms} | "
+                        f"{ms['sed'] / ms['ce']:.2f} | {mib['ce']:.0f} | {mib['sed']:.0f} | {naive_mib} | "
+                        f"{mib['sed'] / max(mib['ce'], 1):.2f} | {naive_ratio} |"
+                    )
                     print(row, flush=True)
                     rows.append(row)
     stamp = f"{datetime.date.today().isoformat()}, {machine_description()}"
@@ -209,9 +236,9 @@ def write_docs(table: str, stamp: str, args) -> None:
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "performance.md")
     text = open(path).read() if os.path.exists(path) else "# Performance\n"
     cmd = "python benchmarks/loss_bench.py" + (" --quick" if args.quick else "")
-    block = (f"{BEGIN}\nMeasured {stamp}, `{cmd}`, median of {args.repeat} fwd+bwd runs:\n\n{table}\n{END}")
+    block = f"{BEGIN}\nMeasured {stamp}, `{cmd}`, median of {args.repeat} fwd+bwd runs:\n\n{table}\n{END}"
     if BEGIN in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
     else:
         text += f"\n## CPU loss: SED vs Megatron CE\n\n{block}\n"
     tmp = path + ".tmp"

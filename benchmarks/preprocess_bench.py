@@ -64,25 +64,50 @@ def build_hf_tokenizer(directory: str, corpus: str) -> str:
     specials = ["<unk>", "<pad>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     with open(corpus, encoding="utf-8") as f:
         texts = [json.loads(line)["response"] for line in islice(f, 2000)]
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=8000, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
-                                   eos_token="<|endoftext|>", additional_special_tokens=specials[3:])
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=8000, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        eos_token="<|endoftext|>",
+        additional_special_tokens=specials[3:],
+    )
     fast.chat_template = CHATML_TEMPLATE
     fast.save_pretrained(directory)
     return directory
 
 
 def run_one(corpus: str, out_prefix: str, tokenizer: str, tok_dir: str, workers: int) -> dict:
-    cmd = [sys.executable, "-m", "megatron_sed.data.preprocess", "--input", corpus, "--output-prefix", out_prefix,
-           "--tokenizer-type", tokenizer, "--workers", str(workers), "--system-prompt", "math", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "megatron_sed.data.preprocess",
+        "--input",
+        corpus,
+        "--output-prefix",
+        out_prefix,
+        "--tokenizer-type",
+        tokenizer,
+        "--workers",
+        str(workers),
+        "--system-prompt",
+        "math",
+        "--no-progress",
+    ]
     if tokenizer == "hf":
         cmd += ["--tokenizer-model", tok_dir]
     # A fresh intermediary per run, so ru_maxrss (a running max over waited-for descendants,
     # workers included) covers this configuration only.
-    probe = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
-             "print('PEAK_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
-             "sys.exit(r.returncode)")
+    probe = (
+        "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+        "print('PEAK_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+        "sys.exit(r.returncode)"
+    )
     start = time.time()
     proc = subprocess.run([sys.executable, "-c", probe] + cmd, capture_output=True, text=True)
     wall = time.time() - start
@@ -96,8 +121,14 @@ def run_one(corpus: str, out_prefix: str, tokenizer: str, tok_dir: str, workers:
     # "seconds" in PREFIX.json is the conversion loop only (no interpreter / import start-up).
     loop = meta["seconds"]
     return dict(
-        tokenizer=tokenizer, workers=workers, rows=meta["num_rows"], tokens=meta["num_tokens"],
-        loop_s=loop, wall_s=wall, rows_per_s=meta["num_rows"] / loop, tokens_per_s=meta["num_tokens"] / loop,
+        tokenizer=tokenizer,
+        workers=workers,
+        rows=meta["num_rows"],
+        tokens=meta["num_tokens"],
+        loop_s=loop,
+        wall_s=wall,
+        rows_per_s=meta["num_rows"] / loop,
+        tokens_per_s=meta["num_tokens"] / loop,
         peak_mib=peak_kib / 1024,
     )
 
@@ -126,14 +157,18 @@ def main() -> None:
             print(json.dumps(r), file=sys.stderr)
             results.append(r)
 
-    print(f"\n{args.rows} rows, {size / 2**20:.0f} MiB jsonl, mean response {args.mean_chars} chars; "
-          f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}\n")
+    print(
+        f"\n{args.rows} rows, {size / 2**20:.0f} MiB jsonl, mean response {args.mean_chars} chars; "
+        f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}\n"
+    )
     print("| tokenizer | workers | rows/s | tokens/s | loop s | wall s | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
         peak = f"{r['peak_mib']:.0f}"
-        print(f"| {r['tokenizer']} | {r['workers']} | {r['rows_per_s']:,.0f} | {r['tokens_per_s']:,.0f} | "
-              f"{r['loop_s']:.1f} | {r['wall_s']:.1f} | {peak} |")
+        print(
+            f"| {r['tokenizer']} | {r['workers']} | {r['rows_per_s']:,.0f} | {r['tokens_per_s']:,.0f} | "
+            f"{r['loop_s']:.1f} | {r['wall_s']:.1f} | {peak} |"
+        )
     if not args.workdir:
         shutil.rmtree(work)
 

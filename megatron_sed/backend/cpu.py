@@ -43,15 +43,20 @@ refuses, because silently training on the CPU there would be a disaster.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, List, Optional, Tuple
+import time
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
+import torch._dynamo
+import torch.cuda.random as cuda_random
+import torch.utils.data as tud
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["install", "uninstall", "is_active", "gpu_present"]
 
 _CPU = torch.device("cpu")
-_state: Optional["_Installed"] = None
+_state: Optional[_Installed] = None
 # torch.cuda.is_available before any patching: the truth about this machine.
 _real_cuda_available: Callable[[], bool] = torch.cuda.is_available
 
@@ -155,7 +160,6 @@ class _Event:
         self._t = None
 
     def record(self, *a, **k):
-        import time
 
         self._t = time.perf_counter()
 
@@ -168,7 +172,7 @@ class _Event:
     def query(self):
         return True
 
-    def elapsed_time(self, end: "_Event") -> float:
+    def elapsed_time(self, end: _Event) -> float:
         if self._t is None or end._t is None:
             return 0.0
         return 1000.0 * (end._t - self._t)
@@ -180,7 +184,9 @@ class _DeviceProperties:
     name = "cpu (megatron-sed CPU backend)"
     major, minor = 8, 0
     multi_processor_count = max(1, os.cpu_count() or 1)
-    total_memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 1 << 34
+    total_memory = (
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 1 << 34
+    )
     uuid = "cpu"
     is_integrated = False
 
@@ -204,7 +210,7 @@ class _Installed:
     """The patches of one install(), undone in reverse order by uninstall()."""
 
     def __init__(self) -> None:
-        self.undo: List[Tuple[Any, str, Any, bool]] = []
+        self.undo: list[tuple[Any, str, Any, bool]] = []
         self.mode = _CudaOnCpu()
 
     def set(self, owner: Any, name: str, value: Any) -> None:
@@ -227,7 +233,7 @@ class _Installed:
 def _patch_torch_cuda(st: _Installed) -> None:
     c = torch.cuda
     gen = _cuda_generator
-    patches: Dict[str, Any] = {
+    patches: dict[str, Any] = {
         "is_available": lambda: True,
         "is_initialized": lambda: True,
         "device_count": lambda: 1,
@@ -267,10 +273,16 @@ def _patch_torch_cuda(st: _Installed) -> None:
     }
     for name, value in patches.items():
         st.set(c, name, value)
-    import torch.cuda.random as cuda_random
 
-    for name in ("get_rng_state", "set_rng_state", "get_rng_state_all", "set_rng_state_all",
-                 "manual_seed", "manual_seed_all", "initial_seed"):
+    for name in (
+        "get_rng_state",
+        "set_rng_state",
+        "get_rng_state_all",
+        "set_rng_state_all",
+        "manual_seed",
+        "manual_seed_all",
+        "initial_seed",
+    ):
         st.set(cuda_random, name, patches[name])
 
 
@@ -279,7 +291,6 @@ def _patch_tensors_and_loaders(st: _Installed) -> None:
     st.set(torch.nn.Module, "cuda", lambda self, *a, **k: self)
     st.set(torch.Tensor, "pin_memory", lambda self, *a, **k: self)
     st.set(torch.Tensor, "type", _cuda_type(torch.Tensor.type))
-    import torch.utils.data as tud
 
     plain_init = tud.DataLoader.__init__
 
@@ -295,19 +306,18 @@ def _patch_tensors_and_loaders(st: _Installed) -> None:
 
 
 def _skip_compilation(st: _Installed) -> None:
-    import torch._dynamo
 
     st.set(torch._dynamo.config, "disable", True)
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # Megatron asserts it for overlap
     try:
-        import megatron.core.datasets.utils as dataset_utils
+        import megatron.core.datasets.utils as dataset_utils  # noqa: PLC0415 (only when megatron-core is installed)
     except ImportError:
         pass
     else:
         # The megatron-core wheel ships the built helpers_cpp but no Makefile.
         st.set(dataset_utils, "compile_helpers", lambda: None)
     try:  # Megatron-LM checkouts: nvcc-built legacy softmax kernels
-        import megatron.legacy.fused_kernels as fused_kernels
+        import megatron.legacy.fused_kernels as fused_kernels  # noqa: PLC0415 (Megatron-LM checkouts only)
     except ImportError:
         pass
     else:

@@ -25,13 +25,14 @@ A converted HF model (megatron_sed.convert) is a save directory too:
 
 from __future__ import annotations
 
-import contextlib
+import argparse
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
+
+import torch
+from megatron.core import dist_checkpointing
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
@@ -73,8 +74,10 @@ def resolve_dist_ckpt_dir(path: str | os.PathLike) -> Path:
             raise ValueError(f"{tracker} holds {tag!r}, not an iteration number") from None
         if (sub / ".metadata").is_file():
             return sub
-        raise FileNotFoundError(f"{tracker} points to {sub}, which is not a torch_dist "
-                                "checkpoint (no .metadata file: an interrupted save?)")
+        raise FileNotFoundError(
+            f"{tracker} points to {sub}, which is not a torch_dist "
+            "checkpoint (no .metadata file: an interrupted save?)"
+        )
     raise FileNotFoundError(
         f"{path} is neither a torch_dist checkpoint (no .metadata) nor a Megatron save "
         f"directory (no {TRACKER})"
@@ -84,23 +87,19 @@ def resolve_dist_ckpt_dir(path: str | os.PathLike) -> Path:
 def read_common_state(ckpt_dir: str | os.PathLike) -> dict:
     """The non-tensor state of a dist checkpoint directory (Megatron's `args`, iteration,
     ...), in either layout; Megatron `args` stored as a dict become a Namespace."""
-    import argparse
-
-    from megatron.core import dist_checkpointing
 
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / ".metadata").is_file():
         raise CheckpointError(f"{ckpt_dir} is not a torch_dist checkpoint (no .metadata)")
     try:
         if (ckpt_dir / "common.pt").is_file():  # megatron-core < 0.19 layout
-            import torch
-
             state = torch.load(ckpt_dir / "common.pt", map_location="cpu", weights_only=False)
         else:
             state = dist_checkpointing.load_common_state_dict(str(ckpt_dir))
     except Exception as err:  # noqa: BLE001 - corrupt files or pickled classes we lack
-        raise CheckpointError(f"cannot read the common state of {ckpt_dir}: "
-                              f"{type(err).__name__}: {err}") from None
+        raise CheckpointError(
+            f"cannot read the common state of {ckpt_dir}: {type(err).__name__}: {err}"
+        ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{ckpt_dir}: unexpected common state {type(state).__name__}")
     if isinstance(state.get("args"), dict):
@@ -125,27 +124,3 @@ def find_model_metadata(path: str | os.PathLike) -> Optional[dict]:
             meta["_root"] = str(d)
             return meta
     return None
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary sibling of `out`; rename it to `out` only if the body
-    finishes. On any error the temporary folder is removed, so `out` is either absent
-    (or its previous content, with --force) or complete."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"output {out} already exists (pass --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

@@ -11,11 +11,13 @@ ranks wrote it, at which TP) does not matter.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Optional
 
 import torch
 from torch.distributed import checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
     Metadata,
@@ -23,11 +25,10 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 
 class _RegionLoadPlanner(DefaultLoadPlanner):
-    def __init__(self, regions: Dict[str, Tuple[Tuple[int, ...], torch.Tensor]]):
+    def __init__(self, regions: dict[str, tuple[tuple[int, ...], torch.Tensor]]):
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
         self.regions = regions
 
@@ -53,13 +54,11 @@ class TorchDistReader:
     def __init__(self, ckpt_dir: str | Path):
         self.ckpt_dir = Path(ckpt_dir)
         if not (self.ckpt_dir / ".metadata").is_file():
-            raise FileNotFoundError(
-                f"{self.ckpt_dir} is not a torch_dist checkpoint (no .metadata file)"
-            )
+            raise FileNotFoundError(f"{self.ckpt_dir} is not a torch_dist checkpoint (no .metadata file)")
         self._reader = dcp.FileSystemReader(str(self.ckpt_dir))
         self.metadata: Metadata = self._reader.read_metadata()
 
-    def tensor_shapes(self) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
+    def tensor_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """{sharded key: (global shape, dtype)} for every tensor in the checkpoint."""
         return {
             k: (tuple(md.size), md.properties.dtype)
@@ -69,9 +68,9 @@ class TorchDistReader:
 
     def read(
         self,
-        requests: Dict[str, Tuple[Optional[Sequence[int]], Sequence[int]]],
+        requests: dict[str, tuple[Optional[Sequence[int]], Sequence[int]]],
         dtype: Optional[torch.dtype] = None,
-    ) -> Dict[str, torch.Tensor]:
+    ) -> dict[str, torch.Tensor]:
         """Read several regions in one pass.
 
         requests: {key: (offsets or None for the origin, sizes)}; returns {key: tensor}.
@@ -84,8 +83,10 @@ class TorchDistReader:
             shape, ck_dtype = shapes[key]
             offsets = tuple(offsets) if offsets is not None else (0,) * len(shape)
             sizes = tuple(sizes)
-            if len(offsets) != len(shape) or len(sizes) != len(shape) or any(
-                o < 0 or o + s > n for o, s, n in zip(offsets, sizes, shape)
+            if (
+                len(offsets) != len(shape)
+                or len(sizes) != len(shape)
+                or any(o < 0 or o + s > n for o, s, n in zip(offsets, sizes, shape))
             ):
                 raise ValueError(
                     f"region offsets={offsets} sizes={sizes} is outside tensor {key!r} "
@@ -95,8 +96,7 @@ class TorchDistReader:
         if regions:
             with warnings.catch_warnings():  # "assuming ... a single process": intended
                 warnings.filterwarnings("ignore", message=".*single process.*")
-                dcp.load({}, storage_reader=self._reader, planner=_RegionLoadPlanner(regions),
-                         no_dist=True)
+                dcp.load({}, storage_reader=self._reader, planner=_RegionLoadPlanner(regions), no_dist=True)
         return {k: (t if dtype is None else t.to(dtype)) for k, (_, t) in regions.items()}
 
     def read_full(self, key: str) -> torch.Tensor:

@@ -20,10 +20,9 @@ largest item.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
-
-from torch.distributed import checkpoint as dcp
+from typing import Optional
 
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 from megatron.core.dist_checkpointing.strategies.torch import (
@@ -32,6 +31,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     _replace_state_dict_keys_with_sharded_keys,
     mcore_to_pyt_state_dict,
 )
+from torch.distributed import checkpoint as dcp
 
 
 class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
@@ -45,9 +45,7 @@ class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
         planner_factory: Optional[Callable[[], MCoreSavePlanner]] = None,
     ):
         super().__init__(backend, version, thread_count=thread_count)
-        self.planner_factory = planner_factory or (
-            lambda: MCoreSavePlanner(flatten_state_dict=False)
-        )
+        self.planner_factory = planner_factory or (lambda: MCoreSavePlanner(flatten_state_dict=False))
 
     def save(self, sharded_state_dict: ShardedStateDict, checkpoint_dir: Path) -> None:
         # keep_only_main_replica=True: each shard is written once, by its main replica
@@ -57,7 +55,9 @@ class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
         )
         pyt_state_dict = mcore_to_pyt_state_dict(sharded_state_dict, is_loading=False)
         writer = dcp.FileSystemWriter(
-            str(checkpoint_dir), single_file_per_rank=True, sync_files=True,
+            str(checkpoint_dir),
+            single_file_per_rank=True,
+            sync_files=True,
             thread_count=self.thread_count,
         )
         dcp.save(pyt_state_dict, storage_writer=writer, planner=self.planner_factory())

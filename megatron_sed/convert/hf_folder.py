@@ -12,7 +12,6 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Dict, List, Tuple
 
 import torch
 from safetensors import safe_open
@@ -32,16 +31,23 @@ TOKENIZER_FILES = (
 )
 
 _ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 
 
 from megatron_sed.checkpointing.layout import CheckpointError  # noqa: E402,F401 (re-export)
 
 
-def read_safetensors_header(path: Path) -> Dict[str, dict]:
+def read_safetensors_header(path: Path) -> dict[str, dict]:
     """The tensor table of one .safetensors file, after checking that the file is as long
     as its header says (a truncated file is the common failure of large downloads)."""
     size = path.stat().st_size
@@ -51,9 +57,7 @@ def read_safetensors_header(path: Path) -> Dict[str, dict]:
             raise CheckpointError(f"{path} is truncated ({size} bytes): no safetensors header")
         (hlen,) = struct.unpack("<Q", raw)
         if 8 + hlen > size:
-            raise CheckpointError(
-                f"{path} is truncated: header claims {hlen} bytes, file has {size}"
-            )
+            raise CheckpointError(f"{path} is truncated: header claims {hlen} bytes, file has {size}")
         try:
             header = json.loads(f.read(hlen))
         except ValueError as e:
@@ -78,28 +82,25 @@ class HFModelFolder:
         if not cfg_path.is_file():
             raise CheckpointError(f"{self.folder} has no config.json")
         self.config: dict = json.loads(cfg_path.read_text())
-        self._index: Dict[str, Tuple[Path, Tuple[int, ...], torch.dtype]] = {}
-        self._handles: Dict[Path, object] = {}
+        self._index: dict[str, tuple[Path, tuple[int, ...], torch.dtype]] = {}
+        self._handles: dict[Path, object] = {}
         for path in self._weight_files():
             for name, info in read_safetensors_header(path).items():
                 if name in self._index:
                     raise CheckpointError(f"tensor {name} appears in two files of {self.folder}")
                 dtype = _ST_DTYPES.get(info["dtype"])
                 if dtype is None:
-                    raise CheckpointError(f"{path}: tensor {name} has unsupported dtype "
-                                          f"{info['dtype']}")
+                    raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
                 self._index[name] = (path, tuple(info["shape"]), dtype)
 
-    def _weight_files(self) -> List[Path]:
+    def _weight_files(self) -> list[Path]:
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
             weight_map = json.loads(index.read_text()).get("weight_map", {})
             files = sorted({self.folder / f for f in weight_map.values()})
             missing = [str(f.name) for f in files if not f.is_file()]
             if missing:
-                raise CheckpointError(
-                    f"{index} lists weight files that are missing: {', '.join(missing)}"
-                )
+                raise CheckpointError(f"{index} lists weight files that are missing: {', '.join(missing)}")
             return files
         single = self.folder / "model.safetensors"
         if single.is_file():
@@ -111,10 +112,10 @@ class HFModelFolder:
             )
         raise CheckpointError(f"{self.folder} has no model.safetensors(.index.json)")
 
-    def names(self) -> List[str]:
+    def names(self) -> list[str]:
         return list(self._index)
 
-    def shape(self, name: str) -> Tuple[int, ...]:
+    def shape(self, name: str) -> tuple[int, ...]:
         return self._index[name][1]
 
     def dtype(self, name: str) -> torch.dtype:
@@ -130,5 +131,5 @@ class HFModelFolder:
             handle = self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
         return handle.get_tensor(name)
 
-    def tokenizer_files(self) -> List[Path]:
+    def tokenizer_files(self) -> list[Path]:
         return [self.folder / f for f in TOKENIZER_FILES if (self.folder / f).is_file()]

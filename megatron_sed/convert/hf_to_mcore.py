@@ -12,25 +12,37 @@ import argparse
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
 
 import torch
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
+from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
 from tqdm import tqdm
 
+from megatron_sed.checkpointing.layout import (
+    HF_ASSETS,
+    MODEL_METADATA,
+    RELEASE,
+    TRACKER,
+)
 from megatron_sed.checkpointing.process_group import single_process_group
 from megatron_sed.checkpointing.torch_dist_sync import SyncTorchDistSaveStrategy
 from megatron_sed.convert.hf_folder import CheckpointError, HFModelFolder
-from megatron_sed.checkpointing.layout import (
-    HF_ASSETS, MODEL_METADATA, RELEASE, TRACKER, atomic_output_dir,
-)
 from megatron_sed.convert.mapping import expected_hf_shapes, param_maps
 from megatron_sed.convert.shape import ModelShape, megatron_args, shape_from_hf_config
+from megatron_sed.utils.files import atomic_output_dir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FORMAT = "megatron-sed-convert"
-EXTRA_STATE_MODULES = ("self_attention.linear_qkv", "self_attention.core_attention",
-                       "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
+EXTRA_STATE_MODULES = (
+    "self_attention.linear_qkv",
+    "self_attention.core_attention",
+    "self_attention.linear_proj",
+    "mlp.linear_fc1",
+    "mlp.linear_fc2",
+)
 FORMAT_VERSION = 1
 
 
@@ -47,24 +59,30 @@ def check_hf_tensors(hf: HFModelFolder, shape: ModelShape) -> None:
         if name not in present:
             problems.append(f"missing tensor {name} (expected shape {list(want)})")
         elif tuple(present[name]) != tuple(want):
-            problems.append(f"tensor {name} has shape {list(present[name])}, config.json "
-                            f"implies {list(want)}")
+            problems.append(
+                f"tensor {name} has shape {list(present[name])}, config.json implies {list(want)}"
+            )
     ignorable = ("rotary_emb.inv_freq",)
-    extra = [n for n in present if n not in expected and not n.endswith(ignorable)
-             and not (n == "lm_head.weight" and shape.tie_embeddings)]
-    problems += [f"unexpected tensor {n} (not part of a {shape.model_type} model with this "
-                 f"config.json)" for n in extra]
+    extra = [
+        n
+        for n in present
+        if n not in expected
+        and not n.endswith(ignorable)
+        and not (n == "lm_head.weight" and shape.tie_embeddings)
+    ]
+    problems += [
+        f"unexpected tensor {n} (not part of a {shape.model_type} model with this config.json)" for n in extra
+    ]
     if problems:
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
         raise CheckpointError(
-            f"{hf.folder} does not match its config.json:\n  " + "\n  ".join(problems[:10])
-            + more
+            f"{hf.folder} does not match its config.json:\n  " + "\n  ".join(problems[:10]) + more
         )
 
 
-def _lazy_planner_factory(producers: Dict[Tuple[str, int], Callable[[], torch.Tensor]],
-                          bar: tqdm, written: list):
-    from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
+def _lazy_planner_factory(
+    producers: dict[tuple[str, int], Callable[[], torch.Tensor]], bar: tqdm, written: list
+):
 
     class StreamingSavePlanner(MCoreSavePlanner):
         """Builds each tensor only when the writer asks for it."""
@@ -86,18 +104,18 @@ def _lazy_planner_factory(producers: Dict[Tuple[str, int], Callable[[], torch.Te
 
 
 def _build_state_dict(hf: HFModelFolder, shape: ModelShape, dtype: torch.dtype):
-    from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
 
     sharded, producers = {}, {}
-    L = shape.num_layers
+    num_layers = shape.num_layers
     for pm in param_maps(shape):
-        layers = range(L) if pm.layered else [None]
+        layers = range(num_layers) if pm.layered else [None]
         for layer in layers:
             names = pm.hf(layer)
             meta = torch.empty(pm.shape, dtype=dtype, device="meta")
             if pm.layered:
-                st = ShardedTensor.from_rank_offsets(pm.key, meta, (0, layer, L), replica_id=0,
-                                                     prepend_axis_num=1)
+                st = ShardedTensor.from_rank_offsets(
+                    pm.key, meta, (0, layer, num_layers), replica_id=0, prepend_axis_num=1
+                )
                 name = f"{pm.key}.{layer}"
             else:
                 st = ShardedTensor.from_rank_offsets(pm.key, meta, replica_id=0)
@@ -113,14 +131,15 @@ def _build_state_dict(hf: HFModelFolder, shape: ModelShape, dtype: torch.dtype):
     # TE's core_attention has one too; keys a model does not ask for are ignored.
     for module in EXTRA_STATE_MODULES:
         key = f"decoder.layers.{module}._extra_state"
-        for layer in range(L):
-            sharded[f"{key}.{layer}"] = ShardedObject(key, None, (L,), (layer,), replica_id=0)
+        for layer in range(num_layers):
+            sharded[f"{key}.{layer}"] = ShardedObject(key, None, (num_layers,), (layer,), replica_id=0)
     return sharded, producers
 
 
-def convert_hf_to_mcore(hf_dir, out_dir, dtype: str = "auto", force: bool = False, progress: bool = True) -> Path:
+def convert_hf_to_mcore(
+    hf_dir, out_dir, dtype: str = "auto", force: bool = False, progress: bool = True
+) -> Path:
     """Convert; returns the output folder. See module docstring and docs/convert.md."""
-    from megatron.core import dist_checkpointing
 
     t0 = time.time()
     hf = HFModelFolder(hf_dir)
@@ -132,9 +151,11 @@ def convert_hf_to_mcore(hf_dir, out_dir, dtype: str = "auto", force: bool = Fals
         torch_dtype = DTYPES[dtype]
     else:
         raise ValueError(f"--dtype {dtype!r}: choose auto, {', '.join(DTYPES)}")
-    log(f"converting {hf.folder.name} ({shape.model_type}, {shape.num_layers} layers, hidden "
+    log(
+        f"converting {hf.folder.name} ({shape.model_type}, {shape.num_layers} layers, hidden "
         f"{shape.hidden_size}, {shape.num_attention_heads} heads / {shape.num_query_groups} "
-        f"groups, vocab {shape.vocab_size}) to Megatron-Core torch_dist in {torch_dtype}")
+        f"groups, vocab {shape.vocab_size}) to Megatron-Core torch_dist in {torch_dtype}"
+    )
     args = megatron_args(shape)
     with atomic_output_dir(out_dir, force=force) as tmp:
         ckpt = tmp / RELEASE
@@ -144,19 +165,21 @@ def convert_hf_to_mcore(hf_dir, out_dir, dtype: str = "auto", force: bool = Fals
         # --use-checkpoint-args / --finetune read `args` and `checkpoint_version`).
         sharded = dict(
             model=sharded,
-            args=argparse.Namespace(**args, tensor_model_parallel_size=1,
-                                    pipeline_model_parallel_size=1, iteration=0),
+            args=argparse.Namespace(
+                **args, tensor_model_parallel_size=1, pipeline_model_parallel_size=1, iteration=0
+            ),
             checkpoint_version=3.0,
             iteration=0,
         )
-        bar = tqdm(total=len(producers), desc="writing tensors", unit="tensor",
-                   disable=not progress)
+        bar = tqdm(total=len(producers), desc="writing tensors", unit="tensor", disable=not progress)
         written = []
         with single_process_group(tmp), bar:
             dist_checkpointing.save(
-                sharded, str(ckpt),
+                sharded,
+                str(ckpt),
                 sharded_strategy=SyncTorchDistSaveStrategy(
-                    planner_factory=_lazy_planner_factory(producers, bar, written)),
+                    planner_factory=_lazy_planner_factory(producers, bar, written)
+                ),
             )
         if len(written) != len(producers):  # every tensor must come from the HF folder
             raise RuntimeError(f"wrote {len(written)} of {len(producers)} tensors")
@@ -166,10 +189,14 @@ def convert_hf_to_mcore(hf_dir, out_dir, dtype: str = "auto", force: bool = Fals
         for f in hf.tokenizer_files() + [hf.folder / "config.json"]:
             shutil.copy2(f, assets / f.name)
         meta = dict(
-            format=FORMAT, version=FORMAT_VERSION, source=hf.folder.name,
+            format=FORMAT,
+            version=FORMAT_VERSION,
+            source=hf.folder.name,
             architecture=hf.config.get("architectures", [None])[0],
             dtype=str(torch_dtype).replace("torch.", ""),
-            model=shape.to_dict(), megatron_args=args, hf_config=hf.config,
+            model=shape.to_dict(),
+            megatron_args=args,
+            hf_config=hf.config,
             tokenizer_dir=HF_ASSETS,
         )
         (tmp / MODEL_METADATA).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

@@ -23,8 +23,8 @@ accepted when reading checkpoints of other tools.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, List, Tuple
 
 import torch
 
@@ -53,12 +53,12 @@ class ParamMap:
 
     key: str
     layered: bool
-    shape: Tuple[int, ...]
-    hf_names: List[str]
-    to_mcore: Callable[[List[torch.Tensor]], torch.Tensor]
-    to_hf: Callable[[torch.Tensor], List[torch.Tensor]]
+    shape: tuple[int, ...]
+    hf_names: list[str]
+    to_mcore: Callable[[list[torch.Tensor]], torch.Tensor]
+    to_hf: Callable[[torch.Tensor], list[torch.Tensor]]
 
-    def hf(self, layer: int | None) -> List[str]:
+    def hf(self, layer: int | None) -> list[str]:
         return [n.format(i=layer) for n in self.hf_names]
 
 
@@ -86,42 +86,51 @@ def qkv_to_hf(shape: ModelShape, qkv):
     return [q.reshape(g * per * d, *tail), k.reshape(g * d, *tail), v.reshape(g * d, *tail)]
 
 
-def param_maps(shape: ModelShape, norm_naming: str = "fused") -> List[ParamMap]:
+def param_maps(shape: ModelShape, norm_naming: str = "fused") -> list[ParamMap]:
     """Every tensor of the Megatron checkpoint for `shape`, with its HF counterparts."""
     spec = norm_naming
     h, f, v = shape.hidden_size, shape.ffn_hidden_size, shape.vocab_size
     hl = "model.layers.{i}."
     maps = [
-        _identity_map("embedding.word_embeddings.weight", False, (v, h),
-                      "model.embed_tokens.weight"),
+        _identity_map("embedding.word_embeddings.weight", False, (v, h), "model.embed_tokens.weight"),
         _identity_map(NORM_KEYS[spec]["input"], True, (h,), hl + "input_layernorm.weight"),
         ParamMap(
-            "decoder.layers.self_attention.linear_qkv.weight", True, (shape.qkv_rows, h),
-            [hl + "self_attn.q_proj.weight", hl + "self_attn.k_proj.weight",
-             hl + "self_attn.v_proj.weight"],
-            lambda ts: qkv_to_mcore(shape, *ts), lambda t: qkv_to_hf(shape, t),
+            "decoder.layers.self_attention.linear_qkv.weight",
+            True,
+            (shape.qkv_rows, h),
+            [hl + "self_attn.q_proj.weight", hl + "self_attn.k_proj.weight", hl + "self_attn.v_proj.weight"],
+            lambda ts: qkv_to_mcore(shape, *ts),
+            lambda t: qkv_to_hf(shape, t),
         ),
     ]
     if shape.add_qkv_bias:
-        maps.append(ParamMap(
-            "decoder.layers.self_attention.linear_qkv.bias", True, (shape.qkv_rows,),
-            [hl + "self_attn.q_proj.bias", hl + "self_attn.k_proj.bias",
-             hl + "self_attn.v_proj.bias"],
-            lambda ts: qkv_to_mcore(shape, *ts), lambda t: qkv_to_hf(shape, t),
-        ))
+        maps.append(
+            ParamMap(
+                "decoder.layers.self_attention.linear_qkv.bias",
+                True,
+                (shape.qkv_rows,),
+                [hl + "self_attn.q_proj.bias", hl + "self_attn.k_proj.bias", hl + "self_attn.v_proj.bias"],
+                lambda ts: qkv_to_mcore(shape, *ts),
+                lambda t: qkv_to_hf(shape, t),
+            )
+        )
     maps += [
-        _identity_map("decoder.layers.self_attention.linear_proj.weight", True,
-                      (h, shape.num_attention_heads * shape.kv_channels),
-                      hl + "self_attn.o_proj.weight"),
-        _identity_map(NORM_KEYS[spec]["pre_mlp"], True, (h,),
-                      hl + "post_attention_layernorm.weight"),
-        ParamMap(
-            "decoder.layers.mlp.linear_fc1.weight", True, (2 * f, h),
-            [hl + "mlp.gate_proj.weight", hl + "mlp.up_proj.weight"],
-            lambda ts: torch.cat(ts, dim=0), lambda t: list(torch.chunk(t, 2, dim=0)),
+        _identity_map(
+            "decoder.layers.self_attention.linear_proj.weight",
+            True,
+            (h, shape.num_attention_heads * shape.kv_channels),
+            hl + "self_attn.o_proj.weight",
         ),
-        _identity_map("decoder.layers.mlp.linear_fc2.weight", True, (h, f),
-                      hl + "mlp.down_proj.weight"),
+        _identity_map(NORM_KEYS[spec]["pre_mlp"], True, (h,), hl + "post_attention_layernorm.weight"),
+        ParamMap(
+            "decoder.layers.mlp.linear_fc1.weight",
+            True,
+            (2 * f, h),
+            [hl + "mlp.gate_proj.weight", hl + "mlp.up_proj.weight"],
+            lambda ts: torch.cat(ts, dim=0),
+            lambda t: list(torch.chunk(t, 2, dim=0)),
+        ),
+        _identity_map("decoder.layers.mlp.linear_fc2.weight", True, (h, f), hl + "mlp.down_proj.weight"),
         _identity_map("decoder.final_layernorm.weight", False, (h,), "model.norm.weight"),
     ]
     if not shape.tie_embeddings:
@@ -144,11 +153,13 @@ def expected_hf_shapes(shape: ModelShape) -> dict:
         "mlp.down_proj.weight": (h, shape.ffn_hidden_size),
     }
     if shape.add_qkv_bias:
-        per_layer.update({
-            "self_attn.q_proj.bias": (shape.num_attention_heads * d,),
-            "self_attn.k_proj.bias": (g * d,),
-            "self_attn.v_proj.bias": (g * d,),
-        })
+        per_layer.update(
+            {
+                "self_attn.q_proj.bias": (shape.num_attention_heads * d,),
+                "self_attn.k_proj.bias": (g * d,),
+                "self_attn.v_proj.bias": (g * d,),
+            }
+        )
     out = {"model.embed_tokens.weight": (shape.vocab_size, h), "model.norm.weight": (h,)}
     if not shape.tie_embeddings:
         out["lm_head.weight"] = (shape.vocab_size, h)

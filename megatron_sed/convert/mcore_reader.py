@@ -13,7 +13,7 @@ is read.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Optional
 
 import torch
 
@@ -57,7 +57,7 @@ class MCoreModelReader:
         self.maps = param_maps(shape, self.norm_naming)
         self._check()
 
-    def _stored_keys(self, pm: ParamMap, layer: Optional[int] = None) -> List[str]:
+    def _stored_keys(self, pm: ParamMap, layer: Optional[int] = None) -> list[str]:
         """Checkpoint keys holding `pm` (for `layer` in the per-layer layout)."""
         key = _per_layer(pm.key, layer) if (pm.layered and self.per_layer) else pm.key
         if pm.key == FC1 and self.split_fc1:
@@ -65,14 +65,14 @@ class MCoreModelReader:
         return [key]
 
     def _check(self) -> None:
-        L, problems = self.shape.num_layers, []
+        num_layers, problems = self.shape.num_layers, []
         for pm in self.maps:
-            layers = range(L) if (pm.layered and self.per_layer) else [None]
+            layers = range(num_layers) if (pm.layered and self.per_layer) else [None]
             for key in [k for layer in layers for k in self._stored_keys(pm, layer)]:
                 want = list(pm.shape)
                 if pm.key == FC1 and self.split_fc1:  # fc1 halves
                     want[0] //= 2
-                want = tuple([L] + want if (pm.layered and not self.per_layer) else want)
+                want = tuple([num_layers] + want if (pm.layered and not self.per_layer) else want)
                 if key not in self.shapes:
                     problems.append(f"missing tensor {key} (expected shape {list(want)})")
                     continue
@@ -82,22 +82,27 @@ class MCoreModelReader:
                 else:
                     ok = tuple(got) == want
                 if not ok:
-                    problems.append(f"tensor {key} has shape {list(got)}, the model "
-                                    f"({self.shape.model_type}, {L} layers) needs {list(want)}")
-        if self.per_layer and _per_layer(self.maps[1].key, L) in self.shapes:
-            problems.append(f"checkpoint has more than the model's {L} layers")
+                    problems.append(
+                        f"tensor {key} has shape {list(got)}, the model "
+                        f"({self.shape.model_type}, {num_layers} layers) needs {list(want)}"
+                    )
+        if self.per_layer and _per_layer(self.maps[1].key, num_layers) in self.shapes:
+            problems.append(f"checkpoint has more than the model's {num_layers} layers")
         if self.shape.tie_embeddings and "output_layer.weight" in self.shapes:
-            problems.append("checkpoint has output_layer.weight but the model ties embeddings "
-                            "(untied weights cannot be exported as a tied HF model)")
+            problems.append(
+                "checkpoint has output_layer.weight but the model ties embeddings "
+                "(untied weights cannot be exported as a tied HF model)"
+            )
         if problems:
-            raise CheckpointError(f"{self.reader.ckpt_dir} does not match the model:\n  "
-                                  + "\n  ".join(problems))
+            raise CheckpointError(
+                f"{self.reader.ckpt_dir} does not match the model:\n  " + "\n  ".join(problems)
+            )
 
     @property
     def dtype(self) -> torch.dtype:
         return self.shapes["embedding.word_embeddings.weight"][1]
 
-    def _read(self, layer: Optional[int], maps: List[ParamMap]) -> Dict[str, torch.Tensor]:
+    def _read(self, layer: Optional[int], maps: list[ParamMap]) -> dict[str, torch.Tensor]:
         stacked = layer is not None and not self.per_layer
         reqs = {}
         for pm in maps:
@@ -115,9 +120,9 @@ class MCoreModelReader:
             out[pm.key] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         return out
 
-    def global_tensors(self) -> Dict[str, torch.Tensor]:
+    def global_tensors(self) -> dict[str, torch.Tensor]:
         """Non-layer tensors (embedding, final norm, output layer), vocab padding dropped."""
         return self._read(None, [pm for pm in self.maps if not pm.layered])
 
-    def layer_tensors(self, layer: int) -> Dict[str, torch.Tensor]:
+    def layer_tensors(self, layer: int) -> dict[str, torch.Tensor]:
         return self._read(layer, [pm for pm in self.maps if pm.layered])

@@ -15,21 +15,26 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Optional
 
 import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from megatron_sed.convert.hf_folder import TOKENIZER_FILES, CheckpointError
-from megatron_sed.convert.hf_to_mcore import DTYPES, log
 from megatron_sed.checkpointing.layout import (
-    HF_ASSETS, MODEL_METADATA, atomic_output_dir, find_model_metadata, read_common_state,
+    HF_ASSETS,
+    MODEL_METADATA,
+    find_model_metadata,
+    read_common_state,
     resolve_dist_ckpt_dir,
 )
+from megatron_sed.checkpointing.reader import TorchDistReader
+from megatron_sed.convert.hf_folder import TOKENIZER_FILES, CheckpointError
+from megatron_sed.convert.hf_to_mcore import DTYPES, log
 from megatron_sed.convert.mapping import param_maps
 from megatron_sed.convert.mcore_reader import MCoreModelReader
 from megatron_sed.convert.shape import ARCHITECTURES, ModelShape, shape_from_hf_config
+from megatron_sed.utils.files import atomic_output_dir
 
 
 def shape_from_megatron_args(args, model_type: str, vocab_size: int) -> ModelShape:
@@ -45,8 +50,7 @@ def shape_from_megatron_args(args, model_type: str, vocab_size: int) -> ModelSha
     if g("add_bias_linear", False):
         problems.append("linear biases are on (no --disable-bias-linear)")
     if problems:
-        raise CheckpointError("the checkpoint's model is not Llama/Qwen2-shaped: "
-                              + "; ".join(problems))
+        raise CheckpointError("the checkpoint's model is not Llama/Qwen2-shaped: " + "; ".join(problems))
     heads = g("num_attention_heads")
     return ModelShape(
         model_type=model_type,
@@ -69,22 +73,33 @@ def shape_from_megatron_args(args, model_type: str, vocab_size: int) -> ModelSha
 
 def hf_config_from_shape(shape: ModelShape) -> dict:
     """A config.json for `shape`, built by transformers' own config class."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # noqa: PLC0415 (heavy; only to write an HF config)
 
     rope = {"rope_type": "default"}
     if shape.rope_scaling_factor is not None:
-        rope = dict(rope_type="llama3", factor=shape.rope_scaling_factor, low_freq_factor=1.0,
-                    high_freq_factor=4.0, original_max_position_embeddings=8192)
+        rope = dict(
+            rope_type="llama3",
+            factor=shape.rope_scaling_factor,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        )
     elif shape.rotary_seq_len_interpolation_factor is not None:
         rope = dict(rope_type="linear", factor=shape.rotary_seq_len_interpolation_factor)
     kwargs = dict(
-        vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
-        intermediate_size=shape.ffn_hidden_size, num_hidden_layers=shape.num_layers,
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.ffn_hidden_size,
+        num_hidden_layers=shape.num_layers,
         num_attention_heads=shape.num_attention_heads,
-        num_key_value_heads=shape.num_query_groups, head_dim=shape.kv_channels,
-        max_position_embeddings=shape.max_position_embeddings, rms_norm_eps=shape.norm_epsilon,
-        tie_word_embeddings=shape.tie_embeddings, hidden_act="silu",
-        rope_theta=shape.rotary_base, rope_scaling=rope,
+        num_key_value_heads=shape.num_query_groups,
+        head_dim=shape.kv_channels,
+        max_position_embeddings=shape.max_position_embeddings,
+        rms_norm_eps=shape.norm_epsilon,
+        tie_word_embeddings=shape.tie_embeddings,
+        hidden_act="silu",
+        rope_theta=shape.rotary_base,
+        rope_scaling=rope,
     )
     cfg = AutoConfig.for_model(shape.model_type, **kwargs).to_dict()
     cfg["architectures"] = [ARCHITECTURES[shape.model_type]]
@@ -101,8 +116,9 @@ def _load_common_args(ckpt_dir: Path):
         return None
 
 
-def resolve_source(load: Path, reference: Optional[Path], model_type: Optional[str],
-                   vocab_size: Optional[int]) -> Tuple[Path, ModelShape, dict, Optional[Path]]:
+def resolve_source(
+    load: Path, reference: Optional[Path], model_type: Optional[str], vocab_size: Optional[int]
+) -> tuple[Path, ModelShape, dict, Optional[Path]]:
     """(checkpoint dir, shape, HF config dict, tokenizer folder or None)."""
     ckpt = resolve_dist_ckpt_dir(load)
     meta = find_model_metadata(load) or find_model_metadata(ckpt)
@@ -114,8 +130,10 @@ def resolve_source(load: Path, reference: Optional[Path], model_type: Optional[s
             cfg = json.loads((reference / "config.json").read_text())
             return ckpt, shape_from_hf_config(cfg), cfg, reference
         else:
-            raise CheckpointError(f"--reference {reference} is neither a converted checkpoint "
-                                  f"(no {MODEL_METADATA}) nor an HF folder (no config.json)")
+            raise CheckpointError(
+                f"--reference {reference} is neither a converted checkpoint "
+                f"(no {MODEL_METADATA}) nor an HF folder (no config.json)"
+            )
     args = None
     if meta is None:
         # A megatron_sed.train checkpoint of a converted model: its --tokenizer-model is the
@@ -134,7 +152,6 @@ def resolve_source(load: Path, reference: Optional[Path], model_type: Optional[s
         )
     if model_type is None:
         model_type = "qwen2" if getattr(args, "add_qkv_bias", False) else "llama"
-    from megatron_sed.checkpointing.reader import TorchDistReader
 
     rows = TorchDistReader(ckpt).tensor_shapes()["embedding.word_embeddings.weight"][0][0]
     shape = shape_from_megatron_args(args, model_type, vocab_size or rows)
@@ -146,9 +163,9 @@ class _ShardWriter:
 
     def __init__(self, out: Path, max_bytes: int):
         self.out, self.max_bytes = out, max_bytes
-        self.pending: Dict[str, torch.Tensor] = {}
+        self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
-        self.files: List[Tuple[str, List[str]]] = []
+        self.files: list[tuple[str, list[str]]] = []
         self.total = 0
 
     def add(self, name: str, t: torch.Tensor) -> None:
@@ -182,14 +199,23 @@ class _ShardWriter:
         (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def convert_mcore_to_hf(load, out_dir, reference=None, model_type: Optional[str] = None,
-                        vocab_size: Optional[int] = None, tokenizer=None, dtype: str = "auto",
-                        max_shard_bytes: int = 5 * 2**30, force: bool = False,
-                        progress: bool = True) -> Path:
+def convert_mcore_to_hf(
+    load,
+    out_dir,
+    reference=None,
+    model_type: Optional[str] = None,
+    vocab_size: Optional[int] = None,
+    tokenizer=None,
+    dtype: str = "auto",
+    max_shard_bytes: int = 5 * 2**30,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
     t0 = time.time()
     load = Path(load)
     ckpt, shape, hf_cfg, tok_dir = resolve_source(
-        load, Path(reference) if reference else None, model_type, vocab_size)
+        load, Path(reference) if reference else None, model_type, vocab_size
+    )
     if tokenizer is not None:
         tok_dir = Path(tokenizer)
     model = MCoreModelReader(ckpt, shape)  # checks every tensor's shape first
@@ -199,23 +225,25 @@ def convert_mcore_to_hf(load, out_dir, reference=None, model_type: Optional[str]
         torch_dtype = DTYPES[dtype]
     else:
         raise ValueError(f"--dtype {dtype!r}: choose auto, {', '.join(DTYPES)}")
-    log(f"exporting {ckpt} ({shape.model_type}, {shape.num_layers} layers, {model.norm_naming} norm names) "
-        f"to HF safetensors in {torch_dtype}")
+    log(
+        f"exporting {ckpt} ({shape.model_type}, {shape.num_layers} layers, {model.norm_naming} norm names) "
+        f"to HF safetensors in {torch_dtype}"
+    )
     maps = {pm.key: pm for pm in param_maps(shape, model.norm_naming)}
     with atomic_output_dir(out_dir, force=force) as tmp:
         writer = _ShardWriter(tmp, max_shard_bytes)
 
-        def emit(tensors: Dict[str, torch.Tensor], layer: Optional[int]) -> None:
+        def emit(tensors: dict[str, torch.Tensor], layer: Optional[int]) -> None:
             for key, t in tensors.items():
                 pm = maps[key]
                 for name, part in zip(pm.hf(layer), pm.to_hf(t)):
                     writer.add(name, part.to(torch_dtype).clone())
 
         glob = model.global_tensors()
-        emit({"embedding.word_embeddings.weight": glob["embedding.word_embeddings.weight"]},
-             None)
-        for layer in tqdm(range(shape.num_layers), desc="exporting layers", unit="layer",
-                          disable=not progress):
+        emit({"embedding.word_embeddings.weight": glob["embedding.word_embeddings.weight"]}, None)
+        for layer in tqdm(
+            range(shape.num_layers), desc="exporting layers", unit="layer", disable=not progress
+        ):
             emit(model.layer_tensors(layer), layer)
         emit({k: v for k, v in glob.items() if k != "embedding.word_embeddings.weight"}, None)
         writer.finish()

@@ -17,8 +17,11 @@ from megatron_sed.convert.hf_folder import CheckpointError
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 # Megatron-Core's llama3 RoPE scaling hard-codes these (rotary_pos_embedding._apply_scaling).
-_MCORE_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 8192}
+_MCORE_LLAMA3_ROPE = {
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
 @dataclass
@@ -47,7 +50,7 @@ class ModelShape:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelShape":
+    def from_dict(cls, d: dict) -> ModelShape:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -79,27 +82,21 @@ def _rope_scaling(cfg: dict):
         return float(rs["factor"]), None
     if kind == "linear":
         return None, float(rs["factor"])
-    raise CheckpointError(
-        f"config.json rope_scaling type {kind!r} is not supported (llama3 and linear are)"
-    )
+    raise CheckpointError(f"config.json rope_scaling type {kind!r} is not supported (llama3 and linear are)")
 
 
 def shape_from_hf_config(cfg: dict) -> ModelShape:
     """Validate an HF config.json (as a dict) and return its ModelShape."""
     model_type = cfg.get("model_type")
     if model_type not in ARCHITECTURES:
-        raise CheckpointError(
-            f"config.json model_type={model_type!r}: supported are {sorted(ARCHITECTURES)}"
-        )
+        raise CheckpointError(f"config.json model_type={model_type!r}: supported are {sorted(ARCHITECTURES)}")
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise CheckpointError(f"config.json hidden_act={act!r}: only silu (SwiGLU) is supported")
     if cfg.get("mlp_bias"):
         raise CheckpointError("config.json mlp_bias=true is not supported")
     if model_type == "llama" and cfg.get("attention_bias"):
-        raise CheckpointError(
-            "config.json attention_bias=true (Llama with q/k/v/o biases) is not supported"
-        )
+        raise CheckpointError("config.json attention_bias=true (Llama with q/k/v/o biases) is not supported")
     if model_type == "qwen2" and cfg.get("use_sliding_window"):
         raise CheckpointError("config.json use_sliding_window=true is not supported")
     heads = cfg["num_attention_heads"]

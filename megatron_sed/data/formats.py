@@ -15,7 +15,7 @@ are prepended.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Optional
 
 from megatron_sed.data.tokenizer import ChatFormatError
 
@@ -24,10 +24,16 @@ FORMATS = ("auto", "messages", "question_response", "question_answer", "prompt_c
 MATH_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 SYSTEM_PROMPT_PRESETS = {"math": MATH_SYSTEM_PROMPT}
 
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
 
 
-class InvalidSample(ValueError):
+class InvalidSampleError(ValueError):
     """A row that cannot become a training sample; ``reason`` is a short counter key."""
 
     def __init__(self, reason: str, message: str) -> None:
@@ -53,16 +59,18 @@ def resolve_system_prompt(value: Optional[str]) -> Optional[str]:
     return SYSTEM_PROMPT_PRESETS.get(value, value)
 
 
-def _string(row: Dict, key: str, what: str) -> str:
+def _string(row: dict, key: str, what: str) -> str:
     if key not in row or row[key] is None:
-        raise InvalidSample("missing_field", f"missing field {key!r} ({what})")
+        raise InvalidSampleError("missing_field", f"missing field {key!r} ({what})")
     value = row[key]
     if not isinstance(value, str):
-        raise InvalidSample("non_string_field", f"field {key!r} is {type(value).__name__}, expected a string")
+        raise InvalidSampleError(
+            "non_string_field", f"field {key!r} is {type(value).__name__}, expected a string"
+        )
     return value
 
 
-def detect_format(row: Dict, f: FieldNames) -> str:
+def detect_format(row: dict, f: FieldNames) -> str:
     if f.messages in row:
         return "messages"
     if f.question in row and f.response in row:
@@ -71,34 +79,35 @@ def detect_format(row: Dict, f: FieldNames) -> str:
         return "question_answer"
     if f.prompt in row and f.completion in row:
         return "prompt_completion"
-    raise InvalidSample(
+    raise InvalidSampleError(
         "unknown_format",
         f"row has none of the supported field sets ({f.messages!r}; {f.question!r}+{f.response!r}; "
         f"{f.question!r}+{f.answer!r}; {f.prompt!r}+{f.completion!r}); keys: {sorted(row)[:10]}",
     )
 
 
-def _messages(row: Dict, f: FieldNames) -> List[Dict]:
+def _messages(row: dict, f: FieldNames) -> list[dict]:
     raw = row.get(f.messages)
     if raw is None:
-        raise InvalidSample("missing_field", f"missing field {f.messages!r}")
+        raise InvalidSampleError("missing_field", f"missing field {f.messages!r}")
     if not isinstance(raw, (list, tuple)) or not raw:
-        raise InvalidSample("bad_messages", f"field {f.messages!r} must be a non-empty list of messages")
+        raise InvalidSampleError("bad_messages", f"field {f.messages!r} must be a non-empty list of messages")
     out = []
     for i, m in enumerate(raw):
         if not isinstance(m, dict):
-            raise InvalidSample("bad_messages", f"message {i} is {type(m).__name__}, expected an object")
+            raise InvalidSampleError("bad_messages", f"message {i} is {type(m).__name__}, expected an object")
         if "role" in m or "content" in m:
             role, content = m.get("role"), m.get("content")
         elif "from" in m or "value" in m:
             role, content = _SHAREGPT_ROLES.get(m.get("from"), m.get("from")), m.get("value")
         else:
-            raise InvalidSample("bad_messages", f"message {i} has neither role/content nor from/value")
+            raise InvalidSampleError("bad_messages", f"message {i} has neither role/content nor from/value")
         if not isinstance(role, str):
-            raise InvalidSample("unknown_role", f"message {i} has no valid role ({role!r})")
+            raise InvalidSampleError("unknown_role", f"message {i} has no valid role ({role!r})")
         if not isinstance(content, str):
-            raise InvalidSample(
-                "non_string_field", f"message {i} ({role}) content is {type(content).__name__}, expected a string"
+            raise InvalidSampleError(
+                "non_string_field",
+                f"message {i} ({role}) content is {type(content).__name__}, expected a string",
             )
         out.append({"role": role, "content": content})
     return out
@@ -106,10 +115,10 @@ def _messages(row: Dict, f: FieldNames) -> List[Dict]:
 
 def row_to_messages(
     row, fmt: str = "auto", fields: FieldNames = FieldNames(), system_prompt: Optional[str] = None
-) -> List[Dict]:
-    """Chat messages of a row; raises :class:`InvalidSample` on any defect."""
+) -> list[dict]:
+    """Chat messages of a row; raises :class:`InvalidSampleError` on any defect."""
     if not isinstance(row, dict):
-        raise InvalidSample("not_an_object", f"row is {type(row).__name__}, expected a JSON object")
+        raise InvalidSampleError("not_an_object", f"row is {type(row).__name__}, expected a JSON object")
     if fmt == "auto":
         fmt = detect_format(row, fields)
     if fmt == "messages":
@@ -125,12 +134,14 @@ def row_to_messages(
             {"role": "assistant", "content": _string(row, asst_key, "assistant turn")},
         ]
         if not msgs[0]["content"].strip():
-            raise InvalidSample("empty_user", f"field {user_key!r} is empty")
+            raise InvalidSampleError("empty_user", f"field {user_key!r} is empty")
     has_system = msgs[0]["role"] == "system"
     row_system = row.get(fields.system)
     if not has_system and row_system is not None:
         if not isinstance(row_system, str):
-            raise InvalidSample("non_string_field", f"field {fields.system!r} is {type(row_system).__name__}")
+            raise InvalidSampleError(
+                "non_string_field", f"field {fields.system!r} is {type(row_system).__name__}"
+            )
         if row_system.strip():
             msgs.insert(0, {"role": "system", "content": row_system})
             has_system = True

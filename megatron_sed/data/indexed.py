@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
+from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 
 FORMAT_VERSION = 1
 MASK_SUFFIX = "_loss_mask"
@@ -33,7 +34,7 @@ def metadata_path(prefix: str) -> str:
     return prefix + ".json"
 
 
-def final_paths(prefix: str) -> List[str]:
+def final_paths(prefix: str) -> list[str]:
     """Every file of a corpus, the metadata (commit marker) last."""
     return [
         prefix + ".bin",
@@ -51,7 +52,6 @@ class SFTIndexedWriter:
     """
 
     def __init__(self, prefix: str, vocab_size: int) -> None:
-        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
         self.prefix = prefix
         directory = os.path.dirname(os.path.abspath(prefix))
@@ -67,7 +67,7 @@ class SFTIndexedWriter:
         self.num_supervised = 0
         self._committed = False
 
-    def _tmp_paths(self) -> List[str]:
+    def _tmp_paths(self) -> list[str]:
         t = self._tmp
         return [t + ".tok.bin", t + ".tok.idx", t + ".mask.bin", t + ".mask.idx", t + ".json"]
 
@@ -82,7 +82,7 @@ class SFTIndexedWriter:
         self.num_tokens += int(ids.size)
         self.num_supervised += int(mask.sum())
 
-    def commit(self, metadata: Dict) -> Dict:
+    def commit(self, metadata: dict) -> dict:
         t = self._tmp
         self._tok.finalize(t + ".tok.idx")
         self._mask.finalize(t + ".mask.idx")
@@ -126,7 +126,7 @@ class SFTIndexedWriter:
             if os.path.exists(p):
                 os.unlink(p)
 
-    def __enter__(self) -> "SFTIndexedWriter":
+    def __enter__(self) -> SFTIndexedWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -134,7 +134,7 @@ class SFTIndexedWriter:
             self.abort()
 
 
-def read_metadata(prefix: str) -> Dict:
+def read_metadata(prefix: str) -> dict:
     path = metadata_path(prefix)
     if not os.path.exists(path):
         raise FileNotFoundError(
@@ -152,7 +152,6 @@ class SFTIndexedData:
     """Read-only view of a corpus: ``get(i) -> (tokens, loss_mask)`` as numpy arrays."""
 
     def __init__(self, prefix: str) -> None:
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         self.prefix = prefix
         self.meta = read_metadata(prefix)
@@ -170,7 +169,7 @@ class SFTIndexedData:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def get(self, i: int) -> Tuple[np.ndarray, np.ndarray]:
+    def get(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         return self.tokens[int(i)], self.masks[int(i)]
 
     @property
@@ -178,11 +177,10 @@ class SFTIndexedData:
         return int(self.meta["tokenizer"]["pad"])
 
     @property
-    def tokenizer_info(self) -> Dict:
+    def tokenizer_info(self) -> dict:
         return self.meta["tokenizer"]
 
 
-def tokenizer_compatible(a: Dict, b: Dict) -> bool:
+def tokenizer_compatible(a: dict, b: dict) -> bool:
     keys = ("type", "vocab_size", "eod", "pad")
     return all(a.get(k) == b.get(k) for k in keys)
-

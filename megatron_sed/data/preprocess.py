@@ -21,15 +21,18 @@ import multiprocessing as mp
 import os
 import signal
 import sys
+import tempfile
 import time
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Optional
 
 import numpy as np
+from tqdm import tqdm
 
 from megatron_sed.data.formats import (
     FORMATS,
     FieldNames,
-    InvalidSample,
+    InvalidSampleError,
     classify_chat_error,
     resolve_system_prompt,
     row_to_messages,
@@ -48,10 +51,12 @@ class PreprocessError(Exception):
 
 
 class Converter:
-    """Row -> (ids, mask) or an InvalidSample, with the length policy applied."""
+    """Row -> (ids, mask) or an InvalidSampleError, with the length policy applied."""
 
-    def __init__(self, opts: Dict) -> None:
-        self.tokenizer = build_tokenizer(opts["tokenizer_type"], opts["tokenizer_model"], opts["chat_template"])
+    def __init__(self, opts: dict) -> None:
+        self.tokenizer = build_tokenizer(
+            opts["tokenizer_type"], opts["tokenizer_model"], opts["chat_template"]
+        )
         self.fmt = opts["format"]
         self.fields = FieldNames(**opts["fields"])
         self.system_prompt = opts["system_prompt"]
@@ -66,18 +71,18 @@ class Converter:
                 try:
                     row = json.loads(row)
                 except json.JSONDecodeError as e:
-                    raise InvalidSample("malformed_json", f"malformed JSON: {e}") from None
+                    raise InvalidSampleError("malformed_json", f"malformed JSON: {e}") from None
             messages = row_to_messages(row, self.fmt, self.fields, self.system_prompt)
             try:
                 ids, mask = self.tokenizer.apply_chat_template(messages)
             except ChatFormatError as e:
-                raise InvalidSample(classify_chat_error(e), str(e)) from None
+                raise InvalidSampleError(classify_chat_error(e), str(e)) from None
             truncated = False
             if self.max_len is not None and len(ids) > self.max_len:
                 if self.overlength == "drop":
                     return ("drop",)
                 if self.overlength == "error":
-                    raise InvalidSample(
+                    raise InvalidSampleError(
                         "too_long",
                         f"sample has {len(ids)} tokens > --max-seq-length {self.max_len} "
                         "(use --overlength truncate|drop)",
@@ -85,29 +90,29 @@ class Converter:
                 ids, mask = ids[: self.max_len], mask[: self.max_len]
                 truncated = True
                 if not any(mask):
-                    raise InvalidSample(
+                    raise InvalidSampleError(
                         "no_supervised_tokens",
                         f"no assistant token left after truncation to --max-seq-length {self.max_len}",
                     )
             return ("ok", np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.uint8), truncated)
-        except InvalidSample as e:
+        except InvalidSampleError as e:
             return ("bad", e.reason, str(e))
 
 
 _WORKER: Optional[Converter] = None
 
 
-def _init_worker(opts: Dict) -> None:
+def _init_worker(opts: dict) -> None:
     global _WORKER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
     _WORKER = Converter(opts)
 
 
-def _convert_batch(batch: List[Record]):
+def _convert_batch(batch: list[Record]):
     return [(rec.source, rec.row, _WORKER.convert(rec)) for rec in batch]
 
 
-def _batched(records: Iterable[Record], size: int) -> Iterator[List[Record]]:
+def _batched(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
     it = iter(records)
     while True:
         batch = list(itertools.islice(it, size))
@@ -116,7 +121,7 @@ def _batched(records: Iterable[Record], size: int) -> Iterator[List[Record]]:
         yield batch
 
 
-def _results(records: Iterable[Record], opts: Dict, workers: int, batch_size: int):
+def _results(records: Iterable[Record], opts: dict, workers: int, batch_size: int):
     """Converted rows in input order; at most ``2 * workers`` batches in flight."""
     if workers <= 1:
         conv = Converter(opts)
@@ -144,30 +149,60 @@ def build_parser() -> argparse.ArgumentParser:
         prog="megatron-sed-preprocess",
         description="Tokenize SFT data with a chat template into a loss-masked Megatron indexed dataset.",
     )
-    p.add_argument("--input", nargs="+", required=True,
-                   help="jsonl/json/parquet/csv/tsv/arrow files (optionally .gz for json), datasets "
-                   "save_to_disk folders, or hub dataset names (needs network).")
-    p.add_argument("--input-split", default="train", help="Split of save_to_disk DatasetDicts / hub datasets.")
-    p.add_argument("--output-prefix", required=True, help="Writes PREFIX.bin/.idx, PREFIX_loss_mask.bin/.idx, PREFIX.json.")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        help="jsonl/json/parquet/csv/tsv/arrow files (optionally .gz for json), datasets "
+        "save_to_disk folders, or hub dataset names (needs network).",
+    )
+    p.add_argument(
+        "--input-split", default="train", help="Split of save_to_disk DatasetDicts / hub datasets."
+    )
+    p.add_argument(
+        "--output-prefix",
+        required=True,
+        help="Writes PREFIX.bin/.idx, PREFIX_loss_mask.bin/.idx, PREFIX.json.",
+    )
     p.add_argument("--tokenizer-type", choices=("byte", "hf"), default="byte")
     p.add_argument("--tokenizer-model", default=None, help="Local HF tokenizer folder (--tokenizer-type hf).")
-    p.add_argument("--chat-template", default=None, help="Override: 'chatml', a Jinja file, or a Jinja string.")
-    p.add_argument("--system-prompt", default=None,
-                   help="System prompt for rows without one: text, or 'math' for the default math prompt "
-                   "(reason step by step, final answer in \\boxed{}).")
+    p.add_argument(
+        "--chat-template", default=None, help="Override: 'chatml', a Jinja file, or a Jinja string."
+    )
+    p.add_argument(
+        "--system-prompt",
+        default=None,
+        help="System prompt for rows without one: text, or 'math' for the default math prompt "
+        "(reason step by step, final answer in \\boxed{}).",
+    )
     p.add_argument("--format", choices=FORMATS, default="auto", help="Row format (auto: detect per row).")
     for name, default in FieldNames().__dict__.items():
-        p.add_argument(f"--{name}-field", default=default, help=f"Field holding the {name} (default {default!r}).")
-    p.add_argument("--max-seq-length", type=int, default=None,
-                   help="Longest sample in tokens (a packed reader with --seq-length S fits S+1).")
-    p.add_argument("--overlength", choices=OVERLENGTH, default="error",
-                   help="Samples over --max-seq-length: 'error' (an invalid row), 'truncate' or 'drop' "
-                   "(both counted in PREFIX.json).")
-    p.add_argument("--skip-invalid", action="store_true",
-                   help="Skip (and count) invalid rows instead of stopping at the first one.")
+        p.add_argument(
+            f"--{name}-field", default=default, help=f"Field holding the {name} (default {default!r})."
+        )
+    p.add_argument(
+        "--max-seq-length",
+        type=int,
+        default=None,
+        help="Longest sample in tokens (a packed reader with --seq-length S fits S+1).",
+    )
+    p.add_argument(
+        "--overlength",
+        choices=OVERLENGTH,
+        default="error",
+        help="Samples over --max-seq-length: 'error' (an invalid row), 'truncate' or 'drop' "
+        "(both counted in PREFIX.json).",
+    )
+    p.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="Skip (and count) invalid rows instead of stopping at the first one.",
+    )
     p.add_argument("--workers", type=int, default=1, help="Tokenizer worker processes.")
     p.add_argument("--batch-size", type=int, default=256, help="Rows per worker task.")
-    p.add_argument("--log-interval", type=int, default=0, help="Also log a progress line every N rows (0: off).")
+    p.add_argument(
+        "--log-interval", type=int, default=0, help="Also log a progress line every N rows (0: off)."
+    )
     p.add_argument("--no-progress", action="store_true", help="Disable the tqdm progress bar.")
     return p
 
@@ -181,7 +216,7 @@ def _validate(args) -> None:
         raise PreprocessError(f"--max-seq-length must be >= 2, got {args.max_seq_length}")
 
 
-def preprocess(args) -> Dict:
+def preprocess(args) -> dict:
     """Run the conversion described by parsed ``args``; returns the PREFIX.json metadata."""
     _validate(args)
     try:
@@ -206,15 +241,15 @@ def preprocess(args) -> Dict:
     out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
     os.makedirs(out_dir, exist_ok=True)
     if os.path.isdir(args.output_prefix):
-        raise PreprocessError(f"--output-prefix {args.output_prefix!r} is a folder; give a file prefix inside it")
+        raise PreprocessError(
+            f"--output-prefix {args.output_prefix!r} is a folder; give a file prefix inside it"
+        )
 
-    skipped: Dict[str, int] = collections.Counter()
+    skipped: dict[str, int] = collections.Counter()
     num_rows = num_truncated = num_dropped = 0
     start = time.time()
     bar = None
     if not args.no_progress:
-        from tqdm import tqdm
-
         try:
             total = total_rows(args.input, args.input_split)
         except Exception:
@@ -229,7 +264,9 @@ def preprocess(args) -> Dict:
                     if bar is not None:
                         bar.update(1)
                     if args.log_interval and num_rows % args.log_interval == 0:
-                        logger.info(" > processed %d rows (%.0f rows/s)", num_rows, num_rows / (time.time() - start))
+                        logger.info(
+                            " > processed %d rows (%.0f rows/s)", num_rows, num_rows / (time.time() - start)
+                        )
                     status = res[0]
                     if status == "ok":
                         writer.add(res[1], res[2])
@@ -270,15 +307,22 @@ def preprocess(args) -> Dict:
     logger.info(
         " > wrote %s: %d samples, %d tokens (%d supervised), %d skipped, %d truncated, %d dropped "
         "from %d rows in %.1fs (%.0f rows/s)",
-        args.output_prefix, meta["num_samples"], meta["num_tokens"], meta["num_supervised_tokens"],
-        meta["num_skipped"], num_truncated, num_dropped, num_rows, elapsed, num_rows / max(elapsed, 1e-9),
+        args.output_prefix,
+        meta["num_samples"],
+        meta["num_tokens"],
+        meta["num_supervised_tokens"],
+        meta["num_skipped"],
+        num_truncated,
+        num_dropped,
+        num_rows,
+        elapsed,
+        num_rows / max(elapsed, 1e-9),
     )
     return meta
 
 
-def preprocess_rows(rows: Sequence[Dict], output_prefix: str, tokenizer_type: str = "byte", **flags) -> Dict:
+def preprocess_rows(rows: Sequence[dict], output_prefix: str, tokenizer_type: str = "byte", **flags) -> dict:
     """Python API: preprocess in-memory rows (e.g. the synthetic set) through a temporary jsonl."""
-    import tempfile
 
     directory = os.path.dirname(os.path.abspath(output_prefix))
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", dir=directory, delete=False) as f:
@@ -286,7 +330,15 @@ def preprocess_rows(rows: Sequence[Dict], output_prefix: str, tokenizer_type: st
             f.write(json.dumps(r) + "\n")
         tmp = f.name
     try:
-        argv = ["--input", tmp, "--output-prefix", output_prefix, "--tokenizer-type", tokenizer_type, "--no-progress"]
+        argv = [
+            "--input",
+            tmp,
+            "--output-prefix",
+            output_prefix,
+            "--tokenizer-type",
+            tokenizer_type,
+            "--no-progress",
+        ]
         for k, v in flags.items():
             flag = "--" + k.replace("_", "-")
             if v is True:

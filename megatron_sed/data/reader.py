@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import logging
 import zlib
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 import torch
+from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_sed.data.indexed import SFTIndexedData, tokenizer_compatible
 
@@ -82,16 +84,20 @@ class SFTDataset(torch.utils.data.Dataset):
         if self.num_truncated_docs:
             logger.warning(
                 "%s: %d of %d documents of %s are longer than --seq-length %d + 1 and get truncated",
-                name, self.num_truncated_docs, len(self.doc_ids), data.prefix, self.seq_length,
+                name,
+                self.num_truncated_docs,
+                len(self.doc_ids),
+                data.prefix,
+                self.seq_length,
             )
         self.pad_id = data.pad_id
         self._salt = zlib.crc32(name.encode())
-        self._epochs: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
-        self._epoch_starts: List[int] = [0]  # global index of each epoch's first sample
+        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._epoch_starts: list[int] = [0]  # global index of each epoch's first sample
         self.num_samples = int(num_samples) if num_samples is not None else self.samples_in_epoch(0)
 
     # -- epoch layout -------------------------------------------------------------------
-    def _epoch(self, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(document order, bin boundaries) of an epoch; a pure function of (seed, epoch)."""
         if epoch not in self._epochs:
             if self.shuffle:
@@ -111,7 +117,7 @@ class SFTDataset(torch.utils.data.Dataset):
     def samples_in_epoch(self, epoch: int) -> int:
         return len(self._epoch(epoch)[1]) - 1
 
-    def _locate(self, idx: int) -> Tuple[int, int]:
+    def _locate(self, idx: int) -> tuple[int, int]:
         while self._epoch_starts[-1] <= idx:
             e = len(self._epoch_starts) - 1
             self._epoch_starts.append(self._epoch_starts[-1] + self.samples_in_epoch(e))
@@ -128,7 +134,7 @@ class SFTDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.num_samples
 
-    def __getitem__(self, idx: int) -> Dict[str, torch.Tensor]:
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         idx = int(idx)
         if idx < 0:
             raise IndexError(f"sample index must be >= 0, got {idx}")
@@ -189,7 +195,7 @@ class BlendedSFTDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.num_samples
 
-    def __getitem__(self, idx: int) -> Dict[str, torch.Tensor]:
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         idx = int(idx)
         if idx >= len(self._which):
             self._extend(idx)
@@ -211,10 +217,10 @@ def build_block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return ~(same & causal).unsqueeze(1)
 
 
-def segment_lengths(segment_ids: torch.Tensor) -> List[int]:
+def segment_lengths(segment_ids: torch.Tensor) -> list[int]:
     """Lengths of the runs of equal ids along the flattened batch (each row's padding tail is a run)."""
     flat = segment_ids.reshape(segment_ids.shape[0] if segment_ids.dim() > 1 else 1, -1)
-    lengths: List[int] = []
+    lengths: list[int] = []
     for row in flat.tolist():
         run = 1
         for a, b in zip(row, row[1:]):
@@ -235,7 +241,6 @@ def packed_seq_params_from_segments(segment_ids: torch.Tensor, device=None):
     Pass the host (CPU) segment ids and the target ``device``: the lengths are read on the
     host, so device-resident ids would cost a device-to-host sync per micro-batch.
     """
-    from megatron.core.packed_seq_params import PackedSeqParams
 
     lengths = segment_lengths(segment_ids)
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
@@ -251,7 +256,7 @@ def packed_seq_params_from_segments(segment_ids: torch.Tensor, device=None):
 
 
 # -- builder -----------------------------------------------------------------------------
-def parse_data_paths(paths: Optional[Sequence[str]]) -> Optional[Tuple[List[str], List[float]]]:
+def parse_data_paths(paths: Optional[Sequence[str]]) -> Optional[tuple[list[str], list[float]]]:
     """``["A"]`` or Megatron-style ``["0.7", "A", "0.3", "B"]`` -> (prefixes, weights)."""
     if not paths:
         return None
@@ -272,7 +277,7 @@ def parse_data_paths(paths: Optional[Sequence[str]]) -> Optional[Tuple[List[str]
     return paths[1::2], weights
 
 
-def parse_split(split: str) -> List[float]:
+def parse_split(split: str) -> list[float]:
     try:
         parts = [float(x) for x in split.replace("/", ",").split(",")]
     except ValueError:
@@ -284,7 +289,7 @@ def parse_split(split: str) -> List[float]:
     return [p / total for p in parts]
 
 
-def split_ranges(num_docs: int, fractions: Sequence[float]) -> List[Tuple[int, int]]:
+def split_ranges(num_docs: int, fractions: Sequence[float]) -> list[tuple[int, int]]:
     """Contiguous document ranges per split, like Megatron's ``get_split_indices``."""
     bounds = [0]
     for f in fractions:
@@ -296,15 +301,12 @@ def split_ranges(num_docs: int, fractions: Sequence[float]) -> List[Tuple[int, i
     return [(bounds[i], bounds[i + 1]) for i in range(3)]
 
 
-def _open(prefixes: Sequence[str]) -> List[SFTIndexedData]:
+def _open(prefixes: Sequence[str]) -> list[SFTIndexedData]:
     return [SFTIndexedData(p) for p in prefixes]
 
 
 def _assemble(parts, weights, seq_length, seed, pack, shuffle, num_samples, name):
-    dsets = [
-        SFTDataset(c, ids, seq_length, seed, pack=pack, shuffle=shuffle, name=name)
-        for c, ids in parts
-    ]
+    dsets = [SFTDataset(c, ids, seq_length, seed, pack=pack, shuffle=shuffle, name=name) for c, ids in parts]
     if not dsets:
         return None
     if len(dsets) == 1:
@@ -343,8 +345,8 @@ def build_sft_datasets(
     for k, paths in enumerate(explicit):
         if paths:
             fractions[k] = 0.0
-    parts: List[list] = [[], [], []]
-    weights: List[list] = [[], [], []]
+    parts: list[list] = [[], [], []]
+    weights: list[list] = [[], [], []]
     parsed = parse_data_paths(data_paths)
     if parsed is not None and sum(fractions) > 0:
         prefixes, ws = parsed
@@ -375,6 +377,11 @@ def build_sft_datasets(
         ds = _assemble(parts[k], weights[k], seq_length, seed, pack, k == 0, counts[k], names[k])
         out.append(ds)
         if ds is not None:
-            logger.info(" > %s SFT dataset: %d samples of %d tokens (%s)", names[k], len(ds), seq_length,
-                        "packed" if pack else "padded")
+            logger.info(
+                " > %s SFT dataset: %d samples of %d tokens (%s)",
+                names[k],
+                len(ds),
+                seq_length,
+                "packed" if pack else "padded",
+            )
     return tuple(out)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import gzip
 import json
 import os
-from typing import Iterator, List, NamedTuple, Optional
+from collections.abc import Iterator
+from typing import NamedTuple, Optional
 
 TABULAR = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".arrow": "arrow"}
 
@@ -61,7 +62,7 @@ def _iter_json_lines(path: str) -> Iterator[Record]:
 
 
 def _iter_tabular(path: str, builder: str) -> Iterator[Record]:
-    from datasets import load_dataset
+    from datasets import load_dataset  # noqa: PLC0415 (heavy; only for that input kind)
 
     kwargs = {"delimiter": "\t"} if path.endswith(".tsv") else {}
     ds = load_dataset(builder, data_files=path, split="train", streaming=True, **kwargs)
@@ -70,11 +71,14 @@ def _iter_tabular(path: str, builder: str) -> Iterator[Record]:
 
 
 def _is_saved_dataset(path: str) -> bool:
-    return any(os.path.exists(os.path.join(path, f)) for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
+    return any(
+        os.path.exists(os.path.join(path, f))
+        for f in ("dataset_info.json", "state.json", "dataset_dict.json")
+    )
 
 
 def _iter_saved(path: str, split: str) -> Iterator[Record]:
-    from datasets import DatasetDict, load_from_disk
+    from datasets import DatasetDict, load_from_disk  # noqa: PLC0415 (heavy; only for that input kind)
 
     ds = load_from_disk(path)  # memory-mapped Arrow: rows are read lazily
     if isinstance(ds, DatasetDict):
@@ -87,8 +91,7 @@ def _iter_saved(path: str, split: str) -> Iterator[Record]:
 
 def _iter_hub(name: str, split: str) -> Iterator[Record]:
     offline_hint = (
-        f"--input {name!r} is not a local file or folder, so it was looked up as a Hugging Face hub "
-        "dataset"
+        f"--input {name!r} is not a local file or folder, so it was looked up as a Hugging Face hub dataset"
     )
     if os.environ.get("HF_DATASETS_OFFLINE", "0").lower() in ("1", "true", "yes", "on") or os.environ.get(
         "HF_HUB_OFFLINE", "0"
@@ -97,7 +100,7 @@ def _iter_hub(name: str, split: str) -> Iterator[Record]:
             f"{offline_hint}, but HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set: download it elsewhere "
             "(datasets' save_to_disk or jsonl/parquet files) and pass the local path"
         )
-    from datasets import load_dataset
+    from datasets import load_dataset  # noqa: PLC0415 (heavy; only for that input kind)
 
     try:
         ds = load_dataset(name, split=split, streaming=True)
@@ -115,18 +118,20 @@ def _iter_hub(name: str, split: str) -> Iterator[Record]:
         yield Record(name, i, "row", row)
 
 
-def check_inputs(inputs: List[str]) -> None:
+def check_inputs(inputs: list[str]) -> None:
     """Fail before any work on inputs that are obviously wrong (missing local files)."""
     if not inputs:
         raise SourceError("--input: at least one input is required")
     for path in inputs:
         # Hub names look like "name" or "owner/name"; anything else is meant to be local.
-        looks_hub = not path.startswith((".", "/", "~")) and path.count("/") <= 1 and not os.path.splitext(path)[1]
+        looks_hub = (
+            not path.startswith((".", "/", "~")) and path.count("/") <= 1 and not os.path.splitext(path)[1]
+        )
         if not os.path.exists(path) and not looks_hub:
             raise SourceError(f"--input {path!r} does not exist")
 
 
-def iter_records(inputs: List[str], split: str = "train") -> Iterator[Record]:
+def iter_records(inputs: list[str], split: str = "train") -> Iterator[Record]:
     """All rows of all inputs, in order."""
     for path in inputs:
         if os.path.isdir(path):
@@ -148,19 +153,21 @@ def iter_records(inputs: List[str], split: str = "train") -> Iterator[Record]:
             yield from _iter_hub(path, split)
 
 
-def total_rows(inputs: List[str], split: str = "train") -> Optional[int]:
+def total_rows(inputs: list[str], split: str = "train") -> Optional[int]:
     """Row count when cheap to know (save_to_disk folders, parquet metadata), else None."""
     total = 0
     for path in inputs:
         if os.path.isdir(path) and _is_saved_dataset(path):
-            from datasets import DatasetDict, load_from_disk
+            from datasets import DatasetDict, load_from_disk  # noqa: PLC0415 (heavy; only for that input kind)
 
             ds = load_from_disk(path)
-            total += len(ds[split]) if isinstance(ds, DatasetDict) and split in ds else (
-                len(ds) if not isinstance(ds, DatasetDict) else 0
+            total += (
+                len(ds[split])
+                if isinstance(ds, DatasetDict) and split in ds
+                else (len(ds) if not isinstance(ds, DatasetDict) else 0)
             )
         elif os.path.isfile(path) and path.endswith(".parquet"):
-            import pyarrow.parquet as pq
+            import pyarrow.parquet as pq  # noqa: PLC0415 (heavy; only for parquet inputs)
 
             total += pq.ParquetFile(path).metadata.num_rows
         else:

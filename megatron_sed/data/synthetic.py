@@ -15,13 +15,15 @@ learn the set on a CPU in minutes.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
-import os
 import random
 import re
-import tempfile
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from collections.abc import Iterable, Sequence
+from typing import Optional
+
+from megatron_sed.utils.files import atomic_write_text
 
 NUM_PATHS = 3
 KINDS = ("sum", "sub", "buy")  # the default mix
@@ -40,17 +42,17 @@ _TEST_BUCKETS = 10  # 1 in 10 problem keys is a test problem.
 _EQ_RE = re.compile(r"(\d+)\s*([+\-*])\s*(\d+)\s*=\s*(-?\d+)")
 
 
-def _key_hash(kind: str, nums: Tuple[int, ...]) -> int:
+def _key_hash(kind: str, nums: tuple[int, ...]) -> int:
     digest = hashlib.sha256(f"{kind}:{','.join(map(str, nums))}".encode()).digest()
     return int.from_bytes(digest[:8], "little")
 
 
-def problem_split(kind: str, nums: Tuple[int, ...]) -> str:
+def problem_split(kind: str, nums: tuple[int, ...]) -> str:
     """``"test"`` or ``"train"``: a fixed function of the problem, so splits never overlap."""
     return "test" if _key_hash(kind, nums) % _TEST_BUCKETS == 0 else "train"
 
 
-def _sample_nums(kind: str, rng: random.Random, max_value: int) -> Tuple[int, int, int]:
+def _sample_nums(kind: str, rng: random.Random, max_value: int) -> tuple[int, int, int]:
     if kind == "add3":  # a + b + c, small operands
         return tuple(rng.randint(1, max_value) for _ in range(3))  # type: ignore[return-value]
     if kind == "sum":  # a + b + c
@@ -73,7 +75,7 @@ def _question(kind: str, nums: Sequence[int], name: str, item: str) -> str:
     return f"{name} buys {a} boxes of {b} {item} and {c} loose {item}. How many {item} in all?"
 
 
-def _equations(kind: str, nums: Sequence[int]) -> List[List[Tuple[int, str, int, int]]]:
+def _equations(kind: str, nums: Sequence[int]) -> list[list[tuple[int, str, int, int]]]:
     """The ``NUM_PATHS`` solution paths, each a list of equations ``(x, op, y, z)``."""
     a, b, c = nums
     if kind == "add3":  # each path starts with a different operand
@@ -107,12 +109,12 @@ def _answer(kind: str, nums: Sequence[int]) -> int:
     return _equations(kind, nums)[0][-1][-1]
 
 
-def _render(equations: Sequence[Tuple[int, str, int, int]]) -> str:
+def _render(equations: Sequence[tuple[int, str, int, int]]) -> str:
     body = " ".join(f"{x}{op}{y}={z}." for x, op, y, z in equations)
     return f"{body} \\boxed{{{equations[-1][-1]}}}"
 
 
-def solution_paths(kind: str, nums: Sequence[int]) -> List[str]:
+def solution_paths(kind: str, nums: Sequence[int]) -> list[str]:
     """All valid solution texts of a problem, indexed by path id."""
     return [_render(eqs) for eqs in _equations(kind, tuple(nums))]
 
@@ -124,7 +126,7 @@ def make_synthetic_math(
     max_value: int = 20,
     kinds: Sequence[str] = KINDS,
     paths_per_problem: Optional[int] = None,
-) -> List[Dict]:
+) -> list[dict]:
     """Generate ``num_problems`` distinct problems of ``split`` deterministically from ``seed``.
 
     Rows: ``question``, ``response``, ``answer`` (str), ``path_id`` (int), ``problem_id``,
@@ -148,7 +150,7 @@ def make_synthetic_math(
 
     rng = random.Random(f"megatron-sed-synthetic:{seed}:{split}")
     seen = set()
-    rows: List[Dict] = []
+    rows: list[dict] = []
     misses = 0  # consecutive draws that gave no new problem: the space is (nearly) exhausted
     while len(seen) < num_problems:
         misses += 1
@@ -214,7 +216,7 @@ def answers_match(predicted: Optional[str], answer) -> bool:
         return pred == ref
 
 
-def path_signature(response: str) -> Tuple[Tuple[int, str, int, int], ...]:
+def path_signature(response: str) -> tuple[tuple[int, str, int, int], ...]:
     """The ordered tuple of equations ``(x, op, y, z)`` written in a response.
 
     Two responses follow the same solution path iff their signatures are equal; this
@@ -249,18 +251,7 @@ def identify_path(row_or_paths, response: str) -> Optional[int]:
 def write_synthetic_jsonl(path: str, num_problems: int, seed: int = 1234, split: str = "train", **kw) -> int:
     """Write :func:`make_synthetic_math` rows to ``path`` as JSON lines (atomically); returns the row count."""
     rows = make_synthetic_math(num_problems, seed=seed, split=split, **kw)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
     return len(rows)
 
 
@@ -273,22 +264,25 @@ def write_synthetic_corpus(
     tokenizer_model: Optional[str] = None,
     system_prompt: Optional[str] = None,
     **kw,
-) -> Dict:
+) -> dict:
     """Generate the set and preprocess it into a loss-masked indexed corpus at ``output_prefix``.
 
     Returns the ``PREFIX.json`` metadata; ``build_sft_datasets([output_prefix], ...)`` reads it.
     """
-    from megatron_sed.data.preprocess import preprocess_rows
+    from megatron_sed.data.preprocess import preprocess_rows  # noqa: PLC0415 (preprocess imports this module)
 
     rows = make_synthetic_math(num_problems, seed=seed, split=split, **kw)
     keep = ("question", "response")  # only what the chat rendering needs
     return preprocess_rows(
-        [{k: r[k] for k in keep} for r in rows], output_prefix, tokenizer_type=tokenizer_type,
-        tokenizer_model=tokenizer_model, system_prompt=system_prompt,
+        [{k: r[k] for k in keep} for r in rows],
+        output_prefix,
+        tokenizer_type=tokenizer_type,
+        tokenizer_model=tokenizer_model,
+        system_prompt=system_prompt,
     )
 
 
-def iter_questions(rows: Iterable[Dict]) -> List[Dict]:
+def iter_questions(rows: Iterable[dict]) -> list[dict]:
     """One row per distinct problem (first occurrence), e.g. to build evaluation prompts."""
     seen, out = set(), []
     for row in rows:
@@ -299,7 +293,6 @@ def iter_questions(rows: Iterable[Dict]) -> List[Dict]:
 
 
 def main(argv=None) -> None:
-    import argparse
 
     p = argparse.ArgumentParser(description="Write the synthetic multi-path math SFT set as JSON lines.")
     p.add_argument("--output", required=True)

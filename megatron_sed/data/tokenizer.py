@@ -15,7 +15,10 @@ user, role headers) is 0.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Optional
+
+from megatron.core.tokenizers.text.libraries.bytelevel_tokenizer import ByteLevelTokenizer
 
 ROLES = ("system", "user", "assistant")
 
@@ -33,19 +36,23 @@ class ChatFormatError(ValueError):
     """A conversation that cannot be rendered (bad roles, empty assistant content, ...)."""
 
 
-def validate_messages(messages: Sequence[Dict], require_assistant: bool = True) -> None:
+def validate_messages(messages: Sequence[dict], require_assistant: bool = True) -> None:
     """Raise ChatFormatError unless ``messages`` is a well-formed conversation."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ChatFormatError("messages must be a non-empty list of {role, content} objects")
     n_assistant = 0
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict):
-            raise ChatFormatError(f"message {i} is {type(msg).__name__}, expected an object with role/content")
+            raise ChatFormatError(
+                f"message {i} is {type(msg).__name__}, expected an object with role/content"
+            )
         role, content = msg.get("role"), msg.get("content")
         if role not in ROLES:
             raise ChatFormatError(f"message {i} has unknown role {role!r}; expected one of {ROLES}")
         if not isinstance(content, str):
-            raise ChatFormatError(f"message {i} ({role}) content is {type(content).__name__}, expected a string")
+            raise ChatFormatError(
+                f"message {i} ({role}) content is {type(content).__name__}, expected a string"
+            )
         if role == "system" and i != 0:
             raise ChatFormatError(f"message {i}: a system message is only allowed first")
         if role == "assistant":
@@ -67,28 +74,28 @@ class SFTTokenizer:
     pad: int
     name: str
 
-    def tokenize(self, text: str) -> List[int]:
+    def tokenize(self, text: str) -> list[int]:
         raise NotImplementedError
 
     def detokenize(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
 
     def apply_chat_template(
-        self, messages: Sequence[Dict], add_generation_prompt: bool = False
-    ) -> Tuple[List[int], List[int]]:
+        self, messages: Sequence[dict], add_generation_prompt: bool = False
+    ) -> tuple[list[int], list[int]]:
         raise NotImplementedError
 
-    def encode_prompt(self, messages: Sequence[Dict]) -> List[int]:
+    def encode_prompt(self, messages: Sequence[dict]) -> list[int]:
         """Ids of a prompt ending with the assistant header, for generation."""
         validate_messages(messages, require_assistant=False)
         return self.apply_chat_template(messages, add_generation_prompt=True)[0]
 
     @property
-    def stop_ids(self) -> List[int]:
+    def stop_ids(self) -> list[int]:
         """Ids that end a generated assistant turn."""
         return [self.eod]
 
-    def describe(self) -> Dict:
+    def describe(self) -> dict:
         """What PREFIX.json records about the tokenizer."""
         return {"type": self.name, "vocab_size": self.vocab_size, "eod": self.eod, "pad": self.pad}
 
@@ -104,7 +111,6 @@ class ByteTokenizer(SFTTokenizer):
     SPECIALS = ("<|eod|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 
     def __init__(self) -> None:
-        from megatron.core.tokenizers.text.libraries.bytelevel_tokenizer import ByteLevelTokenizer
 
         n = len(self.SPECIALS)
         # ByteLevelTokenizer numbers specials downwards from 256 + n in list order; compute the
@@ -122,7 +128,7 @@ class ByteTokenizer(SFTTokenizer):
         self.end_of_turn = ids["<|end|>"]
         self._role_ids = {r: ids[f"<|{r}|>"] for r in ROLES}
 
-    def tokenize(self, text: str) -> List[int]:
+    def tokenize(self, text: str) -> list[int]:
         return self._mc.text_to_ids(text)
 
     def detokenize(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -141,13 +147,13 @@ class ByteTokenizer(SFTTokenizer):
         return "".join(out)
 
     @property
-    def stop_ids(self) -> List[int]:
+    def stop_ids(self) -> list[int]:
         return [self.end_of_turn, self.eod]
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = False):
         validate_messages(messages, require_assistant=not add_generation_prompt)
-        ids: List[int] = []
-        mask: List[int] = []
+        ids: list[int] = []
+        mask: list[int] = []
         for msg in messages:
             body = self.tokenize(msg["content"]) + [self.end_of_turn]
             sup = 1 if msg["role"] == "assistant" else 0
@@ -196,7 +202,7 @@ class HFTokenizer(SFTTokenizer):
             raise ValueError("--tokenizer-type hf needs --tokenizer-model PATH (a local tokenizer folder)")
         if not os.path.isdir(tokenizer_model):
             raise ValueError(f"--tokenizer-model {tokenizer_model!r} is not a local folder")
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # noqa: PLC0415 (heavy; only for HF tokenizers)
 
         self.path = tokenizer_model
         self._tok = AutoTokenizer.from_pretrained(tokenizer_model, local_files_only=True)
@@ -208,7 +214,9 @@ class HFTokenizer(SFTTokenizer):
                 "(a Jinja string, a file, or 'chatml')"
             )
         if self._tok.eos_token_id is None:
-            raise ValueError(f"tokenizer at {tokenizer_model!r} defines no eos token (needed as end-of-document)")
+            raise ValueError(
+                f"tokenizer at {tokenizer_model!r} defines no eos token (needed as end-of-document)"
+            )
         self.vocab_size = len(self._tok)
         self.eod = int(self._tok.eos_token_id)
         self.pad = int(self._tok.pad_token_id) if self._tok.pad_token_id is not None else self.eod
@@ -218,7 +226,7 @@ class HFTokenizer(SFTTokenizer):
     def hf_tokenizer(self):
         return self._tok
 
-    def tokenize(self, text: str) -> List[int]:
+    def tokenize(self, text: str) -> list[int]:
         if self._backend is not None:  # the Rust tokenizer directly: ~1.5x faster than __call__
             return self._backend.encode(text, add_special_tokens=False).ids
         return self._tok(text, add_special_tokens=False)["input_ids"]
@@ -241,7 +249,7 @@ class HFTokenizer(SFTTokenizer):
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = False):
         validate_messages(messages, require_assistant=not add_generation_prompt)
-        pieces: List[Tuple[str, int]] = []
+        pieces: list[tuple[str, int]] = []
         done = ""
         for i, msg in enumerate(messages):
             if msg["role"] != "assistant":
@@ -260,11 +268,13 @@ class HFTokenizer(SFTTokenizer):
         else:
             full = self._render(messages, add_generation_prompt=add_generation_prompt)
         if not full.startswith(done):
-            raise ChatFormatError("chat template is not prefix-consistent; use --chat-template to override it")
+            raise ChatFormatError(
+                "chat template is not prefix-consistent; use --chat-template to override it"
+            )
         pieces.append((full[len(done) :], 0))
 
-        ids: List[int] = []
-        mask: List[int] = []
+        ids: list[int] = []
+        mask: list[int] = []
         for text, sup in pieces:
             if text:
                 piece = self.tokenize(text)
@@ -278,7 +288,7 @@ class HFTokenizer(SFTTokenizer):
         return ids, mask
 
     @property
-    def stop_ids(self) -> List[int]:
+    def stop_ids(self) -> list[int]:
         stops = {self.eod}
         for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
             tid = self._tok.convert_tokens_to_ids(tok)
@@ -286,18 +296,49 @@ class HFTokenizer(SFTTokenizer):
                 stops.add(tid)
         return sorted(stops)
 
-    def describe(self) -> Dict:
+    def describe(self) -> dict:
         d = super().describe()
         d.update(model=os.path.basename(os.path.normpath(self.path)), chat_template=self.chat_template)
         return d
 
 
-def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None, chat_template: Optional[str] = None):
+def build_tokenizer(
+    tokenizer_type: str, tokenizer_model: Optional[str] = None, chat_template: Optional[str] = None
+):
     """``"byte"`` or ``"hf"`` (``tokenizer_model``: a local folder); see the module docstring."""
     if tokenizer_type in ("byte", "ByteLevelTokenizer"):
         if chat_template is not None:
-            raise ValueError("--chat-template applies to --tokenizer-type hf only; the byte tokenizer has a fixed format")
+            raise ValueError(
+                "--chat-template applies to --tokenizer-type hf only; the byte tokenizer has a fixed format"
+            )
         return ByteTokenizer()
     if tokenizer_type in ("hf", "HuggingFaceTokenizer"):
         return HFTokenizer(tokenizer_model, chat_template)
     raise ValueError(f"--tokenizer-type {tokenizer_type!r} is not supported; choose 'byte' or 'hf'")
+
+
+def sft_tokenizer_from_args(
+    args,
+    tokenizer_type: Optional[str] = None,
+    tokenizer_model: Optional[str] = None,
+    chat_template: Optional[str] = None,
+):
+    """The tokenizer a run trained with, rebuilt from its (checkpoint's) Megatron args:
+    `sft_tokenizer_type` ("byte" | "hf", set by megatron-sed-train) and Megatron's
+    `tokenizer_model` / `chat_template`; explicit arguments win (eval's flags)."""
+    kind = tokenizer_type or getattr(args, "sft_tokenizer_type", None)
+    if kind is None:  # a Megatron-LM checkpoint, or an older one of ours
+        kind = {"HuggingFaceTokenizer": "hf", "hf": "hf", "byte": "byte"}.get(
+            getattr(args, "tokenizer_type", None), None
+        )
+    if kind is None:
+        raise ValueError(
+            f"cannot tell the tokenizer from the checkpoint (tokenizer_type="
+            f"{getattr(args, 'tokenizer_type', None)!r}): pass --tokenizer-type"
+        )
+    model = tokenizer_model or getattr(args, "tokenizer_model", None)
+    if kind == "hf" and not model:
+        raise ValueError(
+            "the run used an HF tokenizer but its folder is not recorded: pass --tokenizer-model"
+        )
+    return build_tokenizer(kind, model, chat_template or getattr(args, "chat_template", None))

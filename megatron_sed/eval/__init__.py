@@ -1,4 +1,4 @@
 """Evaluation of SFT checkpoints: sampling, accuracy (avg@n, pass@k) and diversity metrics.
 
-    python -m megatron_sed.eval --load CKPT --prompts test.jsonl --output results.json
+python -m megatron_sed.eval --load CKPT --prompts test.jsonl --output results.json
 """

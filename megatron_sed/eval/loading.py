@@ -12,9 +12,11 @@ import copy
 from pathlib import Path
 
 import torch
+from megatron.core import dist_checkpointing
 
 from megatron_sed.checkpointing import layout
 from megatron_sed.checkpointing.layout import CheckpointError, resolve_dist_ckpt_dir
+from megatron_sed.model import build_gpt_model, te_available
 
 
 def resolve_checkpoint_dir(load: str, iteration: int | None = None) -> Path:
@@ -51,8 +53,6 @@ def eval_args(ckpt_args: argparse.Namespace) -> argparse.Namespace:
     a.attention_dropout = 0.0
     a.device = "cpu" if not torch.cuda.is_available() else getattr(a, "device", "auto")
     if getattr(a, "transformer_impl", None) == "transformer_engine":
-        from megatron_sed.model import te_available
-
         if not te_available():
             a.transformer_impl = "local"  # same parameter names, see megatron_sed.model
     if getattr(a, "fp8_format", None):
@@ -63,9 +63,6 @@ def eval_args(ckpt_args: argparse.Namespace) -> argparse.Namespace:
 def load_model(load: str, iteration: int | None = None):
     """(model in eval mode, its args, the checkpoint dir, common state). Needs
     torch.distributed and megatron parallel_state initialised at world size 1."""
-    from megatron.core import dist_checkpointing
-
-    from megatron_sed.model import build_gpt_model
 
     ckpt_dir = resolve_checkpoint_dir(load, iteration)
     common = read_common_state(ckpt_dir)
@@ -80,8 +77,9 @@ def load_model(load: str, iteration: int | None = None):
     try:
         loaded = dist_checkpointing.load(sharded, str(ckpt_dir))
     except Exception as err:  # noqa: BLE001 - missing keys, shape mismatch, corrupt files
-        raise CheckpointError(f"cannot load the model weights from {ckpt_dir}: "
-                              f"{type(err).__name__}: {err}") from err
+        raise CheckpointError(
+            f"cannot load the model weights from {ckpt_dir}: {type(err).__name__}: {err}"
+        ) from err
     missing, unexpected = model.load_state_dict(loaded, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing:

@@ -15,6 +15,8 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 
+import sacrebleu
+
 # ----------------------------------------------------------------------------- accuracy
 
 
@@ -108,7 +110,6 @@ def self_bleu(texts: Sequence[str], tokenize: str = "13a") -> float:
     """Self-BLEU (Zhu et al. 2018): the mean over i of sentence BLEU of texts[i] against all
     the other texts as references, on sacrebleu's 0-100 scale. Lower = more diverse.
     Identical texts give 100."""
-    import sacrebleu
 
     if len(texts) < 2:
         raise ValueError(f"self_bleu needs at least 2 texts, got {len(texts)}")

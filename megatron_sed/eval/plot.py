@@ -11,18 +11,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from collections import OrderedDict
 
+from megatron_sed.utils.files import atomic_path
+
 # metric key -> (panel title, direction hint)
-DEFAULT_METRICS = OrderedDict([
-    ("accuracy", "accuracy avg@n (higher better)"),
-    ("pass@8", "pass@8 (higher better)"),
-    ("self_bleu", "Self-BLEU (lower = more diverse)"),
-    ("distinct_2", "distinct-2 (higher = more diverse)"),
-    ("distinct_correct_paths", "distinct correct paths / prompt"),
-    ("mean_token_entropy", "mean token entropy, nats"),
-])
+DEFAULT_METRICS = OrderedDict(
+    [
+        ("accuracy", "accuracy avg@n (higher better)"),
+        ("pass@8", "pass@8 (higher better)"),
+        ("self_bleu", "Self-BLEU (lower = more diverse)"),
+        ("distinct_2", "distinct-2 (higher = more diverse)"),
+        ("distinct_correct_paths", "distinct correct paths / prompt"),
+        ("mean_token_entropy", "mean token entropy, nats"),
+    ]
+)
 
 
 def load_runs(paths):
@@ -48,15 +51,16 @@ def group_by_label(runs):
 
 
 def plot_runs(runs, output: str, metrics=None, title: str | None = None) -> str:
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (heavy; only for plots)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (heavy; only for plots)
 
     metrics = OrderedDict(DEFAULT_METRICS if metrics is None else metrics)
     groups = group_by_label(runs)
-    metrics = OrderedDict((k, v) for k, v in metrics.items()
-                          if any(k in m for ms in groups.values() for m in ms))
+    metrics = OrderedDict(
+        (k, v) for k, v in metrics.items() if any(k in m for ms in groups.values() for m in ms)
+    )
     if not metrics:
         raise ValueError("none of the metrics to plot is present in the results")
     labels = list(groups)
@@ -70,35 +74,37 @@ def plot_runs(runs, output: str, metrics=None, title: str | None = None) -> str:
             if not vals:
                 continue
             mean = sum(vals) / len(vals)
-            ax.bar(i, mean, color=colors[i % len(colors)], alpha=0.75,
-                   yerr=[[mean - min(vals)], [max(vals) - mean]] if len(vals) > 1 else None,
-                   capsize=4)
+            ax.bar(
+                i,
+                mean,
+                color=colors[i % len(colors)],
+                alpha=0.75,
+                yerr=[[mean - min(vals)], [max(vals) - mean]] if len(vals) > 1 else None,
+                capsize=4,
+            )
             ax.scatter([i] * len(vals), vals, color="black", s=10, zorder=3)
         ax.set_title(name, fontsize=9)
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, rotation=20, fontsize=8)
-    for ax in list(axes.flat)[len(metrics):]:
+    for ax in list(axes.flat)[len(metrics) :]:
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    out_dir = os.path.dirname(os.path.abspath(output))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".plot.", suffix=".png", dir=out_dir)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, output)  # atomic: never a half-written PNG
+        with atomic_path(output) as tmp:  # never a half-written PNG
+            fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return output
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="megatron-sed-eval plot", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="megatron-sed-eval plot",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("results", nargs="+", help="evaluation JSON files")
     p.add_argument("--output", required=True, help="PNG to write")
     p.add_argument("--title", default=None)

@@ -50,8 +50,9 @@ def _row_messages(row: dict, where: str) -> list[dict]:
     )
 
 
-def load_prompts(path: str, limit: Optional[int] = None,
-                 system_prompt: Optional[str] = None) -> list[EvalPrompt]:
+def load_prompts(
+    path: str, limit: Optional[int] = None, system_prompt: Optional[str] = None
+) -> list[EvalPrompt]:
     """Read and validate a prompts file; `system_prompt` is added to rows without one
     (use the one the SFT data was preprocessed with)."""
     if not os.path.isfile(path):
@@ -83,8 +84,11 @@ def load_prompts(path: str, limit: Optional[int] = None,
             paths = row.get("paths")
             if paths is not None and not (isinstance(paths, list) and all(isinstance(p, str) for p in paths)):
                 raise PromptsFileError(f"{where}: 'paths' must be a list of strings")
-            out.append(EvalPrompt(messages=msgs, answer=str(row["answer"]), paths=paths,
-                                  problem_id=row.get("problem_id")))
+            out.append(
+                EvalPrompt(
+                    messages=msgs, answer=str(row["answer"]), paths=paths, problem_id=row.get("problem_id")
+                )
+            )
     if not out:
         raise PromptsFileError(f"prompts file {path!r} holds no prompts")
     return out

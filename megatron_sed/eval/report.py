@@ -11,6 +11,7 @@ import math
 import sys
 
 from megatron_sed.eval.plot import group_by_label, load_runs
+from megatron_sed.utils.files import atomic_write_text
 
 COLUMNS = [
     ("accuracy", "acc avg@n", 100.0),
@@ -35,8 +36,7 @@ def mean_std(values):
 def table(runs) -> str:
     groups = group_by_label(runs)
     cols = [c for c in COLUMNS if any(c[0] in m for ms in groups.values() for m in ms)]
-    lines = ["| run | seeds | " + " | ".join(c[1] for c in cols) + " |",
-             "|---|---|" + "---|" * len(cols)]
+    lines = ["| run | seeds | " + " | ".join(c[1] for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
     for label, ms in groups.items():
         cells = []
         for key, _, scale in cols:
@@ -51,8 +51,11 @@ def table(runs) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="megatron-sed-eval report", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="megatron-sed-eval report",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("results", nargs="+")
     p.add_argument("--output", default=None, help="write the table here (default: stdout)")
     args = p.parse_args(argv)
@@ -61,8 +64,6 @@ def main(argv=None) -> None:
     except ValueError as err:
         p.error(str(err))
     if args.output:
-        from megatron_sed.eval.__main__ import _atomic_write
-
-        _atomic_write(args.output, text)
+        atomic_write_text(args.output, text)
     else:
         sys.stdout.write(text)

@@ -14,10 +14,13 @@ stops at its first stop id and its later positions are ignored.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
+from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.transformer.attention import Attention
 
 
 @dataclass
@@ -50,8 +53,9 @@ def entropy_of_logits(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def sample_from_logits(logits: torch.Tensor, params: SamplingParams,
-                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sample_from_logits(
+    logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
     """One token per row of [b, V] logits: greedy at temperature 0, otherwise softmax at
     the temperature restricted to the top-p nucleus (the smallest set of most likely
     tokens whose mass reaches top_p; the most likely token is always kept)."""
@@ -67,7 +71,6 @@ def sample_from_logits(logits: torch.Tensor, params: SamplingParams,
 
 
 def _attention_layers(model):
-    from megatron.core.transformer.attention import Attention
 
     return [m for m in model.modules() if isinstance(m, Attention)]
 
@@ -96,12 +99,19 @@ class Sampler:
 
     def _new_context(self, batch: int, max_len: int):
         """A static KV-cache context whose buffers already live on the model's device."""
-        from megatron.core.inference.contexts import StaticInferenceContext
 
         ctx = StaticInferenceContext(batch, max_len)
         for layer in _attention_layers(self.model):
-            k = layer.key_hidden_size if hasattr(layer, "key_hidden_size") else layer.hidden_size_per_attention_head
-            v = layer.val_hidden_size if hasattr(layer, "val_hidden_size") else layer.hidden_size_per_attention_head
+            k = (
+                layer.key_hidden_size
+                if hasattr(layer, "key_hidden_size")
+                else layer.hidden_size_per_attention_head
+            )
+            v = (
+                layer.val_hidden_size
+                if hasattr(layer, "val_hidden_size")
+                else layer.hidden_size_per_attention_head
+            )
             groups = layer.num_query_groups_per_partition
             ctx.key_value_memory_dict[layer.layer_number] = (
                 torch.empty(max_len, batch, groups, k, dtype=self.dtype, device=self.device),
@@ -123,9 +133,15 @@ class Sampler:
     # -- generation ----------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, prompt_ids: Sequence[int], n: int, params: SamplingParams,
-                 stop_ids: Sequence[int] = (), generator: Optional[torch.Generator] = None,
-                 keep_token_entropies: bool = False) -> list[Sample]:
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        n: int,
+        params: SamplingParams,
+        stop_ids: Sequence[int] = (),
+        generator: Optional[torch.Generator] = None,
+        keep_token_entropies: bool = False,
+    ) -> list[Sample]:
         if len(prompt_ids) == 0:
             raise ValueError("empty prompt")
         if n < 1:
@@ -140,8 +156,9 @@ class Sampler:
         was_training = self.model.training
         self.model.eval()
         try:
-            return self._generate(list(prompt_ids), n, params, set(int(s) for s in stop_ids),
-                                  generator, keep_token_entropies)
+            return self._generate(
+                list(prompt_ids), n, params, set(int(s) for s in stop_ids), generator, keep_token_entropies
+            )
         finally:
             self.model.train(was_training)
 
@@ -180,7 +197,13 @@ class Sampler:
             ids = gen[i][: int(counts[i])]
             if stopped[i]:
                 ids = ids[:-1]
-            out.append(Sample(ids=ids, stopped=bool(stopped[i]), entropy_sum=float(ent_sum[i]),
-                              num_tokens=int(counts[i]),
-                              token_entropies=[float(e[i]) for e in ent_steps[: int(counts[i])]] if keep else []))
+            out.append(
+                Sample(
+                    ids=ids,
+                    stopped=bool(stopped[i]),
+                    entropy_sum=float(ent_sum[i]),
+                    num_tokens=int(counts[i]),
+                    token_entropies=[float(e[i]) for e in ent_steps[: int(counts[i])]] if keep else [],
+                )
+            )
         return out

@@ -16,7 +16,7 @@ API (stable; used by the trainer, the Megatron-LM glue, converters and eval):
     logits = model(tokens, position_ids, attention_mask)                # [b, s, V/tp]
 
     attention_mask: bool [b, 1, s, s], True = masked out (Megatron's convention), or None
-    for plain causal attention; packed samples: packed_attention_mask(segment_ids).
+    for plain causal attention; packed samples: megatron_sed.data.reader.build_block_causal_mask(segment_ids).
 
 Layer specs (megatron_sed.model.specs): "local" = Megatron-Core's local GPT spec with
 core attention swapped for SDPACoreAttention (torch SDPA: CPU and GPU) and norms for
@@ -43,7 +43,7 @@ masked_token_loss(loss, loss_mask) -> (sum, count) like Megatron's loss_func;
 sed_output_processor: the same for GPTModel's output_processor hook.
 """
 
-from megatron_sed.model.attention import SDPACoreAttention, packed_attention_mask
+from megatron_sed.model.attention import SDPACoreAttention
 from megatron_sed.model.config import (
     padded_vocab_size,
     params_dtype_from_args,
@@ -74,7 +74,6 @@ __all__ = [
     "get_layer_spec",
     "get_local_layer_spec",
     "masked_token_loss",
-    "packed_attention_mask",
     "padded_vocab_size",
     "params_dtype_from_args",
     "pop_sed_stats",

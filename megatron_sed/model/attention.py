@@ -8,7 +8,7 @@ softmax with CUDA kernels, so it cannot run on CPU. `SDPACoreAttention` is a dro
 parameters, so swapping it in leaves the state-dict names of the local spec unchanged.
 
 Packed sequences on CPU are expressed as a block-diagonal mask (see
-`packed_attention_mask`); THD `PackedSeqParams` are Transformer Engine's business.
+`megatron_sed.data.reader.build_block_causal_mask`); THD `PackedSeqParams` are Transformer Engine's business.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
+from torch import Tensor
 
 
 class SDPACoreAttention(MegatronModule):
@@ -51,8 +51,6 @@ class SDPACoreAttention(MegatronModule):
         if pg_collection is not None and hasattr(pg_collection, "tp"):
             tp_size = pg_collection.tp.size()
         else:
-            from megatron.core import parallel_state
-
             tp_size = parallel_state.get_tensor_model_parallel_world_size()
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
@@ -106,35 +104,26 @@ class SDPACoreAttention(MegatronModule):
         dropout_p = self.dropout_p if self.training else 0.0
         if dropout_p > 0.0 and q.is_cuda and not self.config.sequence_parallel:
             # Like DotProductAttention: heads differ per TP rank, so use the TP-rank RNG.
-            from megatron.core import tensor_parallel
 
             with tensor_parallel.get_cuda_rng_tracker().fork():
                 ctx = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=sdpa_mask, dropout_p=dropout_p, is_causal=causal,
+                    q,
+                    k,
+                    v,
+                    attn_mask=sdpa_mask,
+                    dropout_p=dropout_p,
+                    is_causal=causal,
                     scale=self.softmax_scale,
                 )
         else:
             ctx = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=sdpa_mask, dropout_p=dropout_p, is_causal=causal,
+                q,
+                k,
+                v,
+                attn_mask=sdpa_mask,
+                dropout_p=dropout_p,
+                is_causal=causal,
                 scale=self.softmax_scale,
             )
         # [b, n, sq, d] -> [sq, b, n*d]
         return ctx.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
-
-
-def packed_attention_mask(segment_ids: Tensor, causal: bool = True) -> Tensor:
-    """Megatron-style boolean mask [b, 1, s, s] (True = masked out) from per-token
-    segment ids [b, s]: token i may attend to token j only inside the same sample
-    (and j <= i when causal). Padding (segment id -1) attends only to itself, which
-    keeps every softmax row finite; its labels are ignored anyway."""
-    if segment_ids.dim() != 2:
-        raise ValueError(f"segment_ids must be [b, s], got shape {tuple(segment_ids.shape)}")
-    s = segment_ids.shape[1]
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    pad = segment_ids < 0
-    same = same & ~pad[:, :, None]
-    eye = torch.eye(s, dtype=torch.bool, device=segment_ids.device)
-    allowed = same | eye
-    if causal:
-        allowed = allowed & torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril_()
-    return (~allowed).unsqueeze(1)

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
@@ -30,9 +31,7 @@ class CPURotaryEmbedding(RotaryEmbedding):
         if not self.rotary_interleaved:
             emb = torch.cat((freqs, freqs), dim=-1)
         else:
-            emb = torch.stack((freqs.view(-1, 1), freqs.view(-1, 1)), dim=-1).view(
-                freqs.shape[0], -1
-            )
+            emb = torch.stack((freqs.view(-1, 1), freqs.view(-1, 1)), dim=-1).view(freqs.shape[0], -1)
         return emb[:, None, None, :]
 
 
@@ -60,10 +59,10 @@ def decoder_spec(config: TransformerConfig, transformer_impl: str, vp_stage=None
     norm of the same family."""
     layer = get_layer_spec(transformer_impl, normalization=config.normalization)
     if transformer_impl == "transformer_engine":
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-
         return get_gpt_decoder_block_spec(
-            config, use_transformer_engine=True, normalization=config.normalization,
+            config,
+            use_transformer_engine=True,
+            normalization=config.normalization,
             vp_stage=vp_stage,
         )
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
@@ -92,7 +91,8 @@ def build_gpt_model(
         config = transformer_config_from_args(args)
     impl = getattr(args, "transformer_impl", None) or default_transformer_impl()
     vocab = getattr(args, "padded_vocab_size", None) or padded_vocab_size(
-        args.vocab_size, getattr(args, "make_vocab_size_divisible_by", 128),
+        args.vocab_size,
+        getattr(args, "make_vocab_size_divisible_by", 128),
         args.tensor_model_parallel_size,
     )
     return SEDGPTModel(
@@ -102,9 +102,7 @@ def build_gpt_model(
         max_sequence_length=getattr(args, "max_position_embeddings", None) or args.seq_length,
         pre_process=pre_process,
         post_process=post_process,
-        share_embeddings_and_output_weights=not getattr(
-            args, "untie_embeddings_and_output_weights", False
-        ),
+        share_embeddings_and_output_weights=not getattr(args, "untie_embeddings_and_output_weights", False),
         position_embedding_type=getattr(args, "position_embedding_type", "learned_absolute"),
         rotary_percent=getattr(args, "rotary_percent", 1.0),
         rotary_base=getattr(args, "rotary_base", 10000),

@@ -16,14 +16,17 @@ forward, so one slot is enough: the hook `stash_sed_stats(stats)`, the loss func
 from __future__ import annotations
 
 import functools
-from typing import Dict, Optional
+import inspect
+from typing import Optional
 
 import torch
+from megatron.core.models.gpt import GPTModel
 from torch import Tensor
 
+from megatron_sed import vocab_parallel_sed_loss
 from megatron_sed.ops.stats import SEDStats
 
-_STASH: Dict[str, Optional[SEDStats]] = {"stats": None}
+_STASH: dict[str, Optional[SEDStats]] = {"stats": None}
 
 
 def stash_sed_stats(stats: SEDStats) -> None:
@@ -37,13 +40,11 @@ def pop_sed_stats() -> Optional[SEDStats]:
     return stats
 
 
-def sed_language_model_loss(model, labels: Tensor, logits: Tensor, sed_config,
-                            tp_group=None) -> Tensor:
+def sed_language_model_loss(model, labels: Tensor, logits: Tensor, sed_config, tp_group=None) -> Tensor:
     """Per-token SED loss [b, s] (fp32; 0 at ignored labels) from vocab-parallel logits
     [s, b, V/tp] and labels [b, s]. Stats are stashed (see module doc).
 
     `model` supplies the TP group (`model.pg_collection.tp`) when `tp_group` is None."""
-    from megatron_sed import vocab_parallel_sed_loss
 
     if tp_group is None:
         pgc = getattr(model, "pg_collection", None)
@@ -59,26 +60,32 @@ def supports_output_processor() -> bool:
     """Whether the installed megatron-core's GPTModel.forward takes an `output_processor`
     (>= 0.18): the hook that lets SED replace the main head's loss while multi-token-
     prediction heads keep Megatron's CE."""
-    import inspect
-
-    from megatron.core.models.gpt import GPTModel
 
     return "output_processor" in inspect.signature(GPTModel.forward).parameters
 
 
-def sed_output_processor(*, hidden_states, output_layer, output_weight, labels,
-                         runtime_gather_output=None, context=None, scale_logits=None, **_):
+def sed_output_processor(
+    *,
+    hidden_states,
+    output_layer,
+    output_weight,
+    labels,
+    runtime_gather_output=None,
+    context=None,
+    scale_logits=None,
+    **_,
+):
     """GPTModel's `output_processor` for SED (context: the SEDConfig): the output layer's
     vocab-parallel [s, b, V/tp] logits, then the SED loss [b, s] when labels are given (the
     logits [b, s, V/tp] otherwise), exactly as GPTModel's own post-processing does for CE."""
-    logits, _ = output_layer(hidden_states, weight=output_weight,
-                             runtime_gather_output=runtime_gather_output)
+    logits, _ = output_layer(hidden_states, weight=output_weight, runtime_gather_output=runtime_gather_output)
     if scale_logits is not None:
         logits = scale_logits(logits)
     if labels is None:
         return logits.transpose(0, 1).contiguous()
-    return sed_language_model_loss(output_layer, labels, logits, context,
-                                   tp_group=getattr(output_layer, "tp_group", None))
+    return sed_language_model_loss(
+        output_layer, labels, logits, context, tp_group=getattr(output_layer, "tp_group", None)
+    )
 
 
 def masked_token_loss(per_token_loss: Tensor, loss_mask: Tensor):

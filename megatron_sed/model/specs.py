@@ -14,12 +14,13 @@ Megatron-LM's local models see the same names. Only two modules are swapped:
 from __future__ import annotations
 
 import torch
-
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 from megatron_sed.model.attention import SDPACoreAttention
 
@@ -29,7 +30,7 @@ TRANSFORMER_IMPLS = ("local", "transformer_engine")
 def te_available() -> bool:
     """True when Transformer Engine's PyTorch extension imports."""
     try:
-        import transformer_engine.pytorch  # noqa: F401
+        import transformer_engine.pytorch  # noqa: PLC0415,F401
     except Exception:  # noqa: BLE001 - any import failure means "not usable"
         return False
     return True
@@ -37,7 +38,7 @@ def te_available() -> bool:
 
 def apex_available() -> bool:
     try:
-        import apex  # noqa: F401
+        import apex  # noqa: PLC0415,F401
     except Exception:  # noqa: BLE001
         return False
     return True
@@ -48,8 +49,15 @@ class TorchNorm:
     RMSNorm with parameters `weight` [and `bias`]) that also works with sequence
     parallelism."""
 
-    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, persist_layer_norm=False,
-                zero_centered_gamma=False, normalization=None):
+    def __new__(
+        cls,
+        config,
+        hidden_size: int,
+        eps: float = 1e-5,
+        persist_layer_norm=False,
+        zero_centered_gamma=False,
+        normalization=None,
+    ):
         if zero_centered_gamma or config.layernorm_zero_centered_gamma:
             raise ValueError("the local spec's torch norm does not support zero-centered gamma")
         normalization = normalization or config.normalization
@@ -62,7 +70,7 @@ class TorchNorm:
         for p in norm.parameters():
             # Replicated on every TP rank but fed different sequence shards under
             # sequence parallelism: gradients must be summed over the TP group.
-            setattr(p, "sequence_parallel", bool(config.sequence_parallel))
+            p.sequence_parallel = bool(config.sequence_parallel)
         return norm
 
 
@@ -83,14 +91,12 @@ def _swap(spec, old, new):
 
 def get_local_layer_spec(normalization: str = "LayerNorm", qk_layernorm: bool = False) -> ModuleSpec:
     """Megatron-Core's local GPT layer spec with SDPA core attention and SP-capable norms."""
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     spec = get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm)
     spec = _swap(spec, DotProductAttention, SDPACoreAttention)
     spec = _swap(spec, WrappedTorchNorm, TorchNorm)
     try:  # with apex installed the local spec uses FusedLayerNorm; keep it on GPU only
-        from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
+        from megatron.core.fusions.fused_layer_norm import FusedLayerNorm  # noqa: PLC0415 (needs apex)
 
         if not torch.cuda.is_available():
             spec = _swap(spec, FusedLayerNorm, TorchNorm)
@@ -114,8 +120,9 @@ def default_transformer_impl() -> str:
     return "transformer_engine" if torch.cuda.is_available() and te_available() else "local"
 
 
-def get_layer_spec(transformer_impl: str, normalization: str = "LayerNorm",
-                   qk_layernorm: bool = False) -> ModuleSpec:
+def get_layer_spec(
+    transformer_impl: str, normalization: str = "LayerNorm", qk_layernorm: bool = False
+) -> ModuleSpec:
     if transformer_impl == "transformer_engine":
         return get_te_layer_spec(qk_layernorm=qk_layernorm)
     if transformer_impl == "local":

@@ -14,7 +14,7 @@ def resolve_tp_group(tp_group):
     if tp_group is not None:
         return tp_group
     try:
-        from megatron.core import parallel_state
+        from megatron.core import parallel_state  # noqa: PLC0415 (heavy; only when no TP group is given)
     except ImportError:  # pragma: no cover - megatron-core is a dependency
         return None
     if dist.is_available() and dist.is_initialized() and parallel_state.model_parallel_is_initialized():

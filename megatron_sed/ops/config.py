@@ -8,6 +8,9 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 MASKS = ("topk_mass", "entropy", "all", "none")
+# The masks with a threshold, and which side of tau they select: topk_mass regularises
+# tokens whose top-k mass is BELOW tau, entropy those whose entropy is ABOVE it.
+THRESHOLD_SIDE = {"topk_mass": "below", "entropy": "above"}
 REGULARIZERS = ("quadratic", "entropy")
 IMPLS = ("auto", "torch", "triton")
 
@@ -79,9 +82,7 @@ class SEDConfig:
         if self.mask not in MASKS:
             raise ValueError(f"SEDConfig.mask must be one of {MASKS}, got {self.mask!r}")
         if self.regularizer not in REGULARIZERS:
-            raise ValueError(
-                f"SEDConfig.regularizer must be one of {REGULARIZERS}, got {self.regularizer!r}"
-            )
+            raise ValueError(f"SEDConfig.regularizer must be one of {REGULARIZERS}, got {self.regularizer!r}")
         if self.impl not in IMPLS:
             raise ValueError(f"SEDConfig.impl must be one of {IMPLS}, got {self.impl!r}")
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
@@ -108,6 +109,6 @@ class SEDConfig:
         """True when the regulariser can never act (coef 0 or mask 'none')."""
         return self.coef == 0.0 or self.mask == "none"
 
-    def replace(self, **changes) -> "SEDConfig":
+    def replace(self, **changes) -> SEDConfig:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)

@@ -52,9 +52,7 @@ class Combined(NamedTuple):
         return (self.loss.view(shape),) + tuple(getattr(self, n).view(shape) for n in STAT_NAMES)
 
 
-def combine_partials(
-    gathered: torch.Tensor, valid: torch.Tensor, cfg: SEDConfig, top_k: int
-) -> Combined:
+def combine_partials(gathered: torch.Tensor, valid: torch.Tensor, cfg: SEDConfig, top_k: int) -> Combined:
     """Combine `gathered` [tp, N, 4 + k'] partials of all ranks into per-row results.
 
     valid: [N] bool, False where the target is ignore_index.
@@ -66,9 +64,7 @@ def combine_partials(
     sum_exp = (gathered[:, :, COL_SUMEXP] * rescale).sum(dim=0)
     # sum_j e^(z_j - M) (z_j - M) = sum_r e^(m_r - M) (a_r + (m_r - M) s_r)
     shift = m - global_max
-    sum_exp_z = (
-        rescale * (gathered[:, :, COL_SUMEXP_Z] + shift * gathered[:, :, COL_SUMEXP])
-    ).sum(dim=0)
+    sum_exp_z = (rescale * (gathered[:, :, COL_SUMEXP_Z] + shift * gathered[:, :, COL_SUMEXP])).sum(dim=0)
     log_sum_exp = torch.log(sum_exp)
     lse = global_max + log_sum_exp
     entropy = log_sum_exp - sum_exp_z / sum_exp

@@ -9,7 +9,7 @@ objective and its gradient are derived in docs/method.md.
 from __future__ import annotations
 
 import logging
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -56,14 +56,14 @@ def _check_inputs(logits: torch.Tensor, target: torch.Tensor, cfg: SEDConfig, wo
 def _triton_module():
     """megatron_sed.ops.triton_sed, or None when Triton does not import."""
     try:
-        from megatron_sed.ops import triton_sed
+        from megatron_sed.ops import triton_sed  # noqa: PLC0415 (optional (Triton))
     except ImportError:
         return None
     return triton_sed
 
 
 def choose_impl(logits: torch.Tensor, cfg: SEDConfig) -> str:
-    """"torch" or "triton" for this input. impl="triton" on an input the kernels cannot
+    """ "torch" or "triton" for this input. impl="triton" on an input the kernels cannot
     run raises ValueError naming why; impl="auto" then falls back to torch, warning once."""
     if cfg.impl == "torch" or (cfg.impl == "auto" and not logits.is_cuda):
         return "torch"
@@ -84,7 +84,7 @@ def vocab_parallel_sed_loss(
     target: torch.Tensor,
     cfg: Optional[SEDConfig] = None,
     tp_group=None,
-) -> Tuple[torch.Tensor, SEDStats]:
+) -> tuple[torch.Tensor, SEDStats]:
     """SED-SFT loss over tensor-parallel vocab shards.
 
     Args:
@@ -107,8 +107,9 @@ def vocab_parallel_sed_loss(
     world_size, rank = group_size_and_rank(group)
     _check_inputs(vocab_parallel_logits, target, cfg, world_size)
     if choose_impl(vocab_parallel_logits, cfg) == "triton":
-        outputs = _triton_module().TritonSEDLoss.apply(vocab_parallel_logits, target, cfg, group,
-                                                       world_size, rank)
+        outputs = _triton_module().TritonSEDLoss.apply(
+            vocab_parallel_logits, target, cfg, group, world_size, rank
+        )
     else:
         outputs = TorchSEDLoss.apply(vocab_parallel_logits, target, cfg, group, world_size, rank)
     return outputs[0], SEDStats(**dict(zip(STAT_NAMES, outputs[1:])))

@@ -18,9 +18,9 @@ megatron-sed-train's loss_func and the Megatron-LM glue both call it, and
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
-from typing import Dict, Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -74,7 +74,7 @@ class SEDStats(Mapping):
     def __len__(self) -> int:
         return len(_NAMES)
 
-    def detach(self) -> "SEDStats":
+    def detach(self) -> SEDStats:
         return SEDStats(**{n: getattr(self, n).detach() for n in _NAMES})
 
 
@@ -92,7 +92,7 @@ def _finite_weights(stats: Mapping, loss_mask: torch.Tensor) -> torch.Tensor:
     return mask * (torch.isfinite(ce) & torch.isfinite(stats["reg"])).to(torch.float32)
 
 
-def sed_report(stats: Mapping, loss_mask: torch.Tensor) -> Dict[str, torch.Tensor]:
+def sed_report(stats: Mapping, loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """{report key: tensor([sum over supervised tokens, their number])} in float32.
     Tokens whose loss is not finite are left out of every statistic (the loss itself still
     carries them: Megatron's NaN check sees it)."""
@@ -104,8 +104,9 @@ def sed_report(stats: Mapping, loss_mask: torch.Tensor) -> Dict[str, torch.Tenso
     return {f.report_key: torch.stack([sums[i], count]) for i, f in enumerate(STAT_FIELDS)}
 
 
-def reduce_sed_stats(stats: Mapping, loss_mask: Optional[torch.Tensor] = None,
-                     group=None) -> Dict[str, float]:
+def reduce_sed_stats(
+    stats: Mapping, loss_mask: Optional[torch.Tensor] = None, group=None
+) -> dict[str, float]:
     """Means of the statistics over the (loss-masked, finite) tokens, all-reduced over
     `group` (e.g. data-parallel) when given: {metric key: mean, "num_tokens": n,
     "nonfinite_tokens": m}. The same pairs as sed_report, so the numbers equal what
@@ -115,8 +116,13 @@ def reduce_sed_stats(stats: Mapping, loss_mask: Optional[torch.Tensor] = None,
         loss_mask = torch.ones(ce.shape[1], ce.shape[0], device=ce.device)
     pairs = sed_report(stats, loss_mask)
     total = loss_mask.to(torch.float32).sum()
-    vec = torch.cat([torch.stack([pairs[f.report_key][0] for f in STAT_FIELDS]),
-                     pairs[STAT_FIELDS[0].report_key][1:], total.view(1)]).double()
+    vec = torch.cat(
+        [
+            torch.stack([pairs[f.report_key][0] for f in STAT_FIELDS]),
+            pairs[STAT_FIELDS[0].report_key][1:],
+            total.view(1),
+        ]
+    ).double()
     if group is not None and dist.is_initialized() and dist.get_world_size(group=group) > 1:
         dist.all_reduce(vec, group=group)
     values = vec.cpu().tolist()  # one host sync

@@ -211,7 +211,15 @@ class TorchSEDLoss(torch.autograd.Function):
             # graph can be differentiated more than once, as gradcheck does.
             work_full = work_full.clone()
         grad = VocabParallelSED.backward_inplace(
-            work_full.view(-1, work_full.shape[-1]), log_scale, alpha, beta, gamma, local_target,
-            in_shard, grad_loss, ctx.use_log, ctx.opts,
+            work_full.view(-1, work_full.shape[-1]),
+            log_scale,
+            alpha,
+            beta,
+            gamma,
+            local_target,
+            in_shard,
+            grad_loss,
+            ctx.use_log,
+            ctx.opts,
         )
         return grad.view(ctx.input_shape), None, None, None, None, None

@@ -145,7 +145,9 @@ def sed_grad_kernel(
         # Ignored row: zero gradient, and no need to read the logits (which may be anything).
         for start in range(0, n_cols, BLOCK):
             cols = start + offs
-            tl.store(grad_row + cols, tl.zeros([BLOCK], ACC).to(grad_ptr.dtype.element_ty), mask=cols < n_cols)
+            tl.store(
+                grad_row + cols, tl.zeros([BLOCK], ACC).to(grad_ptr.dtype.element_ty), mask=cols < n_cols
+            )
     else:
         for start in range(0, n_cols, BLOCK):
             cols = start + offs

@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 from megatron_sed.ops import triton_kernels
 from megatron_sed.ops.config import KernelOptions, SEDConfig
@@ -37,7 +38,6 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 def kernels_interpreted() -> bool:
     """True when triton was imported with TRITON_INTERPRET=1 (kernels run on CPU tensors)."""
-    from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(triton_kernels.sed_partials_kernel, InterpretedFunction)
 
@@ -82,8 +82,13 @@ def _num_warps(block: int, opts: KernelOptions) -> int:
     return 4 if block <= 1024 else (8 if block <= 4096 else 16)
 
 
-def sed_partials(logits_2d: torch.Tensor, target_1d: torch.Tensor, vocab_start: int, top_k: int,
-                 opts: KernelOptions = KernelOptions()) -> torch.Tensor:
+def sed_partials(
+    logits_2d: torch.Tensor,
+    target_1d: torch.Tensor,
+    vocab_start: int,
+    top_k: int,
+    opts: KernelOptions = KernelOptions(),
+) -> torch.Tensor:
     """[N, V_r] logits (unit column stride) -> [N, 4 + top_k] partials (see partials.py)."""
     n, n_cols = logits_2d.shape
     acc_torch, acc_tl = _acc_dtypes(logits_2d.dtype)
@@ -183,8 +188,21 @@ class TritonSEDLoss(torch.autograd.Function):
         logits_2d, target_1d, lse, alpha, beta, gamma = ctx.saved_tensors
         g = grad_loss.reshape(-1).to(alpha.dtype)
         alpha, beta, gamma = (g * alpha).contiguous(), (g * beta).contiguous(), (g * gamma).contiguous()
-        out = logits_2d if ctx.opts.grad_in_place else torch.empty_like(
-            logits_2d, memory_format=torch.contiguous_format)
-        sed_grad(logits_2d, target_1d, ctx.vocab_start, lse.contiguous(), alpha, beta, gamma,
-                 ctx.use_log, out, ctx.opts)
+        out = (
+            logits_2d
+            if ctx.opts.grad_in_place
+            else torch.empty_like(logits_2d, memory_format=torch.contiguous_format)
+        )
+        sed_grad(
+            logits_2d,
+            target_1d,
+            ctx.vocab_start,
+            lse.contiguous(),
+            alpha,
+            beta,
+            gamma,
+            ctx.use_log,
+            out,
+            ctx.opts,
+        )
         return out.view(ctx.input_shape), None, None, None, None, None

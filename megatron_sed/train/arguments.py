@@ -20,10 +20,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
-from megatron_sed.arguments import add_sed_args, validate_sed_args
+from megatron.training.arguments import parse_args, validate_args
+from megatron.training.global_vars import set_global_variables
+
 from megatron_sed.backend import cpu as cpu_backend
+from megatron_sed.flags import ArgumentError, add_sed_args, validate_sed_args
+from megatron_sed.model.specs import te_available
+from megatron_sed.train.checkpoint_args import apply_checkpoint_args
+from megatron_sed.train.data import resolve_tokenizer_args
 
 PROG = "megatron-sed-train"
 
@@ -46,10 +53,6 @@ CPU_DEFAULTS = dict(
 )
 
 
-class ArgumentError(ValueError):
-    """A flag or flag combination that cannot work; the message names the flags."""
-
-
 _parser: Optional[argparse.ArgumentParser] = None  # Megatron's, as last handed to us
 
 
@@ -59,23 +62,47 @@ def add_trainer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     _parser = parser
     add_sed_args(parser)
     g = parser.add_argument_group(title="megatron-sed")
-    g.add_argument("--metrics-file", type=str, default=None,
-                   help="Append one JSON line per --log-interval (and per evaluation) with the "
-                   "logged values (lm_loss, sed_reg, sed_mask_rate, ..., grad_norm, lr).")
-    g.add_argument("--no-sed-stats", dest="sed_stats", action="store_false",
-                   help="With --loss-type ce: Megatron's own cross-entropy and no SED statistics "
-                   "in the log (by default CE runs also go through the SED op, with the "
-                   "regulariser off, so their entropy / target prob / top-k mass are logged).")
-    g.add_argument("--no-pack", dest="pack", action="store_false",
-                   help="One SFT sample per sequence, right-padded, instead of packing several "
-                   "per sequence (packing resets positions and blocks attention across samples).")
-    g.add_argument("--synthetic-num-problems", type=int, default=400,
-                   help="Without --data-path: problems of the built-in synthetic math SFT set.")
-    g.add_argument("--synthetic-kind", type=str, default=None,
-                   help="Without --data-path: which synthetic set (default: the standard mix; "
-                   "see megatron_sed.data.synthetic).")
-    g.add_argument("--synthetic-cache-dir", type=str, default=None,
-                   help="Where the built-in synthetic set is preprocessed (default: a temp dir).")
+    g.add_argument(
+        "--metrics-file",
+        type=str,
+        default=None,
+        help="Append one JSON line per --log-interval (and per evaluation) with the "
+        "logged values (lm_loss, sed_reg, sed_mask_rate, ..., grad_norm, lr).",
+    )
+    g.add_argument(
+        "--no-sed-stats",
+        dest="sed_stats",
+        action="store_false",
+        help="With --loss-type ce: Megatron's own cross-entropy and no SED statistics "
+        "in the log (by default CE runs also go through the SED op, with the "
+        "regulariser off, so their entropy / target prob / top-k mass are logged).",
+    )
+    g.add_argument(
+        "--no-pack",
+        dest="pack",
+        action="store_false",
+        help="One SFT sample per sequence, right-padded, instead of packing several "
+        "per sequence (packing resets positions and blocks attention across samples).",
+    )
+    g.add_argument(
+        "--synthetic-num-problems",
+        type=int,
+        default=400,
+        help="Without --data-path: problems of the built-in synthetic math SFT set.",
+    )
+    g.add_argument(
+        "--synthetic-kind",
+        type=str,
+        default=None,
+        help="Without --data-path: which synthetic set (default: the standard mix; "
+        "see megatron_sed.data.synthetic).",
+    )
+    g.add_argument(
+        "--synthetic-cache-dir",
+        type=str,
+        default=None,
+        help="Where the built-in synthetic set is preprocessed (default: a temp dir).",
+    )
     for action in parser._actions:  # accept megatron-sed's older tokenizer names too
         if action.dest == "tokenizer_type" and action.choices is not None:
             action.choices = tuple(action.choices) + tuple(TOKENIZER_ALIASES)
@@ -96,25 +123,30 @@ def given_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set:
 def _check_cpu_limits(args) -> None:
     """What the CPU backend cannot run, said before Megatron tries."""
     if args.transformer_impl == "transformer_engine":
-        raise ArgumentError("--transformer-impl transformer_engine needs a GPU with Transformer "
-                            "Engine; on CPU use --transformer-impl local (the default here)")
+        raise ArgumentError(
+            "--transformer-impl transformer_engine needs a GPU with Transformer "
+            "Engine; on CPU use --transformer-impl local (the default here)"
+        )
     if args.fp8 is not None:
-        raise ArgumentError(f"--fp8-format {args.fp8} needs Transformer Engine on a GPU; drop "
-                            "--fp8-format on CPU")
+        raise ArgumentError(
+            f"--fp8-format {args.fp8} needs Transformer Engine on a GPU; drop --fp8-format on CPU"
+        )
     if args.distributed_backend != "gloo":
-        raise ArgumentError(f"--distributed-backend {args.distributed_backend} needs GPUs; use "
-                            "gloo on CPU (the default here)")
+        raise ArgumentError(
+            f"--distributed-backend {args.distributed_backend} needs GPUs; use gloo on CPU (the default here)"
+        )
     if getattr(args, "cuda_graph_impl", "none") not in (None, "none"):
         raise ArgumentError("--cuda-graph-impl needs a GPU")
 
 
 def _check_gpu_stack(args) -> None:
-    from megatron_sed.model.specs import te_available
 
     if args.transformer_impl == "transformer_engine" and not te_available():
-        raise ArgumentError("--transformer-impl transformer_engine (Megatron's default) needs "
-                            "Transformer Engine, which does not import here: install it "
-                            "(pip install 'megatron-sed[gpu]') or pass --transformer-impl local")
+        raise ArgumentError(
+            "--transformer-impl transformer_engine (Megatron's default) needs "
+            "Transformer Engine, which does not import here: install it "
+            "(pip install 'megatron-sed[gpu]') or pass --transformer-impl local"
+        )
     if args.fp8 is not None and args.transformer_impl != "transformer_engine":
         raise ArgumentError("--fp8-format needs --transformer-impl transformer_engine")
 
@@ -124,39 +156,38 @@ def _check_schedule(args) -> None:
     iters = args.train_iters
     decay = args.lr_decay_iters if args.lr_decay_iters is not None else iters
     if iters is not None and decay is not None and args.lr_warmup_iters >= decay > 0:
-        raise ArgumentError(f"--lr-warmup-iters ({args.lr_warmup_iters}) must be smaller than "
-                            f"--lr-decay-iters ({decay}; default --train-iters)")
+        raise ArgumentError(
+            f"--lr-warmup-iters ({args.lr_warmup_iters}) must be smaller than "
+            f"--lr-decay-iters ({decay}; default --train-iters)"
+        )
 
 
 def _check_plugin_limits(args) -> None:
     if args.loss_type == "sed" and getattr(args, "cross_entropy_fusion_impl", None) == "linear":
-        raise ArgumentError("--cross-entropy-fusion-impl linear fuses the output layer with "
-                            "Megatron's CE and never materialises the logits, so SED would be "
-                            "bypassed: use native or te (or --loss-type ce)")
-    if args.pipeline_model_parallel_size > 1 and args.pack and args.transformer_impl == \
-            "transformer_engine" and (args.micro_batch_size or 1) > 1:
+        raise ArgumentError(
+            "--cross-entropy-fusion-impl linear fuses the output layer with "
+            "Megatron's CE and never materialises the logits, so SED would be "
+            "bypassed: use native or te (or --loss-type ce)"
+        )
+    if (
+        args.pipeline_model_parallel_size > 1
+        and args.pack
+        and args.transformer_impl == "transformer_engine"
+        and (args.micro_batch_size or 1) > 1
+    ):
         # Packed samples go to TE as one THD row of micro-batch x seq-length tokens; the
         # pipeline's p2p buffers are sized [seq-length, micro-batch, hidden].
-        raise ArgumentError("packed sequences with --pipeline-model-parallel-size > 1 need "
-                            "--micro-batch-size 1 (or --no-pack)")
-    if args.sed_mask_ratio is not None and args.sed_threshold is None and \
-            args.pipeline_model_parallel_size > 1 and args.loss_type == "sed":
         raise ArgumentError(
-            "--sed-mask-ratio calibrates tau with the model's logits, which only the last "
-            "pipeline stage has: calibrate at --pipeline-model-parallel-size 1 (the log says "
-            "'calibrated SED threshold tau=...') and pass --sed-threshold")
+            "packed sequences with --pipeline-model-parallel-size > 1 need "
+            "--micro-batch-size 1 (or --no-pack)"
+        )
 
 
 def parse_and_validate(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Megatron's parse_args / validate_args / set_global_variables with the steps above.
     Raises ArgumentError (or Megatron's AssertionError/ValueError) naming what is wrong."""
-    from megatron.training.arguments import parse_args, validate_args
-    from megatron.training.global_vars import set_global_variables
 
-    from megatron_sed.train.checkpoint_args import apply_checkpoint_args
-    from megatron_sed.train.data import resolve_tokenizer_args
-
-    argv: List[str] = list(sys.argv[1:] if argv is None else argv)
+    argv: list[str] = list(sys.argv[1:] if argv is None else argv)
     saved_argv = sys.argv
     sys.argv = [PROG, *argv]  # Megatron's parser reads sys.argv
     try:
@@ -164,10 +195,7 @@ def parse_and_validate(argv: Optional[Sequence[str]] = None) -> argparse.Namespa
     finally:
         sys.argv = saved_argv
     given = given_dests(_parser, argv)
-    try:
-        validate_sed_args(args)
-    except ValueError as err:
-        raise ArgumentError(str(err)) from None
+    validate_sed_args(args)
     if args.tokenizer_type in TOKENIZER_ALIASES:
         args.tokenizer_type = TOKENIZER_ALIASES[args.tokenizer_type]
     apply_checkpoint_args(args, given)

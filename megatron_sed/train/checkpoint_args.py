@@ -17,15 +17,38 @@ import argparse
 from pathlib import Path
 from typing import Optional
 
+from megatron_sed.checkpointing.layout import (
+    HF_ASSETS,
+    find_model_metadata,
+    has_checkpoint,
+    read_checkpoint_args,
+)
+
 # Megatron-LM argument names (dests) that define the network; a checkpoint only loads
 # into a model built with the same values.
 MODEL_SHAPE_ARGS = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-    "group_query_attention", "num_query_groups", "kv_channels", "max_position_embeddings",
-    "position_embedding_type", "rotary_base", "rotary_percent", "rotary_interleaved",
-    "use_rope_scaling", "rope_scaling_factor", "rotary_seq_len_interpolation_factor",
-    "normalization", "layernorm_epsilon", "swiglu", "add_bias_linear", "add_qkv_bias",
-    "qk_layernorm", "untie_embeddings_and_output_weights",
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "group_query_attention",
+    "num_query_groups",
+    "kv_channels",
+    "max_position_embeddings",
+    "position_embedding_type",
+    "rotary_base",
+    "rotary_percent",
+    "rotary_interleaved",
+    "use_rope_scaling",
+    "rope_scaling_factor",
+    "rotary_seq_len_interpolation_factor",
+    "normalization",
+    "layernorm_epsilon",
+    "swiglu",
+    "add_bias_linear",
+    "add_qkv_bias",
+    "qk_layernorm",
+    "untie_embeddings_and_output_weights",
 )
 TOKENIZER_ARGS = ("tokenizer_type", "tokenizer_model", "vocab_size", "sft_tokenizer_type")
 
@@ -34,7 +57,6 @@ _loaded: dict = {}  # {"path": ..., "args": Namespace} of the checkpoint this ru
 
 def checkpoint_source(args) -> Optional[str]:
     """The directory Megatron will load from, or None (training from scratch)."""
-    from megatron_sed.checkpointing.layout import has_checkpoint
 
     for path in (getattr(args, "load", None), getattr(args, "pretrained_checkpoint", None)):
         if has_checkpoint(path):
@@ -57,15 +79,13 @@ def _same(a, b) -> bool:
 
 def _flag(dest: str) -> str:
     return {"layernorm_epsilon": "--norm-epsilon", "add_bias_linear": "--disable-bias-linear"}.get(
-        dest, "--" + dest.replace("_", "-"))
+        dest, "--" + dest.replace("_", "-")
+    )
 
 
 def apply_checkpoint_args(args: argparse.Namespace, given: set) -> Optional[argparse.Namespace]:
     """Fill / check the model shape, vocabulary and tokenizer from the checkpoint to load
     (see the module doc). Returns the checkpoint's args, or None without a checkpoint."""
-    from megatron_sed.checkpointing.layout import HF_ASSETS, find_model_metadata
-
-    from megatron_sed.checkpointing.layout import read_checkpoint_args
 
     src = checkpoint_source(args)
     if src is None:
@@ -85,15 +105,18 @@ def apply_checkpoint_args(args: argparse.Namespace, given: set) -> Optional[argp
         else:
             setattr(args, dest, value)
     if mismatches:
-        raise ValueError(f"the checkpoint in {src} was saved with another model shape than the "
-                         "flags say (drop the flags to take the checkpoint's):\n  "
-                         + "\n  ".join(mismatches))
+        raise ValueError(
+            f"the checkpoint in {src} was saved with another model shape than the "
+            "flags say (drop the flags to take the checkpoint's):\n  " + "\n  ".join(mismatches)
+        )
     rows = getattr(saved, "padded_vocab_size", None)
     if rows and "padded_vocab_size" not in given:
         tp = args.tensor_model_parallel_size
         if rows % tp:
-            raise ValueError(f"the checkpoint in {src} has {rows} vocabulary rows, which "
-                             f"--tensor-model-parallel-size {tp} does not divide")
+            raise ValueError(
+                f"the checkpoint in {src} has {rows} vocabulary rows, which "
+                f"--tensor-model-parallel-size {tp} does not divide"
+            )
         args.padded_vocab_size = rows  # Megatron pads the tokenizer's size only when unset
     if not ({"tokenizer_type", "tokenizer_model", "vocab_size"} & given):
         meta = find_model_metadata(src)

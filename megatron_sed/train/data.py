@@ -15,9 +15,22 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from typing import Dict, List, Optional
+from typing import Optional
 
 import torch
+import torch.distributed as dist
+from megatron.training import get_args, get_tokenizer, print_rank_0
+
+from megatron_sed.data.indexed import read_metadata
+from megatron_sed.data.preprocess import preprocess_rows
+from megatron_sed.data.reader import (
+    build_block_causal_mask,
+    build_sft_datasets,
+    packed_seq_params_from_segments,
+    parse_data_paths,
+)
+from megatron_sed.data.synthetic import make_synthetic_math
+from megatron_sed.flags import ArgumentError
 
 logger = logging.getLogger(__name__)
 
@@ -25,10 +38,9 @@ BYTE_VOCAB_SIZE = 262  # megatron_sed.data.tokenizer.ByteTokenizer: 256 bytes + 
 DEFAULT_SPLIT = "98,2,0"
 
 
-def _data_prefixes(args) -> List[str]:
-    from megatron_sed.data.reader import parse_data_paths
+def _data_prefixes(args) -> list[str]:
 
-    prefixes: List[str] = []
+    prefixes: list[str] = []
     for flag in ("data_path", "train_data_path", "valid_data_path", "test_data_path"):
         parsed = parse_data_paths(getattr(args, flag, None))
         if parsed is not None:
@@ -42,12 +54,14 @@ def resolve_tokenizer_args(args) -> None:
     given. Megatron's loop only needs the vocabulary size, so data tokenized by the byte
     tokenizer (or an HF tokenizer whose folder is not given) trains with Megatron's
     NullTokenizer of that size. A tokenizer that contradicts the data is an error."""
-    from megatron_sed.data.indexed import read_metadata
 
     prefixes = _data_prefixes(args)
     source = prefixes[0] if prefixes else "the built-in synthetic set"
-    info = read_metadata(prefixes[0])["tokenizer"] if prefixes else {"type": "byte",
-                                                                       "vocab_size": BYTE_VOCAB_SIZE}
+    info = (
+        read_metadata(prefixes[0])["tokenizer"]
+        if prefixes
+        else {"type": "byte", "vocab_size": BYTE_VOCAB_SIZE}
+    )
     data_type, data_vocab = info.get("type", "byte"), int(info["vocab_size"])
     if args.tokenizer_type == "ByteTokenizer" or (args.tokenizer_type is None and data_type == "byte"):
         args.tokenizer_type, args.sft_tokenizer_type = "NullTokenizer", "byte"
@@ -59,38 +73,36 @@ def resolve_tokenizer_args(args) -> None:
         args.sft_tokenizer_type = "hf" if args.tokenizer_type == "HuggingFaceTokenizer" else None
     wanted = getattr(args, "sft_tokenizer_type", None)
     if wanted is not None and wanted != data_type:
-        raise ValueError(f"the tokenizer is {wanted} ({args.tokenizer_type}"
-                         f"{' ' + args.tokenizer_model if args.tokenizer_model else ''}), but "
-                         f"{source} was tokenized with {data_type}: pass the tokenizer the data "
-                         "was preprocessed with (or preprocess the data with this one)")
+        raise ValueError(
+            f"the tokenizer is {wanted} ({args.tokenizer_type}"
+            f"{' ' + args.tokenizer_model if args.tokenizer_model else ''}), but "
+            f"{source} was tokenized with {data_type}: pass the tokenizer the data "
+            "was preprocessed with (or preprocess the data with this one)"
+        )
 
 
 def check_tokenizer_matches_data(args) -> None:
     """After Megatron built its tokenizer: an HF tokenizer must be the one the data was
     tokenized with (same size); any tokenizer must cover the data's token ids."""
-    from megatron.training import get_tokenizer
-
-    from megatron_sed.data.indexed import read_metadata
-    from megatron_sed.train.arguments import ArgumentError
 
     prefixes = _data_prefixes(args)
     want = int(read_metadata(prefixes[0])["tokenizer"]["vocab_size"]) if prefixes else BYTE_VOCAB_SIZE
     have = int(get_tokenizer().vocab_size)
     if args.tokenizer_type == "HuggingFaceTokenizer" and want != have:
-        raise ArgumentError(f"--tokenizer-model {args.tokenizer_model} has {have} tokens but "
-                            f"{prefixes[0] if prefixes else 'the data'} was tokenized with {want}: "
-                            "pass the tokenizer the data was preprocessed with")
+        raise ArgumentError(
+            f"--tokenizer-model {args.tokenizer_model} has {have} tokens but "
+            f"{prefixes[0] if prefixes else 'the data'} was tokenized with {want}: "
+            "pass the tokenizer the data was preprocessed with"
+        )
     if have < want:
-        raise ArgumentError(f"the tokenizer ({args.tokenizer_type}) has {have} tokens, fewer than "
-                            f"the {want} the data was tokenized with (--vocab-size?)")
+        raise ArgumentError(
+            f"the tokenizer ({args.tokenizer_type}) has {have} tokens, fewer than "
+            f"the {want} the data was tokenized with (--vocab-size?)"
+        )
 
 
 def synthetic_prefix(args) -> str:
     """Preprocess the built-in synthetic set once (global rank 0; others wait), return its prefix."""
-    import torch.distributed as dist
-
-    from megatron_sed.data.preprocess import preprocess_rows
-    from megatron_sed.data.synthetic import make_synthetic_math
 
     cache = args.synthetic_cache_dir or os.path.join(tempfile.gettempdir(), "megatron-sed-synthetic")
     prefix = os.path.join(cache, f"synthetic_math_n{args.synthetic_num_problems}_s{args.seed}_byte_v1")
@@ -108,23 +120,28 @@ def synthetic_prefix(args) -> str:
 def build_datasets(args, num_samples, pack: Optional[bool] = None):
     """(train, valid, test) SFT datasets of at least num_samples = (train, valid, test)
     samples each (None: one pass); a split without documents is None."""
-    from megatron_sed.data.reader import build_sft_datasets
 
     data_path = args.data_path
     if not (data_path or args.train_data_path or args.valid_data_path):
         data_path = [synthetic_prefix(args)]
     train_n, valid_n, test_n = num_samples
     return build_sft_datasets(
-        data_path, split=args.split or DEFAULT_SPLIT, seq_length=args.seq_length, seed=args.seed,
-        pack=args.pack if pack is None else pack, valid_data_paths=args.valid_data_path,
-        train_data_paths=args.train_data_path, test_data_paths=args.test_data_path,
-        train_samples=train_n, valid_samples=valid_n, test_samples=test_n,
+        data_path,
+        split=args.split or DEFAULT_SPLIT,
+        seq_length=args.seq_length,
+        seed=args.seed,
+        pack=args.pack if pack is None else pack,
+        valid_data_paths=args.valid_data_path,
+        train_data_paths=args.train_data_path,
+        test_data_paths=args.test_data_path,
+        train_samples=train_n,
+        valid_samples=valid_n,
+        test_samples=test_n,
     )
 
 
 def train_valid_test_datasets_provider(train_val_test_num_samples):
     """Megatron's dataset provider (called with the sample counts it will draw)."""
-    from megatron.training import get_args, print_rank_0
 
     args = get_args()
     print_rank_0("> building SFT train, validation and test datasets ...")
@@ -138,17 +155,17 @@ def train_valid_test_datasets_provider(train_val_test_num_samples):
 train_valid_test_datasets_provider.is_distributed = True
 
 
-def model_inputs(batch: Dict[str, torch.Tensor], thd: bool, pack: bool = True) -> Dict[str, object]:
+def model_inputs(batch: dict[str, torch.Tensor], thd: bool, pack: bool = True) -> dict[str, object]:
     """tokens, position_ids, labels, loss_mask on the current device, plus the attention
     description: packed samples get THD PackedSeqParams for Transformer Engine (built from
     the host segment ids: no device sync) or a block-causal boolean mask (local spec);
     padded single samples need only the causal mask. Labels are clamped to valid ids (the
     loss mask says which count), as Megatron's CE expects of the heads SED leaves to it."""
-    from megatron_sed.data.reader import build_block_causal_mask, packed_seq_params_from_segments
 
     device = torch.device("cuda", torch.cuda.current_device())
-    out = {k: batch[k].to(device, non_blocking=True)
-           for k in ("tokens", "labels", "loss_mask", "position_ids")}
+    out = {
+        k: batch[k].to(device, non_blocking=True) for k in ("tokens", "labels", "loss_mask", "position_ids")
+    }
     out["labels"] = out["labels"].clamp(min=0)
     out["attention_mask"] = None
     out["packed_seq_params"] = None

@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from megatron_sed.backend import cpu as cpu_backend
 
@@ -24,35 +25,41 @@ def _single_process_defaults() -> None:
     """`python -m megatron_sed.train` without torchrun/srun: a world of one on localhost."""
     if "MASTER_ADDR" in os.environ:
         return
-    import socket
+    import socket  # noqa: PLC0415 (after the CPU backend is installed)
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+    )
 
 
 def run(argv: Optional[Sequence[str]] = None) -> None:
     """Parse the flags and train (raises on bad flags: see megatron_sed.train.arguments)."""
-    from megatron.core.enums import ModelType
-    from megatron.training import pretrain
-    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+    from megatron.core.enums import ModelType  # noqa: PLC0415 (after the CPU backend is installed)
+    from megatron.training import pretrain  # noqa: PLC0415 (after the CPU backend is installed)
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args  # noqa: PLC0415 (after the CPU backend is installed)
 
-    from megatron_sed.train import megatron_fixes
-    from megatron_sed.train.arguments import parse_and_validate
-    from megatron_sed.train.data import check_tokenizer_matches_data, train_valid_test_datasets_provider
-    from megatron_sed.train.metrics import install_metrics_observer
-    from megatron_sed.train.model_provider import model_provider
-    from megatron_sed.train.step import forward_step
+    from megatron_sed.train import megatron_fixes  # noqa: PLC0415 (after the CPU backend is installed)
+    from megatron_sed.train.arguments import parse_and_validate  # noqa: PLC0415 (after the CPU backend is installed)
+    from megatron_sed.train.data import check_tokenizer_matches_data, train_valid_test_datasets_provider  # noqa: PLC0415 (after the CPU backend is installed)
+    from megatron_sed.train.metrics import install_metrics_observer  # noqa: PLC0415 (after the CPU backend is installed)
+    from megatron_sed.train.model_provider import model_provider  # noqa: PLC0415 (after the CPU backend is installed)
+    from megatron_sed.train.step import forward_step  # noqa: PLC0415 (after the CPU backend is installed)
 
     args = parse_and_validate(argv)
     check_tokenizer_matches_data(args)
     if args.rank == args.world_size - 1:
         install_metrics_observer(args.metrics_file)
     megatron_fixes.apply(args)
-    pretrain(pretrain_cfg_container_from_args(args), train_valid_test_datasets_provider,
-             ModelType.encoder_or_decoder, forward_step, model_provider=model_provider)
+    pretrain(
+        pretrain_cfg_container_from_args(args),
+        train_valid_test_datasets_provider,
+        ModelType.encoder_or_decoder,
+        forward_step,
+        model_provider=model_provider,
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -61,12 +68,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _single_process_defaults()
     # Like Megatron: warnings and informational output from rank 0 only.
     if int(os.environ.get("RANK", "0")) != 0:
-        import warnings
+        import warnings  # noqa: PLC0415 (after the CPU backend is installed)
 
         warnings.filterwarnings("ignore")
-    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
-                        format="%(message)s")
-    from megatron_sed.train.arguments import ArgumentError
+    logging.basicConfig(
+        level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING, format="%(message)s"
+    )
+    from megatron_sed.flags import ArgumentError  # noqa: PLC0415 (after the CPU backend is installed)
 
     try:
         run(argv)
@@ -80,12 +88,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _is_argument_phase_error(err: BaseException) -> bool:
     """Bad flags (ours, or Megatron's asserts in validate_args) before training started."""
-    from megatron_sed.train.arguments import ArgumentError
+    from megatron_sed.flags import ArgumentError  # noqa: PLC0415 (after the CPU backend is installed)
 
     if isinstance(err, ArgumentError):
         return True
     try:
-        from megatron.training.global_vars import get_args
+        from megatron.training.global_vars import get_args  # noqa: PLC0415 (after the CPU backend is installed)
 
         get_args()
     except Exception:  # noqa: BLE001 - args not set yet: still parsing/validating

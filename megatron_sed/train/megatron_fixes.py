@@ -13,11 +13,12 @@ from __future__ import annotations
 import functools
 import signal
 
+import megatron.core.optimizer.distrib_optimizer as dopt
 import torch
+from megatron.core.dist_checkpointing.strategies.filesystem_async import get_write_results_queue
 
 
 def _fresh_torch_adam_state_dict() -> None:
-    import megatron.core.optimizer.distrib_optimizer as dopt
 
     if getattr(dopt, "HAVE_APEX_OR_TE", True):
         return
@@ -43,7 +44,6 @@ def _fresh_torch_adam_state_dict() -> None:
 
 
 def _fix_distributed_optimizer_load() -> None:
-    import megatron.core.optimizer.distrib_optimizer as dopt
 
     torch_adam = not getattr(dopt, "HAVE_APEX_OR_TE", True)
     cls = dopt.DistributedOptimizer
@@ -72,10 +72,6 @@ def _fix_distributed_optimizer_load() -> None:
 
 def _signal_proof_checkpoint_writer(args) -> None:
     if not getattr(args, "exit_signal_handler", False):
-        return
-    try:
-        from megatron.core.dist_checkpointing.strategies.filesystem_async import get_write_results_queue
-    except ImportError:
         return
     sigs = {signal.SIGTERM, signal.Signals(int(args.exit_signal))}
     saved = {s: signal.signal(s, signal.SIG_IGN) for s in sigs}

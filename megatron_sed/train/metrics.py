@@ -23,9 +23,11 @@ import json
 import math
 import os
 import time
-from typing import Dict, Optional
+from typing import Optional
 
+import megatron.training.training as loop
 import torch
+from megatron.training import get_args
 
 
 def _key(report_key: str) -> str:
@@ -37,7 +39,7 @@ class MetricsFile:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self._f = open(path, "a", encoding="utf-8")
 
-    def write(self, record: Dict) -> None:
+    def write(self, record: dict) -> None:
         self._f.write(json.dumps(record) + "\n")
         self._f.flush()
 
@@ -49,13 +51,13 @@ class _Interval:
     """Sums of the per-iteration report means since the last record."""
 
     def __init__(self):
-        self.sums: Dict[str, torch.Tensor] = {}
+        self.sums: dict[str, torch.Tensor] = {}
         self.iterations = 0
         self.skipped = 0
         self.nan = 0
         self.start = time.perf_counter()
 
-    def add(self, loss_dict: Dict, skipped: int) -> None:
+    def add(self, loss_dict: dict, skipped: int) -> None:
         if skipped:
             self.skipped += 1
             values = [float(v.float().sum()) for v in loss_dict.values()]
@@ -72,18 +74,29 @@ def install_metrics_observer(path: Optional[str]) -> None:
     it on the last global rank only (the one that prints Megatron's lines)."""
     if not path:
         return
-    import megatron.training.training as loop
-    from megatron.training import get_args
 
     if getattr(loop, "_megatron_sed_metrics", None) is not None:
         return
     out = MetricsFile(path)
     state = {"interval": _Interval(), "eval_iteration": None, "eval_prefix": ""}
     plain_log, plain_eval_print, plain_evaluate = (
-        loop.training_log, loop.evaluate_and_print_results, loop.evaluate)
+        loop.training_log,
+        loop.evaluate_and_print_results,
+        loop.evaluate,
+    )
 
-    def training_log(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale,
-                     report_memory_flag, skipped_iter, grad_norm, *rest, **kw):
+    def training_log(
+        loss_dict,
+        total_loss_dict,
+        learning_rate,
+        iteration,
+        loss_scale,
+        report_memory_flag,
+        skipped_iter,
+        grad_norm,
+        *rest,
+        **kw,
+    ):
         if out is not None:
             args = get_args()
             st = state["interval"]
@@ -91,9 +104,13 @@ def install_metrics_observer(path: Optional[str]) -> None:
             if iteration % args.log_interval == 0 or iteration == args.train_iters:
                 elapsed = time.perf_counter() - st.start
                 n = max(1, st.iterations + st.skipped)
-                record = {"iteration": iteration, "consumed_samples": args.consumed_train_samples,
-                          "lr": learning_rate, "grad_norm": grad_norm,
-                          "loss_scale": float(loss_scale) if loss_scale is not None else None}
+                record = {
+                    "iteration": iteration,
+                    "consumed_samples": args.consumed_train_samples,
+                    "lr": learning_rate,
+                    "grad_norm": grad_norm,
+                    "loss_scale": float(loss_scale) if loss_scale is not None else None,
+                }
                 for k, v in st.sums.items():
                     record[_key(k)] = float(v) / max(1, st.iterations)
                 record["iter_time_ms"] = 1000.0 * elapsed / n
@@ -102,8 +119,18 @@ def install_metrics_observer(path: Optional[str]) -> None:
                 record["nan_iterations"] = st.nan
                 out.write(record)
                 state["interval"] = _Interval()
-        return plain_log(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale,
-                         report_memory_flag, skipped_iter, grad_norm, *rest, **kw)
+        return plain_log(
+            loss_dict,
+            total_loss_dict,
+            learning_rate,
+            iteration,
+            loss_scale,
+            report_memory_flag,
+            skipped_iter,
+            grad_norm,
+            *rest,
+            **kw,
+        )
 
     def evaluate(*a, **kw):
         result = plain_evaluate(*a, **kw)
@@ -115,8 +142,7 @@ def install_metrics_observer(path: Optional[str]) -> None:
             out.write(record)
         return result
 
-    def evaluate_and_print_results(prefix, forward_step_func, data_iterator, model, iteration,
-                                   *a, **kw):
+    def evaluate_and_print_results(prefix, forward_step_func, data_iterator, model, iteration, *a, **kw):
         state["eval_iteration"], state["eval_prefix"] = iteration, prefix
         return plain_eval_print(prefix, forward_step_func, data_iterator, model, iteration, *a, **kw)
 

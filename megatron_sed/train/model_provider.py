@@ -13,18 +13,29 @@ from __future__ import annotations
 
 from typing import Optional
 
+from megatron.training import get_args, print_rank_0
+from megatron.training.arguments import core_transformer_config_from_args
 
-def model_provider(pre_process: bool = True, post_process: bool = True,
-                   vp_stage: Optional[int] = None, config=None, pg_collection=None):
-    from megatron.training import get_args, print_rank_0
-    from megatron.training.arguments import core_transformer_config_from_args
+from megatron_sed.model import build_gpt_model
 
-    from megatron_sed.model import build_gpt_model
+
+def model_provider(
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: Optional[int] = None,
+    config=None,
+    pg_collection=None,
+):
 
     args = get_args()
     if config is None:
         config = core_transformer_config_from_args(args)
     print_rank_0(f"> building GPTModel ({args.transformer_impl} layers) ...")
-    return build_gpt_model(args, config=config, pre_process=pre_process,
-                           post_process=post_process, vp_stage=vp_stage,
-                           pg_collection=pg_collection)
+    return build_gpt_model(
+        args,
+        config=config,
+        pre_process=pre_process,
+        post_process=post_process,
+        vp_stage=vp_stage,
+        pg_collection=pg_collection,
+    )

@@ -21,7 +21,10 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+from megatron.core.rerun_state_machine import get_rerun_state_machine
+from megatron.training import get_args, get_timers
 
+from megatron_sed.megatron_lm import install_loss_override
 from megatron_sed.model.loss_hook import pop_sed_stats, sed_output_processor, supports_output_processor
 from megatron_sed.ops.stats import sed_report
 from megatron_sed.train.data import model_inputs
@@ -33,7 +36,6 @@ def _uses_thd(args) -> bool:
 
 
 def _run_model(model, batch, cfg):
-    from megatron_sed.megatron_lm import install_loss_override
 
     kwargs = {}
     if cfg is None:  # --loss-type ce --no-sed-stats: GPTModel's own (Megatron's) CE
@@ -42,20 +44,27 @@ def _run_model(model, batch, cfg):
         kwargs = dict(output_processor=sed_output_processor, output_processor_context=cfg)
     else:  # older megatron-core: replace the language-model loss of the GPTModel(s)
         install_loss_override(model, cfg)
-    return model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
-                 labels=batch["labels"], loss_mask=batch["loss_mask"],
-                 packed_seq_params=batch["packed_seq_params"], **kwargs)
+    return model(
+        batch["tokens"],
+        batch["position_ids"],
+        batch["attention_mask"],
+        labels=batch["labels"],
+        loss_mask=batch["loss_mask"],
+        packed_seq_params=batch["packed_seq_params"],
+        **kwargs,
+    )
 
 
 def forward_step(data_iterator, model, return_schedule_plan: bool = False):
-    from megatron.training import get_args, get_timers
 
     if return_schedule_plan:
-        raise ValueError("--overlap-moe-expert-parallel-comm schedule plans are not supported "
-                         "with --loss-type sed")
+        raise ValueError(
+            "--overlap-moe-expert-parallel-comm schedule plans are not supported with --loss-type sed"
+        )
     args = get_args()
     native_ce = args.loss_type == "ce" and not args.sed_stats
-    cfg = None if native_ce else sed_threshold(args, model).config  # 1st call: restore/calibrate tau
+    # the first call restores or calibrates tau (through this forward_step)
+    cfg = None if native_ce else sed_threshold(args, model, forward_step).config
     timers = get_timers()
     timers("batch-generator", log_level=2).start()
     batch = model_inputs(next(data_iterator), thd=_uses_thd(args), pack=args.pack)
@@ -65,19 +74,27 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
 
 
 def _check_finite(args, loss: torch.Tensor) -> None:
-    from megatron.core.rerun_state_machine import get_rerun_state_machine
 
     if not args.check_for_nan_in_loss_and_grad:
         return
     machine = get_rerun_state_machine()
-    machine.validate_result(result=loss, rejection_func=torch.isnan, tolerance=0.0, fatal=True,
-                            message="found NaN in local forward loss calculation")
-    machine.validate_result(result=loss, rejection_func=torch.isinf, tolerance=0.0, fatal=True,
-                            message="found Inf in local forward loss calculation")
+    machine.validate_result(
+        result=loss,
+        rejection_func=torch.isnan,
+        tolerance=0.0,
+        fatal=True,
+        message="found NaN in local forward loss calculation",
+    )
+    machine.validate_result(
+        result=loss,
+        rejection_func=torch.isinf,
+        tolerance=0.0,
+        fatal=True,
+        message="found Inf in local forward loss calculation",
+    )
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, model=None):
-    from megatron.training import get_args
 
     args = get_args()
     losses = output_tensor.view(-1).float()

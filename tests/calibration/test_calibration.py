@@ -13,15 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from dist_utils import run_distributed
 from megatron_sed.calibration import (
     ThresholdEMA,
     calibrate_with_forward_step,
     exact_quantile,
     fraction_below,
     threshold_from_masses,
-    topk_masses,
 )
+from tests.helpers.dist import run_distributed
 
 pytestmark = pytest.mark.compat
 
@@ -58,8 +57,11 @@ class _HeldOut(torch.utils.data.Dataset):
         return self.rows
 
     def __getitem__(self, i):
-        return {"logits": self.logits[i, :, self.shard], "labels": self.labels[i],
-                "loss_mask": self.loss_mask[i]}
+        return {
+            "logits": self.logits[i, :, self.shard],
+            "labels": self.labels[i],
+            "loss_mask": self.loss_mask[i],
+        }
 
 
 class _Model(torch.nn.Module):
@@ -86,8 +88,14 @@ def _forward_step(tp_group, data_iterator, model):
 
 
 def _args(**over):
-    a = argparse.Namespace(sed_calibration_samples=NUM_SAMPLES, micro_batch_size=3, sed_mask="topk_mass",
-                           sed_mask_ratio=RATIO, sed_top_k=TOPK, pipeline_model_parallel_size=1)
+    a = argparse.Namespace(
+        sed_calibration_samples=NUM_SAMPLES,
+        micro_batch_size=3,
+        sed_mask="topk_mass",
+        sed_mask_ratio=RATIO,
+        sed_top_k=TOPK,
+        pipeline_model_parallel_size=1,
+    )
     a.__dict__.update(over)
     return a
 
@@ -95,8 +103,9 @@ def _args(**over):
 def _calibrate(args, tp_group=None, **heldout):
     model = _Model()
     model.train()
-    res = calibrate_with_forward_step(args, model, partial(_forward_step, tp_group),
-                                      lambda n: _HeldOut(**heldout))
+    res = calibrate_with_forward_step(
+        args, model, partial(_forward_step, tp_group), lambda n: _HeldOut(**heldout)
+    )
     assert model.training, "calibration must restore train mode"
     return res, model
 
@@ -115,20 +124,7 @@ def test_exact_quantile_matches_numpy():
     with pytest.raises(ValueError, match="not finite"):
         exact_quantile(torch.tensor([0.5, float("nan")]), 0.3)
     with pytest.raises(ValueError, match="quantile level"):
-        threshold_from_masses(v, 1.0)
-
-
-def test_topk_masses_match_float64_reference():
-    logits, labels, loss_mask = _dataset()
-    lg = logits[:3].transpose(0, 1).contiguous()  # [s, b, V]
-    before = lg.clone()
-    masses = topk_masses(lg, labels[:3], loss_mask[:3], TOPK)
-    assert torch.equal(lg, before), "calibration must not overwrite the caller's logits"
-    # the masses come in [s, b] order (the logits' layout)
-    ref = torch.softmax(before.double(), -1).topk(TOPK, -1).values.sum(-1)[loss_mask[:3].t().bool()]
-    torch.testing.assert_close(masses.double(), ref, rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match=r"\[b, s\]"):
-        topk_masses(lg, labels[:3].t(), loss_mask[:3], TOPK)
+        threshold_from_masses(v, 1.5)
 
 
 def test_calibrate_single_process_and_too_few_samples():
@@ -152,8 +148,15 @@ def test_entropy_mask_selects_the_top_ratio():
     assert res.tau == pytest.approx(float(np.quantile(ent.numpy(), 1 - RATIO)), abs=1e-5)
     assert abs(res.fraction_selected - RATIO) <= 1.0 / ent.numel() + 1e-9
     assert "entropy" in res.log_line()
-    with pytest.raises(ValueError, match="pipeline parallelism"):
-        _calibrate(_args(pipeline_model_parallel_size=2))
+    # the flags are checked once, before anything runs (megatron_sed.flags)
+    from megatron_sed.flags import ArgumentError, add_sed_args, validate_sed_args
+
+    flags = add_sed_args(argparse.ArgumentParser()).parse_args(
+        ["--loss-type", "sed", "--sed-mask-ratio", "0.3"]
+    )
+    flags.pipeline_model_parallel_size = 2
+    with pytest.raises(ArgumentError, match="last pipeline stage"):
+        validate_sed_args(flags)
 
 
 def test_ema_tracker():
@@ -170,8 +173,12 @@ def test_ema_tracker():
     # entropy mask: tracks the (1 - ratio) quantile, tau not limited to (0, 1]
     ent = ThresholdEMA(ratio=0.25, decay=0.0, tau=3.0, mask="entropy")
     assert ent.update(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])) == pytest.approx(4.0)
-    for bad in (dict(ratio=0.0, decay=0.5, tau=0.5), dict(ratio=0.3, decay=1.0, tau=0.5),
-                dict(ratio=0.3, decay=0.5, tau=0.0), dict(ratio=0.3, decay=0.5, tau=0.5, mask="all")):
+    for bad in (
+        dict(ratio=0.0, decay=0.5, tau=0.5),
+        dict(ratio=0.3, decay=1.0, tau=0.5),
+        dict(ratio=0.3, decay=0.5, tau=0.0),
+        dict(ratio=0.3, decay=0.5, tau=0.5, mask="all"),
+    ):
         with pytest.raises(ValueError):
             ThresholdEMA(**bad)
 
@@ -197,7 +204,9 @@ def _dist_worker(rank, world_size, ref_tau, num_tokens):
 
     # Variable-length gather: rank r holds r+1 values (rank 0 may hold none in EMA steps).
     local = torch.arange(dp_rank * 10, dp_rank * 10 + dp_rank + 1, dtype=torch.float32) / 100
-    everything = torch.cat([torch.arange(r * 10, r * 11 + 1, dtype=torch.float32) / 100 for r in range(dp_size)])
+    everything = torch.cat(
+        [torch.arange(r * 10, r * 11 + 1, dtype=torch.float32) / 100 for r in range(dp_size)]
+    )
     tau, n, _ = threshold_from_masses(local, 0.3, dp_group)
     assert n == everything.numel() and tau == exact_quantile(everything, 0.3)
 

@@ -18,8 +18,13 @@ from megatron_sed.convert.__main__ import main  # noqa: E402
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     cfg = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("hf") / "tiny"
@@ -33,8 +38,9 @@ def _run(capsys, *argv):
 
 
 def _left_over(parent: Path, name: str):
-    return sorted(p.name for p in parent.iterdir() if p.name.startswith(name)
-                  or p.name.startswith(f".{name}"))
+    return sorted(
+        p.name for p in parent.iterdir() if p.name.startswith(name) or p.name.startswith(f".{name}")
+    )
 
 
 def test_truncated_safetensors(tmp_path, hf_dir, capsys):
@@ -107,8 +113,9 @@ def test_export_checkpoint_model_mismatch(tmp_path, hf_dir, capsys):
     cfg = json.loads((hf_dir / "config.json").read_text())
     cfg["num_hidden_layers"] = 3
     (ref / "config.json").write_text(json.dumps(cfg))
-    rc, err = _run(capsys, "mcore-to-hf", "--load", str(mc), "--out", str(tmp_path / "hf"),
-                   "--reference", str(ref))
+    rc, err = _run(
+        capsys, "mcore-to-hf", "--load", str(mc), "--out", str(tmp_path / "hf"), "--reference", str(ref)
+    )
     assert rc == 2 and "does not match the model" in err
     assert "decoder.layers.self_attention.linear_qkv.weight has shape [2, 64, 32]" in err
     assert _left_over(tmp_path, "hf") == []

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_utils import run_distributed
+from tests.helpers.dist import run_distributed
 
 transformers = pytest.importorskip("transformers")
 
@@ -29,21 +29,41 @@ LOGIT_TOL = 1e-5  # fp32; measured max |diff| <= ~1e-6 (printed with -s)
 
 def _llama(tmp: Path) -> Path:
     cfg = transformers.LlamaConfig(
-        vocab_size=320, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        rms_norm_eps=1e-5, tie_word_embeddings=True, rope_theta=10000.0, initializer_range=0.1,
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+        initializer_range=0.1,
         # Llama-3.2's scaling (Megatron-Core hard-codes low/high/original = 1/4/8192)
-        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
     )
     return _save(transformers.LlamaForCausalLM, cfg, tmp / "llama")
 
 
 def _qwen2(tmp: Path) -> Path:
     cfg = transformers.Qwen2Config(
-        vocab_size=256, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
-        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
-        rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=1000000.0,
+        vocab_size=256,
+        hidden_size=96,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        rope_theta=1000000.0,
         use_sliding_window=False,
     )
     return _save(transformers.Qwen2ForCausalLM, cfg, tmp / "qwen2")
@@ -87,39 +107,48 @@ def _load_worker(rank, world_size, cases, result_dir):
         for tp in (1, 2):
             parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
             args = argparse.Namespace(
-                **margs, tensor_model_parallel_size=tp, pipeline_model_parallel_size=1,
-                seq_length=SEQ, transformer_impl="local", use_cpu_initialization=True,
+                **margs,
+                tensor_model_parallel_size=tp,
+                pipeline_model_parallel_size=1,
+                seq_length=SEQ,
+                transformer_impl="local",
+                use_cpu_initialization=True,
             )
             model = build_gpt_model(args).eval()
             # As Megatron-LM loads: model weights under "model", args etc. from common.pt
-            state = dist_checkpointing.load({"model": model.sharded_state_dict()},
-                                            str(Path(ckpt_root) / "release"))
+            state = dist_checkpointing.load(
+                {"model": model.sharded_state_dict()}, str(Path(ckpt_root) / "release")
+            )
             assert state["iteration"] == 0 and state["args"].num_layers == margs["num_layers"]
             model.load_state_dict(state["model"], strict=True)
             with torch.no_grad():
                 pos = torch.arange(SEQ).unsqueeze(0).expand(BATCH, SEQ)
                 logits = model(tokens, pos, None)  # [b, s, V_padded / tp]
                 parts = [torch.empty_like(logits) for _ in range(tp)]
-                dist.all_gather(parts, logits.contiguous(),
-                                group=parallel_state.get_tensor_model_parallel_group())
+                dist.all_gather(
+                    parts, logits.contiguous(), group=parallel_state.get_tensor_model_parallel_group()
+                )
                 logits = torch.cat(parts, dim=-1)
             if rank == 0:
-                torch.save(logits[..., :vocab].clone(),
-                           os.path.join(result_dir, f"{name}_tp{tp}.pt"))
+                torch.save(logits[..., :vocab].clone(), os.path.join(result_dir, f"{name}_tp{tp}.pt"))
             if tp == 2:
                 # What Megatron-LM writes: the model's sharded state dict + args in
                 # common.pt; fc1 in the "singleton" _w/_v layout for Qwen2 to cover it.
                 out = os.path.join(result_dir, f"{name}_mlm", "iter_0000007")
                 if rank == 0:
                     os.makedirs(out)
-                    with open(os.path.join(result_dir, f"{name}_mlm",
-                                           "latest_checkpointed_iteration.txt"), "w") as f:
+                    with open(
+                        os.path.join(result_dir, f"{name}_mlm", "latest_checkpointed_iteration.txt"), "w"
+                    ) as f:
                         f.write("7")
                 dist.barrier()
                 md = {"singleton_local_shards": name == "qwen2"}
-                sd = {"model": model.sharded_state_dict(metadata=md),
-                      "args": argparse.Namespace(**args.__dict__), "iteration": 7,
-                      "checkpoint_version": 3.0}
+                sd = {
+                    "model": model.sharded_state_dict(metadata=md),
+                    "args": argparse.Namespace(**args.__dict__),
+                    "iteration": 7,
+                    "checkpoint_version": 3.0,
+                }
                 dist_checkpointing.save(sd, out, sharded_strategy=SyncTorchDistSaveStrategy())
             parallel_state.destroy_model_parallel()
 
@@ -135,8 +164,7 @@ def converted(tmp_path_factory):
         hf_dir = make(tmp)
         (hf_dir / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')
         out = tmp / f"{name}_mcore"
-        assert main(["hf-to-mcore", "--hf", str(hf_dir), "--out", str(out),
-                     "--no-progress"]) == 0
+        assert main(["hf-to-mcore", "--hf", str(hf_dir), "--out", str(out), "--no-progress"]) == 0
         cases.append((name, str(out)))
     results = tmp / "results"
     results.mkdir()
@@ -153,8 +181,9 @@ def test_logits_match_hf_at_tp1_and_tp2(converted, name):
     for tp in (1, 2):
         ours = torch.load(results / f"{name}_tp{tp}.pt")
         diff = (ours - ref).abs().max().item()
-        print(f"{name} TP={tp}: max |logit diff| vs HF = {diff:.2e} "
-              f"(logit scale {ref.abs().max().item():.2f})")
+        print(
+            f"{name} TP={tp}: max |logit diff| vs HF = {diff:.2e} (logit scale {ref.abs().max().item():.2f})"
+        )
         assert diff < LOGIT_TOL, f"{name} TP={tp}: max |diff| {diff}"
 
 
@@ -192,8 +221,21 @@ def test_export_roundtrip_is_exact(converted, name):
     tmp, _ = converted
     back = tmp / f"{name}_back"
     # small shards to exercise the multi-file index
-    assert main(["mcore-to-hf", "--load", str(tmp / f"{name}_mcore"), "--out", str(back),
-                 "--max-shard-size-gb", "0.0001", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "mcore-to-hf",
+                "--load",
+                str(tmp / f"{name}_mcore"),
+                "--out",
+                str(back),
+                "--max-shard-size-gb",
+                "0.0001",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert (back / "model.safetensors.index.json").is_file()
     orig, got = _hf_weights(tmp / name), _hf_weights(back)
     assert sorted(orig) == sorted(got)
@@ -214,13 +256,26 @@ def test_export_megatron_lm_style_checkpoint(converted, name):
     tmp, results = converted
     back = tmp / f"{name}_mlm_back"
     vocab = json.loads((tmp / name / "config.json").read_text())["vocab_size"]
-    assert main(["mcore-to-hf", "--load", str(results / f"{name}_mlm"), "--out", str(back),
-                 "--vocab-size", str(vocab), "--tokenizer", str(tmp / name),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "mcore-to-hf",
+                "--load",
+                str(results / f"{name}_mlm"),
+                "--out",
+                str(back),
+                "--vocab-size",
+                str(vocab),
+                "--tokenizer",
+                str(tmp / name),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     orig, got = _hf_weights(tmp / name), _hf_weights(back)
     assert sorted(orig) == sorted(got)
     for k in orig:
         assert torch.equal(orig[k], got[k]), k
     cfg = json.loads((back / "config.json").read_text())
-    assert cfg["architectures"] == [{"llama": "LlamaForCausalLM",
-                                     "qwen2": "Qwen2ForCausalLM"}[name]]
+    assert cfg["architectures"] == [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[name]]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from hf_fixtures import build_local_hf_tokenizer
+from tests.helpers.hf import build_local_hf_tokenizer
 
 
 @pytest.fixture(scope="session")

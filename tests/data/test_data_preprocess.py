@@ -39,8 +39,16 @@ def supervised_runs(ids, mask):
 
 
 ROWS = {
-    "messages": [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-                               {"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "\\boxed{2}"}]}],
+    "messages": [
+        {
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "1+1?"},
+                {"role": "assistant", "content": "\\boxed{2}"},
+            ]
+        }
+    ],
     "question_response": [{"question": "What is 2+3?", "response": "2+3=5. \\boxed{5}"}],
     "question_answer": [{"question": "Capital of France?", "answer": "Paris"}],
     "prompt_completion": [{"prompt": "Say hi", "completion": "hi there"}],
@@ -79,7 +87,8 @@ def test_every_format_round_trips(tmp_path, tokenizer_type, hf_tokenizer_dir):
         assert got == expected, fmt
         # The stored sample is exactly the tokenizer's chat rendering of the row.
         ref_ids, ref_mask = tok.apply_chat_template(
-            preprocess.row_to_messages(rows[0]) if fmt != "sharegpt"
+            preprocess.row_to_messages(rows[0])
+            if fmt != "sharegpt"
             else [{"role": "user", "content": "Yo"}, {"role": "assistant", "content": "Hey"}]
         )
         assert ids.tolist() == ref_ids and mask.tolist() == ref_mask
@@ -105,8 +114,20 @@ def test_tabular_and_saved_inputs_and_custom_fields(tmp_path):
     tok = build_tokenizer("byte")
     for name in ("a.parquet", "b.csv", "saved", "c.json", "d.jsonl.gz"):
         prefix = str(tmp_path / f"out_{name.split('.')[0]}")
-        argv = ["--input", str(tmp_path / name), "--output-prefix", prefix, "--format", "question_response",
-                "--question-field", "q", "--response-field", "r", "--system-prompt", "math"]
+        argv = [
+            "--input",
+            str(tmp_path / name),
+            "--output-prefix",
+            prefix,
+            "--format",
+            "question_response",
+            "--question-field",
+            "q",
+            "--response-field",
+            "r",
+            "--system-prompt",
+            "math",
+        ]
         assert run(argv) == (0, "")
         data = SFTIndexedData(prefix)
         assert len(data) == 7
@@ -122,8 +143,14 @@ def test_miromind_style_question_response(tmp_path):
     rows = []
     for i in range(40):
         steps = " ".join(f"Step {k}: {int(rng.integers(100))}+{k}." for k in range(int(rng.integers(5, 60))))
-        rows.append({"question": f"Problem {i}: compute the sum.", "response": f"<think>{steps}</think> "
-                     f"So the answer is \\boxed{{{i}}}.", "source": "synthetic", "id": i})
+        rows.append(
+            {
+                "question": f"Problem {i}: compute the sum.",
+                "response": f"<think>{steps}</think> So the answer is \\boxed{{{i}}}.",
+                "source": "synthetic",
+                "id": i,
+            }
+        )
     src = write_jsonl(tmp_path / "miro.jsonl", rows)
     out1, out2 = str(tmp_path / "w1"), str(tmp_path / "w2")
     base = ["--input", src, "--system-prompt", "math", "--max-seq-length", "400", "--overlength", "truncate"]
@@ -150,8 +177,11 @@ BAD = [
     ({"question": "q", "response": 5}, "expected a string", "non_string_field"),
     ({"question": "q", "response": None}, "missing field 'response'", "missing_field"),
     ({"question": "q", "response": "   "}, "empty assistant", "empty_assistant"),
-    ({"messages": [{"role": "user", "content": "q"}, {"role": "wizard", "content": "a"}]}, "unknown role",
-     "unknown_role"),
+    (
+        {"messages": [{"role": "user", "content": "q"}, {"role": "wizard", "content": "a"}]},
+        "unknown role",
+        "unknown_role",
+    ),
     ({"question": "q", "response": "x" * 500}, "--max-seq-length 64", "too_long"),
     ([1, 2], "expected a JSON object", "not_an_object"),
 ]
@@ -160,7 +190,9 @@ BAD = [
 @pytest.mark.parametrize("bad, message, reason", BAD, ids=[b[2] for b in BAD])
 def test_bad_input_names_file_and_row_or_is_skipped(tmp_path, capsys, bad, message, reason):
     good = {"question": "ok?", "response": "ok."}
-    src = write_jsonl(tmp_path / "in.jsonl", [good, good, bad if isinstance(bad, str) else json.dumps(bad), good])
+    src = write_jsonl(
+        tmp_path / "in.jsonl", [good, good, bad if isinstance(bad, str) else json.dumps(bad), good]
+    )
     prefix = str(tmp_path / "out")
     argv = ["--input", src, "--output-prefix", prefix, "--max-seq-length", "64"]
     code, err = run(argv, capsys)
@@ -174,16 +206,31 @@ def test_bad_input_names_file_and_row_or_is_skipped(tmp_path, capsys, bad, messa
 
 
 def test_overlength_truncate_and_drop_are_counted(tmp_path):
-    rows = [{"question": "q", "response": "short"}, {"question": "q", "response": "y" * 300},
-            {"question": "z" * 300, "response": "a"}]
+    rows = [
+        {"question": "q", "response": "short"},
+        {"question": "q", "response": "y" * 300},
+        {"question": "z" * 300, "response": "a"},
+    ]
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     t, d = str(tmp_path / "t"), str(tmp_path / "d")
-    assert run(["--input", src, "--output-prefix", d, "--max-seq-length", "100", "--overlength", "drop"]) == (0, "")
+    assert run(["--input", src, "--output-prefix", d, "--max-seq-length", "100", "--overlength", "drop"]) == (
+        0,
+        "",
+    )
     meta = SFTIndexedData(d).meta
     assert meta["num_samples"] == 1 and meta["num_dropped_overlength"] == 2 and meta["num_skipped"] == 0
     # Truncating the third row would leave no assistant token: invalid, hence skipped and counted.
-    argv = ["--input", src, "--output-prefix", t, "--max-seq-length", "100", "--overlength", "truncate",
-            "--skip-invalid"]
+    argv = [
+        "--input",
+        src,
+        "--output-prefix",
+        t,
+        "--max-seq-length",
+        "100",
+        "--overlength",
+        "truncate",
+        "--skip-invalid",
+    ]
     assert run(argv) == (0, "")
     data = SFTIndexedData(t)
     assert data.meta["num_truncated"] == 1 and data.meta["skipped_by_reason"] == {"no_supervised_tokens": 1}
@@ -226,7 +273,12 @@ def test_failures_leave_no_partial_output(tmp_path, monkeypatch):
     assert preprocess.main(["--input", src, "--output-prefix", prefix, "--no-progress"]) == 0
     assert len(SFTIndexedData(prefix)) == 50
     assert files_with_prefix(tmp_path, "out") == [
-        "out.bin", "out.idx", "out.json", "out_loss_mask.bin", "out_loss_mask.idx"]
+        "out.bin",
+        "out.idx",
+        "out.json",
+        "out_loss_mask.bin",
+        "out_loss_mask.idx",
+    ]
 
 
 def test_reader_refuses_incomplete_corpus(tmp_path):

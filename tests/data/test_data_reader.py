@@ -1,12 +1,10 @@
-import argparse
 import collections
 
 import numpy as np
 import pytest
 import torch
 
-from megatron_sed.data.arguments import add_data_args, validate_data_args
-from megatron_sed.data.indexed import SFTIndexedData, SFTIndexedWriter
+from megatron_sed.data.indexed import SFTIndexedWriter
 from megatron_sed.data.reader import (
     IGNORE_INDEX,
     BlendedSFTDataset,
@@ -109,6 +107,25 @@ def test_sample_is_a_function_of_seed_and_index(corpus):
     assert any(not torch.equal(a[i]["tokens"], c[i]["tokens"]) for i in range(5))
 
 
+def test_block_causal_mask_layout_with_padding():
+    """Hand-written expectation: causal inside each sample; the padding tail (-1) attends
+    causally to padding only, so every softmax row has at least one key."""
+    m = build_block_causal_mask(torch.tensor([[0, 0, 1, 1, -1, -1]]))
+    assert m.shape == (1, 1, 6, 6) and m.dtype == torch.bool
+    expect = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [0, 0, 1, 0, 0, 0],
+            [0, 0, 1, 1, 0, 0],
+            [0, 0, 0, 0, 1, 0],
+            [0, 0, 0, 0, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(~m[0, 0], expect)
+
+
 def test_block_causal_mask_and_packed_attention_equivalence(corpus):
     """Attention over a packed row equals attention over each sample alone."""
     prefix, _ = corpus
@@ -159,8 +176,9 @@ def test_splits_blends_and_separate_files(tmp_path):
     assert split_ranges(100, [0.98, 0.02, 0.0]) == [(0, 98), (98, 100), (100, 100)]
     # Megatron's get_split_indices rounding: the rounding deficit shifts every later boundary.
     assert split_ranges(7, [1 / 3, 1 / 3, 1 / 3]) == [(0, 3), (3, 5), (5, 7)]
-    train, valid, _ = build_sft_datasets(["0.75", a, "0.25", b], "100,0,0", seq_length=24, seed=0,
-                                         valid_data_paths=[v], train_samples=400)
+    train, valid, _ = build_sft_datasets(
+        ["0.75", a, "0.25", b], "100,0,0", seq_length=24, seed=0, valid_data_paths=[v], train_samples=400
+    )
     assert isinstance(train, BlendedSFTDataset) and len(train) == 400
     assert valid.data.prefix == v and len(valid.doc_ids) == 10
     [train[i] for i in range(400)]
@@ -179,14 +197,3 @@ def test_splits_blends_and_separate_files(tmp_path):
         build_sft_datasets(None, "100,0,0", seq_length=24, seed=0)
     with pytest.raises(FileNotFoundError, match="not a preprocessed SFT corpus"):
         build_sft_datasets([str(tmp_path / "nope")], "100,0,0", seq_length=24, seed=0)
-
-
-def test_data_args():
-    parser = add_data_args(argparse.ArgumentParser())
-    args = parser.parse_args(["--data-path", "0.3", "a", "0.7", "b", "--split", "90,10,0", "--no-pack",
-                              "--tokenizer-type", "hf", "--tokenizer-model", "tok", "--system-prompt", "math"])
-    assert args.data_path == ["0.3", "a", "0.7", "b"] and not args.pack and args.split == "90,10,0"
-    validate_data_args(args)
-    assert parser.parse_args([]).pack and parser.parse_args([]).tokenizer_type == "byte"
-    with pytest.raises(ValueError, match="--tokenizer-model"):
-        validate_data_args(parser.parse_args(["--tokenizer-type", "hf"]))

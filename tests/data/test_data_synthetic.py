@@ -30,14 +30,14 @@ def test_train_has_all_distinct_paths_per_problem():
     assert len(by_problem) == 120 and len(rows) == 120 * NUM_PATHS
     kinds = {r["kind"] for r in rows}
     assert kinds == {"sum", "sub", "buy"}
-    for pid, group in by_problem.items():
+    for group in by_problem.values():
         assert sorted(r["path_id"] for r in group) == list(range(NUM_PATHS))
         assert len({r["response"] for r in group}) == NUM_PATHS
         assert len({path_signature(r["response"]) for r in group}) == NUM_PATHS
         for r in group:
             # Every path is arithmetically valid, ends in the right boxed answer, and is identified.
             assert equations_valid(r["response"])
-            assert r["response"].endswith("\\boxed{%s}" % r["answer"])
+            assert r["response"].endswith(f"\\boxed{{{r['answer']}}}")
             assert answers_match(extract_boxed(r["response"]), r["answer"])
             assert identify_path(r, r["response"]) == r["path_id"]
             a, b, c = r["nums"]

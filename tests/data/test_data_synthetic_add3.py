@@ -21,10 +21,13 @@ def test_add3_paths_branch_on_the_first_token_and_are_valid():
         assert str(a + b + c) == group[0]["answer"]
         # Path i starts with operand i: the first token decides the path.
         assert [r["response"][0] for r in sorted(group, key=lambda r: r["path_id"])] == [
-            str(a), str(b), str(c)]
+            str(a),
+            str(b),
+            str(c),
+        ]
         for r in group:
             assert equations_valid(r["response"])
-            assert r["response"].endswith("\\boxed{%d}" % (a + b + c))
+            assert r["response"].endswith(f"\\boxed{{{a + b + c}}}")
             assert identify_path(r, r["response"]) == r["path_id"]
             assert problem_split("add3", tuple(r["nums"])) == "train"
             assert "How many" in r["question"]

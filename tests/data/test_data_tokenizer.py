@@ -83,8 +83,10 @@ def test_hf_without_template_needs_override(hf_tokenizer_dir_no_template, tmp_pa
     assert tok.detokenize(runs(ids, mask)[0], skip_special_tokens=False).startswith("Fine thanks.<|im_end|>")
     # A template file whose turns carry no end marker: EOS is appended and supervised.
     tpl = tmp_path / "plain.jinja"
-    tpl.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                   "{% if add_generation_prompt %}assistant: {% endif %}")
+    tpl.write_text(
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     tok = build_tokenizer("hf", hf_tokenizer_dir_no_template, chat_template=str(tpl))
     ids, mask = tok.apply_chat_template(CONV[1:3])
     assert ids[-1] == tok.eod and mask[-1] == 1
@@ -103,8 +105,14 @@ def test_hf_without_template_needs_override(hf_tokenizer_dir_no_template, tmp_pa
         ([{"role": "user", "content": "q"}], "no assistant"),
         ([{"role": "user", "content": "q"}, {"role": "assistant", "content": 3}], "expected a string"),
         ([{"role": "assistant", "content": "a"}], "first non-system"),
-        ([{"role": "user", "content": "q"}, {"role": "system", "content": "s"},
-          {"role": "assistant", "content": "a"}], "system message"),
+        (
+            [
+                {"role": "user", "content": "q"},
+                {"role": "system", "content": "s"},
+                {"role": "assistant", "content": "a"},
+            ],
+            "system message",
+        ),
         ([], "non-empty"),
     ],
 )

@@ -74,8 +74,12 @@ def test_self_bleu_properties():
     assert self_bleu(same) == pytest.approx(100.0)
     disjoint = ["alpha beta gamma delta", "one two three four", "red green blue black", "x y z w"]
     assert self_bleu(disjoint) < 5.0
-    mixed = ["the cat sat on the mat today", "the cat sat on the mat now",
-             "a dog ran in the park", "the cat sat on a mat today"]
+    mixed = [
+        "the cat sat on the mat today",
+        "the cat sat on the mat now",
+        "a dog ran in the park",
+        "the cat sat on a mat today",
+    ]
     assert self_bleu(disjoint) < self_bleu(mixed) < self_bleu(same)
     with pytest.raises(ValueError):
         self_bleu(["only one"])
@@ -85,10 +89,13 @@ def test_self_bleu_matches_sacrebleu_by_hand():
     import sacrebleu
 
     texts = ["a b c d e", "a b c x y", "q b c d e"]
-    manual = sum(
-        sacrebleu.sentence_bleu(t, [u for j, u in enumerate(texts) if j != i]).score
-        for i, t in enumerate(texts)
-    ) / 3
+    manual = (
+        sum(
+            sacrebleu.sentence_bleu(t, [u for j, u in enumerate(texts) if j != i]).score
+            for i, t in enumerate(texts)
+        )
+        / 3
+    )
     assert self_bleu(texts) == pytest.approx(manual)
 
 
@@ -119,7 +126,14 @@ def test_summarize_groups():
 
     groups = [
         {"samples": [s("a b", True, 0), s("a c", True, 1), s("d e", False, None), s("a b", True, 0)]},
-        {"samples": [s("x y", False, None), s("x y", False, None), s("x y", True, 2), s("z", False, None, 0.0, 1)]},
+        {
+            "samples": [
+                s("x y", False, None),
+                s("x y", False, None),
+                s("x y", True, 2),
+                s("z", False, None, 0.0, 1),
+            ]
+        },
     ]
     out = summarize_groups(groups, ks=(1, 2, 4, 16))
     assert out["accuracy"] == pytest.approx((3 / 4 + 1 / 4) / 2)

@@ -1,17 +1,17 @@
 """The KV-cache sampler on Megatron-Core GPTModel (CPU): the cache must reproduce the
 full-recompute reference; temperature / top-p / stop ids behave as documented."""
 
-
 import pytest
 import torch
 
 from megatron_sed.eval.sampler import Sampler, SamplingParams, entropy_of_logits, sample_from_logits
-from model_args import tiny_model_args
+from tests.helpers.model_args import tiny_model_args
 
 
 def tiny_args(**over):
-    defaults = dict(hidden_size=32, ffn_hidden_size=64, seq_length=48, max_position_embeddings=48,
-                    padded_vocab_size=256)
+    defaults = dict(
+        hidden_size=32, ffn_hidden_size=64, seq_length=48, max_position_embeddings=48, padded_vocab_size=256
+    )
     return tiny_model_args(**{**defaults, **over})
 
 
@@ -44,14 +44,18 @@ def test_kv_cache_matches_full_recompute(models, pe):
     prompt = [5, 17, 99, 3, 42, 7]
     runs = []
     for cache in (True, False):
-        runs.append(Sampler(model, vocab_size=250, use_kv_cache=cache).generate(
-            prompt, 3, params, generator=torch.Generator().manual_seed(3), keep_token_entropies=True))
+        runs.append(
+            Sampler(model, vocab_size=250, use_kv_cache=cache).generate(
+                prompt, 3, params, generator=torch.Generator().manual_seed(3), keep_token_entropies=True
+            )
+        )
     assert len({tuple(s.ids) for s in runs[0]}) > 1, "samples of one prompt should differ"
     for a, b in zip(*runs):
         assert a.ids == b.ids
         assert all(i < 250 for i in a.ids), "padded vocabulary rows must never be sampled"
-        torch.testing.assert_close(torch.tensor(a.token_entropies), torch.tensor(b.token_entropies),
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            torch.tensor(a.token_entropies), torch.tensor(b.token_entropies), rtol=1e-4, atol=1e-4
+        )
         assert a.num_tokens == 16 and a.entropy_sum == pytest.approx(sum(a.token_entropies), rel=1e-5)
 
 

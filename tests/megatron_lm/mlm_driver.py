@@ -11,7 +11,7 @@ slow) checks:
   (CPU, gloo world of 1; the batch comes from a stand-in get_batch since Megatron's
   needs CUDA), once with the given --loss-type and once with --loss-type ce;
 - --sed-mask-ratio: the patched forward_step calibrates tau on held-out samples of a
-  stand-in dataset provider (written to $MLM_DRIVER_SAVE/sed_threshold.json).
+  stand-in dataset provider (kept in args.sed_threshold_state).
 It prints one JSON line prefixed RESULT; the test makes the assertions.
 """
 
@@ -39,10 +39,9 @@ os.environ.setdefault("LOCAL_RANK", "0")
 import contextlib  # noqa: E402
 import io  # noqa: E402
 
+import pretrain_gpt  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-
-import pretrain_gpt  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
@@ -51,7 +50,7 @@ from megatron.training.arguments import parse_args, validate_args  # noqa: E402
 from megatron.training.global_vars import set_global_variables  # noqa: E402
 
 from megatron_sed import vocab_parallel_sed_loss  # noqa: E402
-from megatron_sed.arguments import sed_config_from_args  # noqa: E402
+from megatron_sed.flags import sed_config_from_args  # noqa: E402
 
 result = {"pretrain_gpt": os.path.abspath(pretrain_gpt.__file__)}
 
@@ -70,8 +69,10 @@ result["bad_flag_stderr"] = err.getvalue()[-500:]
 sys.argv = ["pretrain_gpt.py"] + flags
 args = parse_args(pretrain_gpt.sed_args_provider(None))
 validate_args(args, {"tokenizer_type": "GPT2BPETokenizer"})
-result["fields"] = {k: getattr(args, k) for k in ("loss_type", "sed_coef", "sed_top_k", "sed_threshold",
-                                                  "sed_mask", "sed_regularizer")}
+result["fields"] = {
+    k: getattr(args, k)
+    for k in ("loss_type", "sed_coef", "sed_top_k", "sed_threshold", "sed_mask", "sed_regularizer")
+}
 
 # 3. The patched forward_step + loss_func.
 dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -83,8 +84,9 @@ tokens = torch.randint(0, vocab, (b, s), generator=g)
 labels = torch.randint(0, vocab, (b, s), generator=g)
 loss_mask = (torch.rand(b, s, generator=g) < 0.75).float()
 position_ids = torch.arange(s).expand(b, s)
-batch = dict(tokens=tokens, labels=labels, loss_mask=loss_mask, attention_mask=None,
-             position_ids=position_ids)
+batch = dict(
+    tokens=tokens, labels=labels, loss_mask=loss_mask, attention_mask=None, position_ids=position_ids
+)
 
 
 def fake_get_batch(data_iterator, vp_stage=None):
@@ -114,12 +116,14 @@ for loss_type in dict.fromkeys([args.loss_type, "ce"]):
     model = build_model()
     with torch.no_grad():  # references from the untouched model's logits
         logits = model(tokens, position_ids, None).float()  # [b, s, V]
-        ref_ce = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1),
-                                                   reduction="none").view(b, s)
+        ref_ce = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, vocab), labels.reshape(-1), reduction="none"
+        ).view(b, s)
         ref = {"ce_sum": float((ref_ce * loss_mask).sum()), "num_tokens": int(loss_mask.sum())}
         if loss_type == "sed":
-            sed_loss, stats = vocab_parallel_sed_loss(logits.transpose(0, 1).contiguous(),
-                                                      labels.t().contiguous(), sed_config_from_args(args))
+            sed_loss, stats = vocab_parallel_sed_loss(
+                logits.transpose(0, 1).contiguous(), labels.t().contiguous(), sed_config_from_args(args)
+            )
             ref["loss_sum"] = float((sed_loss.t() * loss_mask).sum())
             ref["mask_sum"] = float((stats["mask"].t().float() * loss_mask).sum())
             ref["reg_sum"] = float((stats["reg"].t() * loss_mask).sum())
@@ -135,6 +139,7 @@ for loss_type in dict.fromkeys([args.loss_type, "ce"]):
         "ref": ref,
     }
 
+
 # 4. --sed-mask-ratio: tau calibrated in the first forward_step on held-out samples from
 #    pretrain_gpt's (stand-in) dataset provider, through the patched call.
 class HeldOut(torch.utils.data.Dataset):
@@ -148,8 +153,13 @@ class HeldOut(torch.utils.data.Dataset):
         return len(self.t)
 
     def __getitem__(self, i):
-        return {"tokens": self.t[i], "labels": self.y[i], "loss_mask": self.m[i],
-                "position_ids": torch.arange(s), "attention_mask": None}
+        return {
+            "tokens": self.t[i],
+            "labels": self.y[i],
+            "loss_mask": self.m[i],
+            "position_ids": torch.arange(s),
+            "attention_mask": None,
+        }
 
 
 requests = []
@@ -172,9 +182,11 @@ if args.loss_type == "sed" or "sed" in flags:
     masses = probs.topk(args.sed_top_k, dim=-1).values.sum(-1)[calib.m.bool()]
     output_tensor, loss_fn = pretrain_gpt.forward_step(iter([]), model)
     result["calibration"] = {
-        "tau": args.sed_threshold, "requests": requests,
+        "tau": args.sed_threshold_state["tau"],
+        "requests": requests,
         "ref_tau": float(torch.quantile(masses, 0.3)),
-        "file": json.loads(open(os.path.join(save_dir, "sed_threshold.json")).read()),
-        "training_output_shape": list(output_tensor.shape), "training": model.training,
+        "state": args.sed_threshold_state,  # saved with every checkpoint's args
+        "training_output_shape": list(output_tensor.shape),
+        "training": model.training,
     }
 print("RESULT " + json.dumps(result))

@@ -1,4 +1,4 @@
-"""--sed-mask-ratio in Megatron-LM's pretrain_gpt.py (megatron_sed.megatron_lm_calibration),
+"""--sed-mask-ratio in Megatron-LM's pretrain_gpt.py (megatron_sed.megatron_lm.calibration),
 without Megatron-LM: a stand-in `forward_step` and dataset provider with pretrain_gpt's
 contracts (forward_step calls install_sed_loss first, takes the batch from TP rank 0 and
 broadcasts it, returns `partial(loss_func, loss_mask, model=model)`; the provider builds
@@ -12,17 +12,14 @@ on resume, and bad setups must fail on every rank with a message naming the flag
 from __future__ import annotations
 
 import argparse
-import json
 from functools import partial
 
 import numpy as np
 import pytest
 import torch
 
-from dist_utils import run_distributed
-
 from megatron_sed import megatron_lm
-from megatron_sed.megatron_lm_calibration import THRESHOLD_FILE
+from tests.helpers.dist import run_distributed
 
 pytestmark = pytest.mark.compat
 
@@ -33,8 +30,17 @@ RATIO = 0.3
 
 def _args(save, *extra, load=None, iteration=0):
     parser = megatron_lm.extra_args_provider()(argparse.ArgumentParser(prog="pretrain_gpt.py"))
-    args = parser.parse_args(["--loss-type", "sed", "--sed-mask-ratio", str(RATIO),
-                              "--sed-calibration-samples", str(NUM_SAMPLES), *extra])
+    args = parser.parse_args(
+        [
+            "--loss-type",
+            "sed",
+            "--sed-mask-ratio",
+            str(RATIO),
+            "--sed-calibration-samples",
+            str(NUM_SAMPLES),
+            *extra,
+        ]
+    )
     args.micro_batch_size = MBS
     args.pipeline_model_parallel_size = 1
     args.save, args.load, args.iteration, args.finetune = save, load, iteration, False
@@ -42,18 +48,24 @@ def _args(save, *extra, load=None, iteration=0):
 
 
 def _build_model():
+    from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
     from megatron.core.transformer.transformer_config import TransformerConfig
-    from megatron.core import parallel_state as ps
 
     spec = get_gpt_layer_local_spec()
     spec.submodules.self_attention = IdentityOp  # Megatron's attention needs CUDA
     spec.submodules.self_attn_bda = IdentityFuncOp
-    cfg = TransformerConfig(num_layers=1, hidden_size=HIDDEN, num_attention_heads=2,
-                            use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
-                            tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size())
+    cfg = TransformerConfig(
+        num_layers=1,
+        hidden_size=HIDDEN,
+        num_attention_heads=2,
+        use_cpu_initialization=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+    )
     torch.manual_seed(1234)
     return GPTModel(cfg, spec, vocab_size=VOCAB, max_sequence_length=SEQ)
 
@@ -74,8 +86,12 @@ class _HeldOut(torch.utils.data.Dataset):
         return len(self.tokens)
 
     def __getitem__(self, i):
-        return {"tokens": self.tokens[i], "labels": self.labels[i], "loss_mask": self.loss_mask[i],
-                "position_ids": torch.arange(SEQ)}
+        return {
+            "tokens": self.tokens[i],
+            "labels": self.labels[i],
+            "loss_mask": self.loss_mask[i],
+            "position_ids": torch.arange(SEQ),
+        }
 
 
 class _PretrainGPT:
@@ -99,12 +115,19 @@ class _PretrainGPT:
         if ps.get_tensor_model_parallel_rank() == 0:
             batch = next(data_iterator)
         else:
-            batch = {k: torch.zeros(MBS, SEQ, dtype=d) for k, d in
-                     [("tokens", torch.int64), ("labels", torch.int64), ("loss_mask", torch.float32),
-                      ("position_ids", torch.int64)]}
+            batch = {
+                k: torch.zeros(MBS, SEQ, dtype=d)
+                for k, d in [
+                    ("tokens", torch.int64),
+                    ("labels", torch.int64),
+                    ("loss_mask", torch.float32),
+                    ("position_ids", torch.int64),
+                ]
+            }
         for t in batch.values():  # Megatron's get_batch_on_this_tp_rank
-            torch.distributed.broadcast(t, ps.get_tensor_model_parallel_src_rank(),
-                                        group=ps.get_tensor_model_parallel_group())
+            torch.distributed.broadcast(
+                t, ps.get_tensor_model_parallel_src_rank(), group=ps.get_tensor_model_parallel_group()
+            )
         out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         return out, partial(lambda loss_mask, output, model=None: None, batch["loss_mask"], model=model)
 
@@ -124,8 +147,26 @@ def _expected_tau():
     return float(np.quantile(masses.numpy(), RATIO)), int(masses.numel())
 
 
+def _save_checkpoint(root, args, iteration):
+    """A Megatron-LM style save dir whose common state holds `args` (all ranks call it)."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_sed.checkpointing import SyncTorchDistSaveStrategy
+
+    directory = root / f"iter_{iteration:07d}"
+    if torch.distributed.get_rank() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        (root / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+    torch.distributed.barrier()
+    saved = argparse.Namespace(**vars(args))
+    dist_checkpointing.save(
+        {"args": saved, "iteration": iteration}, str(directory), sharded_strategy=SyncTorchDistSaveStrategy()
+    )
+
+
 def _worker(rank, world_size, tp, save):
     from megatron.core import parallel_state as ps
+
     from megatron_sed.model.loss_hook import pop_sed_stats
 
     ps.initialize_model_parallel(tensor_model_parallel_size=tp)
@@ -143,36 +184,42 @@ def _worker(rank, world_size, tp, save):
     out, _ = mlm.forward_step(iter([train_batch]), model)  # calibrates, then the training forward
     assert out.shape == (MBS, SEQ) and out.requires_grad
     assert mlm.requests == [[1, steps * dp * MBS, 1]]
-    assert args.sed_threshold == pytest.approx(want_tau, abs=2e-6), (args.sed_threshold, want_tau)
-    assert getattr(model, megatron_lm._CFG_ATTR).threshold == args.sed_threshold
+    state = args.sed_threshold_state  # what Megatron saves with the checkpoint's args
+    assert state["source"] == "calibrated"
+    assert state["tau"] == pytest.approx(want_tau, abs=2e-6), (state["tau"], want_tau)
+    assert getattr(model, megatron_lm._CFG_ATTR).threshold == state["tau"]
     assert model.training, "calibration must leave the model in train mode"
-    record = json.loads((save / THRESHOLD_FILE).read_text())
-    assert record["tau"] == args.sed_threshold and record["num_tokens"] == want_tokens
-    assert record["num_samples"] == NUM_SAMPLES and record["top_k"] == 2
-    assert 0.25 < record["fraction_below"] < 0.35
+    record = state["calibration"]
+    assert record["num_tokens"] == want_tokens and record["num_samples"] == NUM_SAMPLES
+    assert record["top_k"] == 2 and 0.25 < record["fraction_below"] < 0.35
     pop_sed_stats()
 
-    # --- resume: the run's tau is reused, nothing is calibrated on the half-trained model
-    resumed = _args(save, load=str(save), iteration=10)
+    # --- resume: the tau of the checkpoint's args is reused, nothing is calibrated on the
+    # half-trained model (a checkpoint as Megatron-LM saves one: args in its common state)
+    ckpt = save / "ckpt"
+    _save_checkpoint(ckpt, args, iteration=10)
+    resumed = _args(save, load=str(ckpt), iteration=10)
     mlm2 = _PretrainGPT(resumed)
     megatron_lm.install_sed_loss(_build_model(), resumed, mlm2.forward_step, mlm2.provider)
-    assert mlm2.requests == [] and resumed.sed_threshold == args.sed_threshold
-    # ... unless the file is gone: then say which tau to pass.
+    assert mlm2.requests == [] and resumed.sed_threshold_state["tau"] == state["tau"]
+    # ... unless the checkpoint holds none: then say which tau to pass.
     lost = _args(save, load=str(save / "elsewhere"), iteration=10)
     with pytest.raises(ValueError, match="--sed-threshold"):
         megatron_lm.install_sed_loss(_build_model(), lost, mlm2.forward_step, mlm2.provider)
     # --finetune from a checkpoint calibrates again (a new run's initial model).
-    fine = _args(save / "ft", load=str(save), iteration=0)
+    fine = _args(save / "ft", load=str(ckpt), iteration=0)
     fine.finetune = True
     mlm3 = _PretrainGPT(fine)
     megatron_lm.install_sed_loss(_build_model(), fine, mlm3.forward_step, mlm3.provider)
-    assert len(mlm3.requests) == 1 and fine.sed_threshold == pytest.approx(want_tau, abs=2e-6)
+    assert len(mlm3.requests) == 1
+    assert fine.sed_threshold_state["tau"] == pytest.approx(want_tau, abs=2e-6)
 
     # --- an explicit --sed-threshold wins: no calibration
     explicit = _args(save / "x", "--sed-threshold", "0.8")
     mlm4 = _PretrainGPT(explicit)
-    megatron_lm.install_sed_loss(_build_model(), explicit, mlm4.forward_step, mlm4.provider)
-    assert mlm4.requests == [] and explicit.sed_threshold == 0.8
+    model4 = _build_model()
+    megatron_lm.install_sed_loss(model4, explicit, mlm4.forward_step, mlm4.provider)
+    assert mlm4.requests == [] and getattr(model4, megatron_lm._CFG_ATTR).threshold == 0.8
 
     # --- too few held-out samples: every rank raises (no rank left in a collective)
     short = _args(save / "s")
@@ -196,13 +243,23 @@ def test_calibration_flags_checked_at_parse_time(capsys):
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     for argv, culprit in [
         (["--sed-mask-ratio", "0.3", "--sed-mask", "all"], "--sed-mask"),
-        (["--sed-mask-ratio", "0.3", "--pipeline-model-parallel-size", "2"], "pipeline parallelism"),
+        (["--sed-mask-ratio", "0.3", "--pipeline-model-parallel-size", "2"], "last pipeline stage"),
         (["--sed-mask-ratio", "0.3", "--sed-threshold-update", "ema"], "--sed-threshold-update"),
         (["--sed-mask-ratio", "1.5"], "--sed-mask-ratio"),
     ]:
         with pytest.raises(SystemExit) as exc:
             parser.parse_args(["--loss-type", "sed", *argv])
         assert exc.value.code == 2 and culprit in capsys.readouterr().err, argv
-    ok = parser.parse_args(["--loss-type", "sed", "--sed-mask-ratio", "0.3",
-                            "--pipeline-model-parallel-size", "2", "--sed-threshold", "0.7"])
+    ok = parser.parse_args(
+        [
+            "--loss-type",
+            "sed",
+            "--sed-mask-ratio",
+            "0.3",
+            "--pipeline-model-parallel-size",
+            "2",
+            "--sed-threshold",
+            "0.7",
+        ]
+    )
     assert ok.sed_threshold == 0.7  # explicit tau: PP is fine

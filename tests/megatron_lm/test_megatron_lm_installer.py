@@ -9,14 +9,15 @@ independent float64 full-vocab reference, backpropagate the same gradients, feed
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import pytest
 import torch
 
-from dist_utils import run_distributed
-
 from megatron_sed import megatron_lm
-from megatron_sed.arguments import add_sed_args
+from megatron_sed.flags import add_sed_args
+from tests.helpers.dist import run_distributed
+from tests.helpers.sed_reference import reference_sed
 
 pytestmark = pytest.mark.compat
 
@@ -40,8 +41,12 @@ def _build_model(seed=1234):
     spec.submodules.self_attention = IdentityOp
     spec.submodules.self_attn_bda = IdentityFuncOp
     cfg = TransformerConfig(
-        num_layers=1, hidden_size=HIDDEN, num_attention_heads=2, use_cpu_initialization=True,
-        hidden_dropout=0.0, attention_dropout=0.0,
+        num_layers=1,
+        hidden_size=HIDDEN,
+        num_attention_heads=2,
+        use_cpu_initialization=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
         tensor_model_parallel_size=torch.distributed.get_world_size(),
     )
     torch.manual_seed(seed)
@@ -57,18 +62,10 @@ def _full_logits64(model, tokens, positions):
 
 
 def _reference(logits64, tokens, tau, coef, top_k=2):
-    """Independent SED math in float64 over the full vocabulary, [b, s] tensors."""
-    logp = torch.log_softmax(logits64, dim=-1)
-    p = logp.exp()
-    p_y = p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    ce = -logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    topk = p.topk(top_k, dim=-1).values.sum(-1)
-    mask = (topk < tau).to(torch.float64)
-    reg = coef * mask * (p_y - 0.5) ** 2
-    entropy = -(p * logp).sum(-1)
-    correct = (logits64.argmax(-1) == tokens).to(torch.float64)
-    return dict(loss=ce + reg, ce=ce, reg=reg, mask=mask, target_prob=p_y, entropy=entropy,
-                topk_mass=topk, correct=correct)
+    """The shared float64 full-vocab reference (tests.helpers.sed_reference) as [b, s]
+    float64 tensors: the loss plus every statistic the report carries."""
+    loss, stats = reference_sed(logits64, tokens, coef, top_k, tau, "topk_mass", "quadratic")
+    return {"loss": loss, **{k: v.double() for k, v in stats.items()}}
 
 
 class _Wrapper(torch.nn.Module):
@@ -106,7 +103,7 @@ def _worker(rank, world_size):
 
     args = _args("--loss-type", "sed", "--sed-threshold", repr(tau), "--sed-coef", str(coef))
     from megatron_sed import vocab_parallel_sed_loss
-    from megatron_sed.arguments import sed_config_from_args
+    from megatron_sed.flags import sed_config_from_args
 
     local_logits = ref_model(tokens, positions, None)  # [b, s, V/tp]
     op_loss, _ = vocab_parallel_sed_loss(
@@ -157,6 +154,29 @@ def _worker(rank, world_size):
     zero = _build_model()
     megatron_lm.install_sed_loss(zero, _args("--loss-type", "sed", "--sed-coef", "0"))
     torch.testing.assert_close(zero(tokens, positions, None, labels=tokens), ce_out, rtol=0, atol=1e-6)
+
+    # --- install_loss_override (the trainer's path on megatron-core without GPTModel's
+    # output_processor hook): the config is re-set on every call, so a moving threshold
+    # (the EMA tracker) takes effect at the next forward, and nothing wraps twice.
+    over = _build_model()
+    over.load_state_dict(model.state_dict())
+    over_wrapped = _Wrapper(over)
+    cfg = sed_config_from_args(args)
+    megatron_lm.install_loss_override(over_wrapped, cfg)
+    method = over.compute_language_model_loss
+    torch.testing.assert_close(over_wrapped(tokens, positions, None, labels=tokens), out, rtol=0, atol=0)
+    megatron_lm.add_sed_report({}, loss_mask, over_wrapped)  # consume this forward's stats
+    srt_all = srt.tolist()
+    tau2 = float((srt_all[mid // 2 - 1] + srt_all[mid // 2]) / 2)  # about a quarter masked
+    megatron_lm.install_loss_override(over_wrapped, dataclasses.replace(cfg, threshold=tau2))
+    assert over.compute_language_model_loss is method
+    out2 = over_wrapped(tokens, positions, None, labels=tokens)
+    ref2 = _reference(logits64, tokens, tau2, coef)
+    assert ref2["mask"].sum() < ref["mask"].sum()
+    torch.testing.assert_close(out2.double(), ref2["loss"], rtol=1e-5, atol=1e-5)
+    report = megatron_lm.add_sed_report({}, loss_mask.view(-1), over_wrapped)
+    want = (ref2["mask"] * loss_mask.double()).sum()
+    torch.testing.assert_close(report["sed mask rate"][0].double(), want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("world_size", [1, 2])

@@ -23,7 +23,8 @@ SCRIPT = REPO / "scripts" / "apply_megatron_patch.sh"
 PATCHES = sorted((REPO / "patches" / "megatron-lm").glob("core_v*.patch"))
 MLM = os.environ.get("MEGATRON_LM_DIR")
 needs_mlm = pytest.mark.skipif(
-    not MLM, reason="MEGATRON_LM_DIR is not set (point it at a Megatron-LM checkout of core_v0.16.1 or core_v0.19.0)"
+    not MLM,
+    reason="MEGATRON_LM_DIR is not set (point it at a Megatron-LM checkout of core_v0.16.1 or core_v0.19.0)",
 )
 
 
@@ -42,7 +43,10 @@ def _copy_tree(dst: Path) -> Path:
 def _fitting_patch(tree: Path) -> Path:
     for patch in PATCHES:
         for check in (["--check"], ["--reverse", "--check"]):
-            if subprocess.run(["git", "apply", *check, str(patch)], cwd=tree, capture_output=True).returncode == 0:
+            if (
+                subprocess.run(["git", "apply", *check, str(patch)], cwd=tree, capture_output=True).returncode
+                == 0
+            ):
                 return patch
     pytest.fail(f"no patch in patches/megatron-lm fits {MLM}: is it a supported tag with local edits?")
 
@@ -75,8 +79,11 @@ def test_patch_applies_is_idempotent_and_refuses_a_mismatched_tree(tmp_path):
     edited = _copy_tree(tmp_path / "edited")
     text = (edited / "pretrain_gpt.py").read_text()
     if "sed_args_provider" not in text:
-        (edited / "pretrain_gpt.py").write_text(text.replace("def forward_step(", "def forward_step_(", 1)
-                                                .replace("    timers = get_timers()\n", "    timers = None\n"))
+        (edited / "pretrain_gpt.py").write_text(
+            text.replace("def forward_step(", "def forward_step_(", 1).replace(
+                "    timers = get_timers()\n", "    timers = None\n"
+            )
+        )
         res = _apply(edited)
         assert res.returncode == 1 and "does not apply" in res.stderr
     assert (tree / "pretrain_gpt.py").read_text() == before
@@ -99,15 +106,24 @@ def test_patched_pretrain_gpt_parses_sed_flags_and_calls_megatron_sed(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), MLM_DRIVER_SAVE=str(tmp_path / "save"))
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).with_name("mlm_driver.py")), str(tree), MLM, *flags],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = json.loads(lines[-1][len("RESULT "):])
+    res = json.loads(lines[-1][len("RESULT ") :])
     assert res["pretrain_gpt"] == str(tree / "pretrain_gpt.py")
     assert res["bad_flag_exit"] == 2 and "--sed-top-k must be >= 1" in res["bad_flag_stderr"]
-    assert res["fields"] == {"loss_type": "sed", "sed_coef": 0.5, "sed_top_k": 3, "sed_threshold": 0.2,
-                             "sed_mask": "topk_mass", "sed_regularizer": "quadratic"}
+    assert res["fields"] == {
+        "loss_type": "sed",
+        "sed_coef": 0.5,
+        "sed_top_k": 3,
+        "sed_threshold": 0.2,
+        "sed_mask": "topk_mass",
+        "sed_regularizer": "quadratic",
+    }
     assert "megatron-sed: --loss-type sed" in proc.stdout
 
     sed, ce = res["sed"], res["ce"]
@@ -126,10 +142,10 @@ def test_patched_pretrain_gpt_parses_sed_flags_and_calls_megatron_sed(tmp_path):
     assert ce["loss"] == pytest.approx(ce["ref"]["ce_sum"], rel=1e-6)
     # --sed-mask-ratio through the patched forward_step: one dataset request for the
     # held-out samples (micro-batch 2, DP 1: 5 samples -> 3 steps -> 6 built), tau the
-    # float64 quantile of the top-3 masses, written next to the checkpoints.
+    # float64 quantile of the top-3 masses, kept in the args Megatron-LM checkpoints.
     cal = res["calibration"]
     assert cal["requests"] == [[1, 6, 1]]
     assert cal["tau"] == pytest.approx(cal["ref_tau"], abs=2e-6)
-    assert cal["file"]["tau"] == cal["tau"] and cal["file"]["num_samples"] == 5
+    assert cal["state"]["source"] == "calibrated" and cal["state"]["calibration"]["num_samples"] == 5
     assert cal["training_output_shape"] == [2, 16] and cal["training"]
     assert "calibrated SED threshold" in proc.stdout

@@ -7,8 +7,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_utils import run_distributed
-from model_args import tiny_model_args
+from megatron_sed.data.reader import build_block_causal_mask
+from tests.helpers.dist import run_distributed
+from tests.helpers.model_args import tiny_model_args
+from tests.helpers.sed_reference import reference_sed
 
 
 def tiny_args(**over):
@@ -23,8 +25,9 @@ def _build(tp, sed_config=None, **over):
     ps.initialize_model_parallel(tensor_model_parallel_size=tp)
     torch.manual_seed(1234)
     # Same padded vocab at TP 1 and 2 (Megatron pads to divisible_by * tp).
-    return build_gpt_model(tiny_args(tensor_model_parallel_size=tp, padded_vocab_size=256, **over),
-                           sed_config=sed_config)
+    return build_gpt_model(
+        tiny_args(tensor_model_parallel_size=tp, padded_vocab_size=256, **over), sed_config=sed_config
+    )
 
 
 def _inputs():
@@ -46,10 +49,13 @@ def _gather_vocab(logits):
 
 VARIANTS = {
     "rope_gqa_swiglu_rms_untied": {},
-    "learned_ln_gelu_tied_bias": {"normalization": "LayerNorm", "swiglu": False,
-                                  "position_embedding_type": "learned_absolute",
-                                  "untie_embeddings_and_output_weights": False,
-                                  "group_query_attention": False},
+    "learned_ln_gelu_tied_bias": {
+        "normalization": "LayerNorm",
+        "swiglu": False,
+        "position_embedding_type": "learned_absolute",
+        "untie_embeddings_and_output_weights": False,
+        "group_query_attention": False,
+    },
 }
 
 
@@ -107,8 +113,6 @@ def test_tp2_logits_match_tp1(tp_results, variant):
 def _packed_checks():
     """Packed samples: outputs equal the samples run alone; changing one sample does not
     change the other (runs inside the TP=1 spawn of the fixture)."""
-    from megatron_sed.model import packed_attention_mask
-
     model = _build(1)
     model.eval()
     tokens, _ = _inputs()
@@ -116,7 +120,7 @@ def _packed_checks():
     seg = torch.tensor([[0] * 10 + [1] * 22, [0] * 32])
     pos = torch.cat([torch.arange(10), torch.arange(22)]).unsqueeze(0).repeat(2, 1)
     pos[1] = torch.arange(32)
-    mask = packed_attention_mask(seg)
+    mask = build_block_causal_mask(seg)
     with torch.no_grad():
         packed = model(tokens, pos, mask)
         alone_b = model(tokens[:1, 10:], torch.arange(22)[None], None)
@@ -139,22 +143,6 @@ def test_packed_mask_blocks_cross_sample_attention(tp_results):
     assert d["a_after_changing_a"] > 1e-3, d  # the perturbation is real
 
 
-def test_packed_attention_mask_layout():
-    from megatron_sed.model import packed_attention_mask
-
-    m = packed_attention_mask(torch.tensor([[0, 0, 1, 1, -1]]))
-    assert m.shape == (1, 1, 5, 5)
-    allowed = ~m[0, 0]
-    expect = torch.tensor([
-        [1, 0, 0, 0, 0],
-        [1, 1, 0, 0, 0],
-        [0, 0, 1, 0, 0],
-        [0, 0, 1, 1, 0],
-        [0, 0, 0, 0, 1],
-    ], dtype=torch.bool)
-    assert torch.equal(allowed, expect)
-
-
 def test_sdpa_core_attention_matches_reference():
     """GQA, causal + extra mask, [s, b, h, d] layout, against float64 naive attention."""
     from megatron.core.transformer import TransformerConfig
@@ -162,9 +150,14 @@ def test_sdpa_core_attention_matches_reference():
 
     from megatron_sed.model import SDPACoreAttention
 
-    cfg = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4,
-                            num_query_groups=2, use_cpu_initialization=True,
-                            attention_dropout=0.0)
+    cfg = TransformerConfig(
+        num_layers=1,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_query_groups=2,
+        use_cpu_initialization=True,
+        attention_dropout=0.0,
+    )
 
     class _TP:  # a 1-rank TP group stand-in
         def size(self):
@@ -196,15 +189,10 @@ def test_sed_hook_matches_float64_reference(tp_results, tp):
     d = tp_results[tp - 1]
     logits, labels = d["hook_logits"], d["labels"]
     valid = labels != -100
-    logp = logits.log_softmax(-1)
-    ce = -logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-    p = logp.exp()
-    py = ce.neg().exp()
-    topk = p.topk(2, -1).values.sum(-1)
-    ref = torch.where(valid, ce + (topk < 0.999) * (py - 0.5) ** 2, torch.zeros_like(ce))
+    ref, stats = reference_sed(logits, labels, 1.0, 2, 0.999, "topk_mass", "quadratic")
+    ce, ent = stats["ce"], stats["entropy"]
     assert d["hook_loss"].shape == (2, 32)
     torch.testing.assert_close(d["hook_loss"].double(), ref, atol=1e-4, rtol=1e-4)
     # Megatron's CE on the same model (no hook) equals the reference CE
     torch.testing.assert_close(d["megatron_ce"].double()[valid], ce[valid], atol=1e-4, rtol=1e-4)
-    ent = -(p * logp).sum(-1)
     torch.testing.assert_close(d["entropy"].double().t()[valid], ent[valid], atol=1e-4, rtol=1e-4)

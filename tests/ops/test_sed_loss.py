@@ -5,8 +5,15 @@ import math
 import pytest
 import torch
 
-from megatron_sed import KernelOptions, SEDConfig, SEDLoss, SEDStats, reduce_sed_stats, vocab_parallel_sed_loss
-from sed_reference import GRAD_TOL, TOL, make_inputs, reference_sed
+from megatron_sed import (
+    KernelOptions,
+    SEDConfig,
+    SEDLoss,
+    SEDStats,
+    reduce_sed_stats,
+    vocab_parallel_sed_loss,
+)
+from tests.helpers.sed_reference import GRAD_TOL, TOL, make_inputs, reference_sed
 
 pytestmark = pytest.mark.compat
 
@@ -76,7 +83,7 @@ def test_coef_zero_is_cross_entropy():
 
 
 def test_gradient_factor_matches_sed_method_formula():
-    """dL/dz = g_CE * (1 - coef * M * p (2p - 1)) per token (SED_METHOD.md)."""
+    """dL/dz = g_CE * (1 - coef * M * p (2p - 1)) per token (docs/method.md)."""
     logits, target = make_inputs(4, 2, 30, seed=7, ignore_frac=0.0)
     cfg = SEDConfig(coef=0.6, top_k=2, mask="all")
     x = logits.clone().requires_grad_()
@@ -186,8 +193,13 @@ def test_module_wrapper_and_chunking():
     logits, target = make_inputs(5, 3, 33, seed=9)
     outs = []
     for chunk_bytes in (1, 1 << 30):
-        cfg = SEDConfig(mask="entropy", threshold=1.0, regularizer="entropy", top_k=4,
-                        kernel=KernelOptions(chunk_bytes=chunk_bytes))
+        cfg = SEDConfig(
+            mask="entropy",
+            threshold=1.0,
+            regularizer="entropy",
+            top_k=4,
+            kernel=KernelOptions(chunk_bytes=chunk_bytes),
+        )
         module = SEDLoss(cfg)
         assert "entropy" in repr(module)
         x = logits.float().clone().requires_grad_()
@@ -247,7 +259,9 @@ def test_block_topk_equals_torch_topk(k):
     w = torch.randn(64, 1024, generator=g)
     w[:8] = torch.randint(-3, 3, (8, 1024), generator=g).float()  # many ties
     w[8, 5] = w[8, 700] = w[8, 701] = 50.0  # tied maxima in two blocks
-    torch.testing.assert_close(VocabParallelSED.row_topk(w, k), torch.topk(w, k, dim=-1).values, rtol=0, atol=0)
+    torch.testing.assert_close(
+        VocabParallelSED.row_topk(w, k), torch.topk(w, k, dim=-1).values, rtol=0, atol=0
+    )
 
 
 def test_wide_vocab_matches_reference():

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_utils import run_distributed
-from sed_reference import make_inputs, reference_sed
+from tests.helpers.dist import run_distributed
+from tests.helpers.sed_reference import make_inputs, reference_sed
 
 pytestmark = pytest.mark.compat
 
@@ -64,7 +64,11 @@ def _check_against_reference(rank, world, dtype_name):
     gtol = dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else dict(atol=5e-3, rtol=1e-2)
     if dtype == torch.float32:
         gtol = dict(atol=1e-6, rtol=1e-4)
-    for mask, reg, thr in [("topk_mass", "quadratic", 0.8), ("entropy", "entropy", 1.0), ("all", "quadratic", 0.5)]:
+    for mask, reg, thr in [
+        ("topk_mass", "quadratic", 0.8),
+        ("entropy", "entropy", 1.0),
+        ("all", "quadratic", 0.5),
+    ]:
         cfg = SEDConfig(coef=0.7, top_k=3, threshold=thr, mask=mask, regularizer=reg)
         x = _shard(logits, rank, world).requires_grad_()
         counts, restore = _count_collectives(COLLECTIVES)
@@ -98,8 +102,6 @@ def _check_against_reference(rank, world, dtype_name):
             assert torch.equal(other, flat)
 
 
-
-
 def _check_ce_equals_megatron(rank, world):
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
@@ -118,8 +120,6 @@ def _check_ce_equals_megatron(rank, world):
         (ref * grad_out).sum().backward()
         torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-6, rtol=1e-5)
-
-
 
 
 def _check_top_k_larger_than_shard(rank, world):

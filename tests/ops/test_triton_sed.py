@@ -34,11 +34,13 @@ if not torch.cuda.is_available() and not triton_sed.kernels_interpreted():
         allow_module_level=True,
     )
 
-from sed_reference import GRAD_TOL, TOL, reference_sed
-from sed_reference import make_inputs as make_sed_inputs
+from tests.helpers.sed_reference import GRAD_TOL, TOL, reference_sed  # noqa: E402 (after the skip above)
+from tests.helpers.sed_reference import make_inputs as make_sed_inputs  # noqa: E402
 
-pytestmark = [pytest.mark.compat,
-              pytest.mark.filterwarnings("ignore::RuntimeWarning")]  # the interpreter's nan*0 lanes
+pytestmark = [
+    pytest.mark.compat,
+    pytest.mark.filterwarnings("ignore::RuntimeWarning"),
+]  # the interpreter's nan*0 lanes
 
 IGNORE = -100
 
@@ -148,8 +150,13 @@ def test_grad_in_place_writes_over_the_logits():
     logits, target = make_inputs(3, 2, 20, seed=7)
     grads = {}
     for in_place in (False, True):
-        cfg = SEDConfig(coef=1.0, top_k=2, threshold=0.9, impl="triton",
-                        kernel=KernelOptions(block_size=16, grad_in_place=in_place))
+        cfg = SEDConfig(
+            coef=1.0,
+            top_k=2,
+            threshold=0.9,
+            impl="triton",
+            kernel=KernelOptions(block_size=16, grad_in_place=in_place),
+        )
         leaf = logits.to(torch.bfloat16).requires_grad_()
         y = leaf * 1  # a non-leaf, like the output layer's logits
         seen = {}
@@ -188,7 +195,9 @@ def _tp_worker(rank, world_size):
         (torch.bfloat16, "entropy", "entropy", 1.0),
     ):
         logits = logits64.to(dtype)
-        cfg = SEDConfig(coef=0.7, top_k=3, threshold=threshold, mask=mask, regularizer=regularizer, impl="triton")
+        cfg = SEDConfig(
+            coef=0.7, top_k=3, threshold=threshold, mask=mask, regularizer=regularizer, impl="triton"
+        )
         x = logits[..., rank * shard : (rank + 1) * shard].clone().requires_grad_()
         loss, stats = vocab_parallel_sed_loss(x, target, cfg, tp_group=dist.group.WORLD)
         (loss.double() * grad_out).sum().backward()
@@ -205,7 +214,7 @@ def _tp_worker(rank, world_size):
 
 
 def test_tensor_parallel_2():
-    from dist_utils import run_distributed
+    from tests.helpers.dist import run_distributed
 
     run_distributed(_tp_worker, 2)
 
@@ -259,7 +268,10 @@ def test_gpu_benchmark_dry_run(tmp_path):
     methods = ["megatron_ce_unfused", "megatron_ce_fused", "sed_torch", "sed_triton_inplace"]
     proc = subprocess.run(
         [sys.executable, BENCH, "--dry-run", "--methods", *methods, "--out", str(out)],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in out.read_text().splitlines() if line.startswith("| 8 |")]

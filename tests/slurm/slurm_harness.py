@@ -126,8 +126,9 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
 
     def _spawn(self, name, argv):
         log = open(self.root / "log" / f"{name}.out", "wb")
-        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                            start_new_session=True)
+        self.procs[name] = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
 
     def start(self, timeout: float = 60):
         self.root.mkdir(parents=True, exist_ok=True)
@@ -140,9 +141,19 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
 
     def _start_munged(self):
         m = self.root / "munge"
-        self._spawn("munged", ["munged", "-F", "-f", f"--socket={self.munge_socket}",
-                               f"--key-file={m / 'munge.key'}", f"--pid-file={m / 'munged.pid'}",
-                               f"--log-file={m / 'munged.log'}", f"--seed-file={m / 'munged.seed'}"])
+        self._spawn(
+            "munged",
+            [
+                "munged",
+                "-F",
+                "-f",
+                f"--socket={self.munge_socket}",
+                f"--key-file={m / 'munge.key'}",
+                f"--pid-file={m / 'munged.pid'}",
+                f"--log-file={m / 'munged.log'}",
+                f"--seed-file={m / 'munged.seed'}",
+            ],
+        )
         self._wait(lambda: self.munge_socket.exists(), 15, "munged")
 
     def _start_slurm(self):
@@ -192,8 +203,13 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
 
     def run(self, argv, check=True, **kw):
         kw.setdefault("timeout", 60)
-        res = subprocess.run(self.client_argv(argv), env={**self.env, **kw.pop("env", {})},
-                             capture_output=True, text=True, **kw)
+        res = subprocess.run(
+            self.client_argv(argv),
+            env={**self.env, **kw.pop("env", {})},
+            capture_output=True,
+            text=True,
+            **kw,
+        )
         if check and res.returncode != 0:
             raise RuntimeError(f"{' '.join(map(str, argv))} failed ({res.returncode}): {res.stderr}")
         return res
@@ -211,12 +227,19 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
                 fields[k] = v
         return fields
 
-    def wait_job(self, job_id: int, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
-                                             "OUT_OF_MEMORY"), timeout: float = 300, poll: float = 0.5) -> dict:
+    def wait_job(
+        self,
+        job_id: int,
+        states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"),
+        timeout: float = 300,
+        poll: float = 0.5,
+    ) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             info = self.job_state(job_id)
             if info.get("JobState") in states:
                 return info
             time.sleep(poll)
-        raise TimeoutError(f"job {job_id} not in {states} after {timeout} s: {self.job_state(job_id)}\n{self.logs()}")
+        raise TimeoutError(
+            f"job {job_id} not in {states} after {timeout} s: {self.job_state(job_id)}\n{self.logs()}"
+        )

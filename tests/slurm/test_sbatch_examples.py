@@ -18,8 +18,13 @@ GPU = ["sed_sft_llama3_3b.sbatch", "sed_sft_qwen25_math_7b.sbatch"]
 def _dry(script, *args, **env):
     full = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     full.update(DRY_RUN="1", **env)
-    res = subprocess.run(["bash", str(EXAMPLES / script), *args], capture_output=True, text=True,
-                         env=full, cwd=EXAMPLES.parents[1])
+    res = subprocess.run(
+        ["bash", str(EXAMPLES / script), *args],
+        capture_output=True,
+        text=True,
+        env=full,
+        cwd=EXAMPLES.parents[1],
+    )
     return res
 
 
@@ -32,8 +37,11 @@ def _flag(cmd, name):
     return cmd[cmd.index(name) + 1]
 
 
-@pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.sbatch"))
-                         + ["sed_sft_gpu_launch.sh", "lib/rendezvous.sh", "lib/rank.sh", "lib/requeue.sh"])
+@pytest.mark.parametrize(
+    "script",
+    sorted(p.name for p in EXAMPLES.glob("*.sbatch"))
+    + ["sed_sft_gpu_launch.sh", "lib/rendezvous.sh", "lib/rank.sh", "lib/requeue.sh"],
+)
 def test_bash_syntax(script):
     assert subprocess.run(["bash", "-n", str(EXAMPLES / script)]).returncode == 0
 
@@ -48,7 +56,10 @@ def test_gpu_dry_run_our_trainer(script, tp, tmp_path):
     res = _dry(script, "--lr", "3e-5", RUN_DIR=str(tmp_path), INIT_CKPT="/ckpt/base", **nodes)
     cmd = _cmd(res)
     # one task per GPU, each a rank started by lib/rank.sh (rendezvous + env:// from SLURM)
-    assert cmd[:2] == ["srun", "--ntasks-per-node=8"] and cmd[3:5] == ["bash", str(EXAMPLES / "lib" / "rank.sh")]
+    assert cmd[:2] == ["srun", "--ntasks-per-node=8"] and cmd[3:5] == [
+        "bash",
+        str(EXAMPLES / "lib" / "rank.sh"),
+    ]
     host = "gpu007" if "SLURM_JOB_NODELIST" in nodes else "localhost"
     assert f"rendezvous {host}:{20000 + 4242}" in res.stdout
     assert cmd[cmd.index("-m") + 1] == "megatron_sed.train"
@@ -65,8 +76,9 @@ def test_gpu_dry_run_our_trainer(script, tp, tmp_path):
     assert "--exit-signal-handler" in cmd and _flag(cmd, "--exit-signal") == "SIGUSR1"
     assert cmd[-2:] == ["--lr", "3e-5"]  # "$@" last, so it wins over the defaults
 
-    cmd = _cmd(_dry(script, RUN_DIR=str(tmp_path), PRECISION="fp8", SED_THRESHOLD="0.9",
-                    TRAIN_ITERS="10", **nodes))
+    cmd = _cmd(
+        _dry(script, RUN_DIR=str(tmp_path), PRECISION="fp8", SED_THRESHOLD="0.9", TRAIN_ITERS="10", **nodes)
+    )
     assert _flag(cmd, "--fp8-format") == "hybrid" and _flag(cmd, "--sed-threshold") == "0.9"
     assert "--sed-mask-ratio" not in cmd and _flag(cmd, "--train-iters") == "10"
     assert "--pretrained-checkpoint" not in cmd

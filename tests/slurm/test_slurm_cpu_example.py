@@ -13,13 +13,13 @@ reason otherwise. SLURM_TEST_SKIP=1 skips it on purpose.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
 from pathlib import Path
 
 import pytest
-
 from slurm_harness import SlurmCluster, ensure_slurm
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,17 +53,24 @@ def test_cpu_example_preempted_requeued_resumes_and_finishes(cluster, tmp_path):
     out = tmp_path / "job.out"
     python = str(Path(os.sys.executable))
     env = {
-        "PYTHON": python, "RUN_DIR": str(run_dir), "TRAIN_ITERS": str(TRAIN_ITERS),
-        "SAVE_INTERVAL": str(SAVE_INTERVAL), "PYTHONPATH": str(REPO), "GLOBAL_BATCH": "4",
-        "TRITON_INTERPRET": "1", "SED_EXAMPLES_DIR": str(SBATCH.parent),
+        "PYTHON": python,
+        "RUN_DIR": str(run_dir),
+        "TRAIN_ITERS": str(TRAIN_ITERS),
+        "SAVE_INTERVAL": str(SAVE_INTERVAL),
+        "PYTHONPATH": str(REPO),
+        "GLOBAL_BATCH": "4",
+        "TRITON_INTERPRET": "1",
+        "SED_EXAMPLES_DIR": str(SBATCH.parent),
     }
     job = cluster.sbatch(["--output", out, "--chdir", tmp_path, SBATCH], env=env)
     tracker = run_dir / "checkpoints" / "latest_checkpointed_iteration.txt"
     deadline = time.monotonic() + 180
     while not tracker.exists():
         state = cluster.job_state(job).get("JobState")
-        assert state in ("PENDING", "RUNNING"), f"job {job} is {state} before its first checkpoint:\n" \
+        assert state in ("PENDING", "RUNNING"), (
+            f"job {job} is {state} before its first checkpoint:\n"
             f"{out.read_text() if out.exists() else ''}\n{cluster.logs()}"
+        )
         assert time.monotonic() < deadline, f"no checkpoint after 180 s:\n{out.read_text()}"
         time.sleep(0.2)
 
@@ -75,8 +82,9 @@ def test_cpu_example_preempted_requeued_resumes_and_finishes(cluster, tmp_path):
         state = cluster.job_state(job)
         if state.get("Restarts", "0") != "0" and state.get("JobState") in ("RUNNING", "COMPLETED"):
             break
-        assert time.monotonic() < deadline, \
+        assert time.monotonic() < deadline, (
             f"job not requeued and restarted: {state}\n{out.read_text()}\n{cluster.logs()}"
+        )
         if state.get("JobState") == "PENDING" and state.get("Reason") == "BeginTime":
             # SLURM holds a requeued job for ~2 minutes (BeginTime); release it early, but not
             # within the second of the requeue: slurmd revokes the killed run's job credential
@@ -102,6 +110,6 @@ def test_cpu_example_preempted_requeued_resumes_and_finishes(cluster, tmp_path):
     assert [r["iteration"] for r in rows] == list(range(1, TRAIN_ITERS + 1)), rows
     last = rows[-1]
     for key in ("lm_loss", "ce_loss", "sed_reg", "sed_mask_rate", "entropy", "target_prob", "top1_acc"):
-        assert key in last and last[key] == last[key], key  # present and not NaN
+        assert key in last and math.isfinite(last[key]), (key, last)
     assert 0.0 < last["sed_mask_rate"] <= 1.0
     assert int(tracker.read_text().strip()) == TRAIN_ITERS

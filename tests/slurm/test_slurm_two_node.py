@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from slurm_harness import ensure_slurm
 from two_node_harness import TwoNodeCluster, two_node_skip_reason
 
@@ -51,8 +50,10 @@ def two_nodes(tmp_path_factory):
     t = time.monotonic()
     try:
         c.start(timeout=60)
-        print(f"two-node cluster up: {time.monotonic() - t:.1f} s ({c.netns[0]} {c.addrs[0]}, "
-              f"{c.netns[1]} {c.addrs[1]}, UTS hostnames: {c.uts})")
+        print(
+            f"two-node cluster up: {time.monotonic() - t:.1f} s ({c.netns[0]} {c.addrs[0]}, "
+            f"{c.netns[1]} {c.addrs[1]}, UTS hostnames: {c.uts})"
+        )
         yield c
     finally:
         t = time.monotonic()
@@ -68,8 +69,9 @@ def test_two_node_sbatch_gloo_all_reduce(two_nodes, tmp_path):
     log = tmp_path / "job.out"
     env = {"SED_REPO": str(REPO), "PYTHON": sys.executable, "OUT_DIR": str(out_dir), "OMP_NUM_THREADS": "1"}
     t = time.monotonic()
-    job = c.sbatch(["--nodes", "2", "--ntasks-per-node", "1", "--output", log, "--chdir", tmp_path, SBATCH],
-                   env=env)
+    job = c.sbatch(
+        ["--nodes", "2", "--ntasks-per-node", "1", "--output", log, "--chdir", tmp_path, SBATCH], env=env
+    )
     info = c.wait_job(job, timeout=120)
     print(f"job {job}: {info.get('JobState')} in {time.monotonic() - t:.1f} s")
     text = log.read_text() if log.exists() else ""
@@ -79,7 +81,9 @@ def test_two_node_sbatch_gloo_all_reduce(two_nodes, tmp_path):
     recs = sorted((json.loads(p.read_text()) for p in out_dir.glob("rank*.json")), key=lambda r: r["rank"])
     assert [r["rank"] for r in recs] == [0, 1], f"{recs}\n{text}"
     for r in recs:
-        print(f"rank {r['rank']}: torch import {r['import_s']} s, rendezvous + all_reduce {r['collective_s']} s")
+        print(
+            f"rank {r['rank']}: torch import {r['import_s']} s, rendezvous + all_reduce {r['collective_s']} s"
+        )
         assert r["world_size"] == 2
         assert r["result"] == [3.0, 11.0], r  # [1 + 2, 10**0 + 10**1]
         assert r["local_rank"] == 0, r

@@ -15,10 +15,23 @@ from megatron.training.global_vars import unset_global_variables  # noqa: E402
 
 from megatron_sed.train.arguments import parse_and_validate  # noqa: E402
 
-FIELDS = ("distributed_backend", "transformer_impl", "gradient_accumulation_fusion",
-          "use_cpu_initialization", "tokenizer_type", "vocab_size", "padded_vocab_size",
-          "sft_tokenizer_type", "num_layers", "hidden_size", "use_rope_scaling",
-          "rope_scaling_factor", "position_embedding_type", "loss_type", "sed_coef")
+FIELDS = (
+    "distributed_backend",
+    "transformer_impl",
+    "gradient_accumulation_fusion",
+    "use_cpu_initialization",
+    "tokenizer_type",
+    "vocab_size",
+    "padded_vocab_size",
+    "sft_tokenizer_type",
+    "num_layers",
+    "hidden_size",
+    "use_rope_scaling",
+    "rope_scaling_factor",
+    "position_embedding_type",
+    "loss_type",
+    "sed_coef",
+)
 
 results = {}
 for name, argv in json.load(open(sys.argv[1])):

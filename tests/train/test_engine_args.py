@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import RUN, TINY_MODEL, synthetic_flags
+from tests.helpers.engine import RUN, TINY_MODEL, synthetic_flags
 
 DRIVER = Path(__file__).with_name("parse_driver.py")
 
@@ -19,8 +19,18 @@ DRIVER = Path(__file__).with_name("parse_driver.py")
 def parsed(tiny_llama, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("args")
     base = [*TINY_MODEL, *RUN, *synthetic_flags(tmp), "--train-iters", "4", "--loss-type", "sed"]
-    conv = ["--load", str(tiny_llama.converted), "--finetune", "--data-path", tiny_llama.data,
-            *RUN, "--train-iters", "4", "--seq-length", "128"]
+    conv = [
+        "--load",
+        str(tiny_llama.converted),
+        "--finetune",
+        "--data-path",
+        tiny_llama.data,
+        *RUN,
+        "--train-iters",
+        "4",
+        "--seq-length",
+        "128",
+    ]
     cases = [
         ("cpu_defaults", base),
         ("te_on_cpu", [*base, "--transformer-impl", "transformer_engine"]),
@@ -30,18 +40,25 @@ def parsed(tiny_llama, tmp_path_factory):
         ("negative_coef", [*base, "--sed-coef", "-1"]),
         ("bad_ratio", [*base, "--sed-mask-ratio", "1.5"]),
         ("warmup_too_long", [*base, "--lr-warmup-iters", "4"]),
-        ("hf_tokenizer_on_byte_data", [*base, "--tokenizer-type", "HuggingFaceTokenizer",
-                                       "--tokenizer-model", str(tiny_llama.hf_dir)]),
+        (
+            "hf_tokenizer_on_byte_data",
+            [*base, "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tiny_llama.hf_dir)],
+        ),
         ("converted", conv),
         ("converted_mismatch", [*conv, "--num-layers", "3", "--hidden-size", "32"]),
     ]
     spec = tmp / "cases.json"
     spec.write_text(json.dumps(cases))
-    res = subprocess.run([sys.executable, str(DRIVER), str(spec)], capture_output=True, text=True,
-                         timeout=300, env={"PYTHONWARNINGS": "ignore", **__import__("os").environ})
+    res = subprocess.run(
+        [sys.executable, str(DRIVER), str(spec)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONWARNINGS": "ignore", **__import__("os").environ},
+    )
     line = [x for x in res.stdout.splitlines() if x.startswith("RESULTS ")]
     assert line, res.stdout[-3000:] + res.stderr[-3000:]
-    return json.loads(line[-1][len("RESULTS "):])
+    return json.loads(line[-1][len("RESULTS ") :])
 
 
 def test_cpu_defaults_and_byte_tokenizer(parsed):
@@ -53,17 +70,20 @@ def test_cpu_defaults_and_byte_tokenizer(parsed):
     assert r["vocab_size"] == 262 and r["padded_vocab_size"] == 384  # Megatron pads to 128
 
 
-@pytest.mark.parametrize("case,message", [
-    ("te_on_cpu", "--transformer-impl transformer_engine needs a GPU"),
-    ("fp8_on_cpu", "--fp8-format hybrid needs Transformer Engine"),
-    ("nccl_on_cpu", "--distributed-backend nccl needs GPUs"),
-    ("ratio_with_pp", "only the last pipeline stage"),
-    ("negative_coef", "--sed-coef must be >= 0"),
-    ("bad_ratio", "--sed-mask-ratio must lie in (0, 1)"),
-    ("warmup_too_long", "--lr-warmup-iters (4) must be smaller than --lr-decay-iters (4"),
-    ("hf_tokenizer_on_byte_data", "was tokenized with byte"),
-    ("converted_mismatch", "--num-layers 3 (checkpoint: 2)"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("te_on_cpu", "--transformer-impl transformer_engine needs a GPU"),
+        ("fp8_on_cpu", "--fp8-format hybrid needs Transformer Engine"),
+        ("nccl_on_cpu", "--distributed-backend nccl needs GPUs"),
+        ("ratio_with_pp", "only the last pipeline stage"),
+        ("negative_coef", "--sed-coef must be >= 0"),
+        ("bad_ratio", "--sed-mask-ratio must lie in (0, 1)"),
+        ("warmup_too_long", "--lr-warmup-iters (4) must be smaller than --lr-decay-iters (4"),
+        ("hf_tokenizer_on_byte_data", "was tokenized with byte"),
+        ("converted_mismatch", "--num-layers 3 (checkpoint: 2)"),
+    ],
+)
 def test_bad_flags_fail_naming_them(parsed, case, message):
     r = parsed[case]
     assert not r["ok"] and message in r["error"], r
@@ -77,9 +97,16 @@ def test_linear_cross_entropy_fusion_is_refused():
 
     from megatron_sed.train.arguments import ArgumentError, _check_plugin_limits
 
-    args = argparse.Namespace(loss_type="sed", cross_entropy_fusion_impl="linear",
-                              pipeline_model_parallel_size=1, pack=True, transformer_impl="local",
-                              micro_batch_size=1, sed_mask_ratio=None, sed_threshold=None)
+    args = argparse.Namespace(
+        loss_type="sed",
+        cross_entropy_fusion_impl="linear",
+        pipeline_model_parallel_size=1,
+        pack=True,
+        transformer_impl="local",
+        micro_batch_size=1,
+        sed_mask_ratio=None,
+        sed_threshold=None,
+    )
     with pytest.raises(ArgumentError, match="--cross-entropy-fusion-impl linear"):
         _check_plugin_limits(args)
     args.loss_type = "ce"
@@ -97,8 +124,22 @@ def test_converted_checkpoint_supplies_shape_rope_scaling_and_tokenizer(parsed):
 
 
 def test_cli_exits_2_with_the_message(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "megatron_sed.train", *TINY_MODEL, *RUN,
-                          "--train-iters", "2", "--sed-coef", "-1"], capture_output=True, text=True,
-                         timeout=300, cwd=tmp_path)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megatron_sed.train",
+            *TINY_MODEL,
+            *RUN,
+            "--train-iters",
+            "2",
+            "--sed-coef",
+            "-1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert res.returncode == 2, res.stderr[-2000:]
     assert "megatron-sed-train: error: --sed-coef must be >= 0" in res.stderr

@@ -12,17 +12,41 @@ import numpy as np
 import pytest
 import torch
 
-from engine import RUN, TINY_MODEL, synthetic_flags, train
+from tests.helpers.engine import RUN, TINY_MODEL, synthetic_flags, train
 
 N = 5  # odd: at DP 2 x micro-batch 2 the second step's rows 7, 8 are padding
 
 
 def _llama_flags(llama, *extra):
-    return ["--finetune", "--load", str(llama.converted), "--data-path", llama.data,
-            "--split", "90,10,0", "--seq-length", str(llama.seq_length), *RUN,
-            "--train-iters", "1", "--lr-warmup-iters", "0", "--hidden-dropout", "0", "--attention-dropout", "0",
-            "--loss-type", "sed", "--sed-top-k", "2", "--sed-mask-ratio", "0.3",
-            "--sed-calibration-samples", str(N), *extra]
+    return [
+        "--finetune",
+        "--load",
+        str(llama.converted),
+        "--data-path",
+        llama.data,
+        "--split",
+        "90,10,0",
+        "--seq-length",
+        str(llama.seq_length),
+        *RUN,
+        "--train-iters",
+        "1",
+        "--lr-warmup-iters",
+        "0",
+        "--hidden-dropout",
+        "0",
+        "--attention-dropout",
+        "0",
+        "--loss-type",
+        "sed",
+        "--sed-top-k",
+        "2",
+        "--sed-mask-ratio",
+        "0.3",
+        "--sed-calibration-samples",
+        str(N),
+        *extra,
+    ]
 
 
 def _logged_tau(log: str) -> float:
@@ -38,8 +62,9 @@ def _reference(llama):
 
     from megatron_sed.data.reader import build_sft_datasets
 
-    _, valid, _ = build_sft_datasets([llama.data], split="90,10,0", seq_length=llama.seq_length,
-                                     seed=1234, pack=False)
+    _, valid, _ = build_sft_datasets(
+        [llama.data], split="90,10,0", seq_length=llama.seq_length, seed=1234, pack=False
+    )
     model = transformers.AutoModelForCausalLM.from_pretrained(str(llama.hf_dir), dtype=torch.float64)
     masses = []
     with torch.no_grad():
@@ -67,26 +92,45 @@ def test_calibration_is_exact_and_the_same_at_dp1_and_dp2(tiny_llama, tmp_path):
 
 
 def _flags(tmp, *extra):
-    return [*TINY_MODEL, *RUN, *synthetic_flags(tmp, problems=60), "--split", "80,20,0",
-            "--loss-type", "sed", "--sed-mask-ratio", "0.3", "--sed-calibration-samples", "8",
-            *extra]
+    return [
+        *TINY_MODEL,
+        *RUN,
+        *synthetic_flags(tmp, problems=60),
+        "--split",
+        "80,20,0",
+        "--loss-type",
+        "sed",
+        "--sed-mask-ratio",
+        "0.3",
+        "--sed-calibration-samples",
+        "8",
+        *extra,
+    ]
 
 
 def test_resume_reuses_tau_finetune_recalibrates_explicit_tau_wins(tmp_path):
     ck = tmp_path / "ck"
-    first = train(tmp_path, "first", 1, _flags(tmp_path, "--train-iters", "4", "--save", str(ck),
-                                               "--save-interval", "2", "--exit-interval", "2"))
+    first = train(
+        tmp_path,
+        "first",
+        1,
+        _flags(
+            tmp_path, "--train-iters", "4", "--save", str(ck), "--save-interval", "2", "--exit-interval", "2"
+        ),
+    )
     tau, _, _ = _logged_tau(first.log)
     resumed = train(tmp_path, "resumed", 1, _flags(tmp_path, "--train-iters", "4", "--load", str(ck)))
     assert "calibrated SED threshold" not in resumed.log
     assert f"continues with SED threshold tau={tau:.6g}" in resumed.log
     assert all(r["sed_threshold"] == pytest.approx(tau, rel=1e-5) for r in resumed.records)
-    finetuned = train(tmp_path, "finetuned", 1, _flags(tmp_path, "--train-iters", "2", "--load", str(ck),
-                                                       "--finetune"))
+    finetuned = train(
+        tmp_path, "finetuned", 1, _flags(tmp_path, "--train-iters", "2", "--load", str(ck), "--finetune")
+    )
     tau_ft, _, _ = _logged_tau(finetuned.log)
     assert tau_ft != tau  # the trained model's masses differ from the initial model's
-    explicit = train(tmp_path, "explicit", 1, _flags(tmp_path, "--train-iters", "2",
-                                                     "--sed-threshold", "0.5"))
+    explicit = train(
+        tmp_path, "explicit", 1, _flags(tmp_path, "--train-iters", "2", "--sed-threshold", "0.5")
+    )
     assert "calibrated" not in explicit.log and explicit.records[0]["sed_threshold"] == 0.5
 
 
@@ -96,8 +140,12 @@ def test_ema_tracks_the_batch_quantile_and_resumes_on_the_same_trajectory(tmp_pa
     taus = straight.series("sed_threshold")
     assert len(set(round(t, 9) for t in taus)) == len(taus), taus  # moves every iteration
     ck = tmp_path / "ck"
-    train(tmp_path, "part1", 2, _flags(tmp_path, *ema, "--save", str(ck), "--save-interval", "3",
-                                       "--exit-interval", "3"))
+    train(
+        tmp_path,
+        "part1",
+        2,
+        _flags(tmp_path, *ema, "--save", str(ck), "--save-interval", "3", "--exit-interval", "3"),
+    )
     part2 = train(tmp_path, "part2", 2, _flags(tmp_path, *ema, "--load", str(ck)))
     assert part2.series("sed_threshold") == taus[3:]
     assert part2.series("lm_loss") == straight.series("lm_loss")[3:]

@@ -11,20 +11,35 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import RUN, TINY_MODEL, assert_close, synthetic_flags, train
+from tests.helpers.engine import RUN, TINY_MODEL, assert_close, synthetic_flags, train
 
 KEYS = ("lm_loss", "ce_loss", "sed_reg", "sed_mask_rate", "grad_norm", "lr", "consumed_samples")
 
 
 def _flags(tmp, *extra):
-    return [*TINY_MODEL, *RUN, *synthetic_flags(tmp), "--loss-type", "sed",
-            "--sed-threshold", "0.9", "--train-iters", "6", "--bf16", *extra]
+    return [
+        *TINY_MODEL,
+        *RUN,
+        *synthetic_flags(tmp),
+        "--loss-type",
+        "sed",
+        "--sed-threshold",
+        "0.9",
+        "--train-iters",
+        "6",
+        "--bf16",
+        *extra,
+    ]
 
 
-@pytest.mark.parametrize("layout", [
-    ["--tensor-model-parallel-size", "2", "--use-distributed-optimizer"],
-    ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"],
-], ids=["tp2_distopt", "dp2_overlap_param_gather"])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ["--tensor-model-parallel-size", "2", "--use-distributed-optimizer"],
+        ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"],
+    ],
+    ids=["tp2_distopt", "dp2_overlap_param_gather"],
+)
 def test_stop_after_save_then_load_continues_identically(tmp_path, layout):
     """Uninterrupted 6 iterations vs. --exit-interval 3 (saves, exits) then --load: the
     resumed iterations 4-6 equal the uninterrupted ones exactly (same data position,
@@ -33,8 +48,12 @@ def test_stop_after_save_then_load_continues_identically(tmp_path, layout):
     that gather would hold iteration N-1's weights for the other shards' parameters."""
     straight = train(tmp_path, "straight", 2, _flags(tmp_path, *layout))
     ck = tmp_path / "ck"
-    first = train(tmp_path, "first", 2, _flags(tmp_path, *layout, "--save", str(ck),
-                                               "--save-interval", "100", "--exit-interval", "3"))
+    first = train(
+        tmp_path,
+        "first",
+        2,
+        _flags(tmp_path, *layout, "--save", str(ck), "--save-interval", "100", "--exit-interval", "3"),
+    )
     assert [r["iteration"] for r in first.records] == [1, 2, 3]
     assert (ck / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
     resumed = train(tmp_path, "resumed", 2, _flags(tmp_path, *layout, "--load", str(ck)))
@@ -55,12 +74,39 @@ def test_rope_scaled_llama_survives_requeue_resume_eval_and_export(tiny_llama, t
     from megatron_sed.convert import convert_mcore_to_hf
 
     run_dir = tmp_path / "run"
-    flags = ["--pretrained-checkpoint", str(tiny_llama.converted), "--load", str(run_dir),
-             "--save", str(run_dir), "--save-interval", "100", "--data-path", tiny_llama.data,
-             "--split", "90,10,0", "--seq-length", str(tiny_llama.seq_length), *RUN,
-             "--lr", "0", "--min-lr", "0", "--lr-warmup-iters", "0", "--train-iters", "4",
-             "--hidden-dropout", "0", "--attention-dropout", "0", "--loss-type", "sed",
-             "--sed-threshold", "0.9"]
+    flags = [
+        "--pretrained-checkpoint",
+        str(tiny_llama.converted),
+        "--load",
+        str(run_dir),
+        "--save",
+        str(run_dir),
+        "--save-interval",
+        "100",
+        "--data-path",
+        tiny_llama.data,
+        "--split",
+        "90,10,0",
+        "--seq-length",
+        str(tiny_llama.seq_length),
+        *RUN,
+        "--lr",
+        "0",
+        "--min-lr",
+        "0",
+        "--lr-warmup-iters",
+        "0",
+        "--train-iters",
+        "4",
+        "--hidden-dropout",
+        "0",
+        "--attention-dropout",
+        "0",
+        "--loss-type",
+        "sed",
+        "--sed-threshold",
+        "0.9",
+    ]
     first = train(tmp_path, "job1", 1, [*flags, "--exit-interval", "2"])
     assert [r["iteration"] for r in first.records] == [1, 2]
     second = train(tmp_path, "job1_requeued", 1, flags)
@@ -72,7 +118,7 @@ def test_rope_scaled_llama_survives_requeue_resume_eval_and_export(tiny_llama, t
     assert common["args"].use_rope_scaling and common["args"].rope_scaling_factor == 32.0
 
     # eval rebuilds the model from RUN's args: logits equal transformers' (RoPE scaling on)
-    from eval_utils import checkpoint_logits
+    from tests.helpers.eval import checkpoint_logits
 
     tokens = torch.randint(0, 300, (2, 96), generator=torch.Generator().manual_seed(3))
     ours = checkpoint_logits(run_dir, tokens)

@@ -10,20 +10,49 @@ from __future__ import annotations
 
 import pytest
 
-from engine import RUN, assert_close, train
-from hf_fixtures import hf_reference_ce
+from tests.helpers.engine import RUN, assert_close, train
+from tests.helpers.hf import hf_reference_ce
 
 ITERS = 3
-KEYS = ("lm_loss", "ce_loss", "sed_reg", "sed_mask_rate", "entropy", "target_prob",
-        "topk_mass", "top1_acc", "grad_norm")
+KEYS = (
+    "lm_loss",
+    "ce_loss",
+    "sed_reg",
+    "sed_mask_rate",
+    "entropy",
+    "target_prob",
+    "topk_mass",
+    "top1_acc",
+    "grad_norm",
+)
 
 
 def _flags(llama, *extra):
-    return ["--finetune", "--load", str(llama.converted), "--data-path", llama.data,
-            "--split", "90,10,0", "--seq-length", str(llama.seq_length),
-            "--hidden-dropout", "0", "--attention-dropout", "0", *RUN,
-            "--train-iters", str(ITERS), "--loss-type", "sed", "--sed-threshold", "0.9",
-            "--sed-top-k", "2", *extra]
+    return [
+        "--finetune",
+        "--load",
+        str(llama.converted),
+        "--data-path",
+        llama.data,
+        "--split",
+        "90,10,0",
+        "--seq-length",
+        str(llama.seq_length),
+        "--hidden-dropout",
+        "0",
+        "--attention-dropout",
+        "0",
+        *RUN,
+        "--train-iters",
+        str(ITERS),
+        "--loss-type",
+        "sed",
+        "--sed-threshold",
+        "0.9",
+        "--sed-top-k",
+        "2",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +63,19 @@ def layouts(tiny_llama, tmp_path_factory):
         ("tp2", 2, ["--tensor-model-parallel-size", "2"]),
         ("pp2", 2, ["--pipeline-model-parallel-size", "2"]),
         ("dp2", 2, []),
-        ("tp2pp2_distopt", 4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size",
-                               "2", "--use-distributed-optimizer", "--overlap-grad-reduce",
-                               "--overlap-param-gather"]),
+        (
+            "tp2pp2_distopt",
+            4,
+            [
+                "--tensor-model-parallel-size",
+                "2",
+                "--pipeline-model-parallel-size",
+                "2",
+                "--use-distributed-optimizer",
+                "--overlap-grad-reduce",
+                "--overlap-param-gather",
+            ],
+        ),
     ):
         runs[name] = train(tmp, name, n, _flags(tiny_llama, *extra))
     return runs
@@ -60,8 +99,14 @@ def test_sed_statistics_are_live(layouts):
 
 
 def _finetune_lr0(tiny_llama, tmp, name, *extra):
-    return train(tmp, name, 2, _flags(tiny_llama, "--lr", "0", "--min-lr", "0",
-                                      "--lr-warmup-iters", "0", "--train-iters", "4", *extra))
+    return train(
+        tmp,
+        name,
+        2,
+        _flags(
+            tiny_llama, "--lr", "0", "--min-lr", "0", "--lr-warmup-iters", "0", "--train-iters", "4", *extra
+        ),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +115,17 @@ def reference_ce(tiny_llama):
     order Megatron's sampler draws them (global batch i = samples 8i .. 8i+7)."""
     from megatron_sed.data.reader import build_sft_datasets
 
-    train_ds, _, _ = build_sft_datasets([tiny_llama.data], split="90,10,0",
-                                        seq_length=tiny_llama.seq_length, seed=1234, pack=True,
-                                        train_samples=32)
-    return [hf_reference_ce(tiny_llama.hf_dir, [train_ds[j] for j in range(8 * i, 8 * i + 8)])
-            for i in range(4)]
+    train_ds, _, _ = build_sft_datasets(
+        [tiny_llama.data],
+        split="90,10,0",
+        seq_length=tiny_llama.seq_length,
+        seed=1234,
+        pack=True,
+        train_samples=32,
+    )
+    return [
+        hf_reference_ce(tiny_llama.hf_dir, [train_ds[j] for j in range(8 * i, 8 * i + 8)]) for i in range(4)
+    ]
 
 
 @pytest.mark.parametrize("precision,tol", [("fp32", 2e-6), ("bf16", 3e-2)])

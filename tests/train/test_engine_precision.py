@@ -4,14 +4,11 @@ gradients at DP 1 and DP 2."""
 
 from __future__ import annotations
 
-import pytest
-
-from engine import RUN, TINY_MODEL, assert_close, synthetic_flags, train
+from tests.helpers.engine import RUN, TINY_MODEL, assert_close, synthetic_flags, train
 
 
 def _flags(tmp, *extra):
-    return [*TINY_MODEL, *RUN, *synthetic_flags(tmp), "--loss-type", "sed",
-            "--sed-threshold", "0.9", *extra]
+    return [*TINY_MODEL, *RUN, *synthetic_flags(tmp), "--loss-type", "sed", "--sed-threshold", "0.9", *extra]
 
 
 def test_fp16_trains_like_bf16(tmp_path):

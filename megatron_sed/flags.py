@@ -1,14 +1,20 @@
-"""The --loss-type / --sed-* command-line flags, defined in one place.
+"""The --loss-type / --sed-* command-line flags and their checks, defined in one place.
 
-`add_sed_args(parser)` is shared by megatron_sed's own trainer and by Megatron-LM's
-`extra_args_provider`, so the flags, defaults and help texts never drift apart.
+`add_sed_args(parser)` is shared by megatron-sed-train and by Megatron-LM's
+`extra_args_provider` (megatron_sed.megatron_lm), so the flags, defaults, help texts and
+checks never drift apart; `validate_sed_args` is the one place they are checked.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from megatron_sed.ops.config import MASKS, REGULARIZERS, SEDConfig
+from megatron_sed.ops.config import MASKS, REGULARIZERS, THRESHOLD_SIDE, SEDConfig
+
+
+class ArgumentError(ValueError):
+    """A flag or flag combination that cannot work; the message names the flags."""
+
 
 # The authors' defaults (pppa2019/SED-SFT): lambda = 1.0 in their scripts, k = 2,
 # about 30 % of supervised tokens regularised (cumsum_ratio 0.7).
@@ -96,7 +102,16 @@ def add_sed_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def validate_sed_args(args: argparse.Namespace) -> None:
-    """Check the SED flags; raise ValueError naming the offending flag."""
+    """Check the SED flags; raise ArgumentError (a ValueError) naming the offending flag."""
+    try:
+        _validate_sed_args(args)
+    except ArgumentError:
+        raise
+    except ValueError as err:
+        raise ArgumentError(str(err)) from None
+
+
+def _validate_sed_args(args: argparse.Namespace) -> None:
     if getattr(args, "loss_type", "ce") not in ("ce", "sed"):
         raise ValueError(f"--loss-type must be 'ce' or 'sed', got {args.loss_type!r}")
     if args.sed_coef < 0:
@@ -107,14 +122,26 @@ def validate_sed_args(args: argparse.Namespace) -> None:
     if ratio is not None and not 0.0 < ratio < 1.0:
         raise ValueError(f"--sed-mask-ratio must lie in (0, 1), got {ratio}")
     if getattr(args, "sed_calibration_samples", 1) < 1:
-        raise ValueError(
-            f"--sed-calibration-samples must be >= 1, got {args.sed_calibration_samples}"
-        )
+        raise ValueError(f"--sed-calibration-samples must be >= 1, got {args.sed_calibration_samples}")
     if getattr(args, "sed_threshold_update", "fixed") == "ema" and ratio is None:
         raise ValueError("--sed-threshold-update ema needs --sed-mask-ratio (the quantile to track)")
     ema = getattr(args, "sed_threshold_ema", 0.9)
     if not 0.0 <= ema < 1.0:
         raise ValueError(f"--sed-threshold-ema must lie in [0, 1), got {ema}")
+    calibrates = (
+        getattr(args, "loss_type", "ce") == "sed" and ratio is not None and args.sed_threshold is None
+    )
+    if calibrates and args.sed_mask not in THRESHOLD_SIDE:
+        raise ValueError(
+            f"--sed-mask-ratio calibrates a threshold, but --sed-mask "
+            f"{args.sed_mask} has none: use --sed-mask topk_mass or entropy"
+        )
+    if calibrates and (getattr(args, "pipeline_model_parallel_size", 1) or 1) > 1:
+        raise ValueError(
+            "--sed-mask-ratio calibrates tau with the model's logits, which only the last "
+            "pipeline stage has: calibrate at --pipeline-model-parallel-size 1 (the log says "
+            "'calibrated SED threshold tau=...') and pass --sed-threshold"
+        )
     try:
         sed_config_from_args(args)
     except ValueError as err:  # re-word SEDConfig's message in flag names

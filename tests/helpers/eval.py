@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from dist_utils import run_distributed
+from tests.helpers.dist import run_distributed
 
 
 def _logits_worker(rank, world, load, tokens_file, out_file):

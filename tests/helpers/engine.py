@@ -13,22 +13,59 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Sequence
 
 # A tiny GPT on the built-in synthetic set (byte tokenizer), single precision.
 TINY_MODEL = [
-    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-    "--group-query-attention", "--num-query-groups", "2", "--normalization", "RMSNorm",
-    "--swiglu", "--disable-bias-linear", "--position-embedding-type", "rope",
-    "--untie-embeddings-and-output-weights", "--hidden-dropout", "0", "--attention-dropout", "0",
-    "--seq-length", "128", "--max-position-embeddings", "128",
-    "--make-vocab-size-divisible-by", "128",
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "64",
+    "--num-attention-heads",
+    "4",
+    "--group-query-attention",
+    "--num-query-groups",
+    "2",
+    "--normalization",
+    "RMSNorm",
+    "--swiglu",
+    "--disable-bias-linear",
+    "--position-embedding-type",
+    "rope",
+    "--untie-embeddings-and-output-weights",
+    "--hidden-dropout",
+    "0",
+    "--attention-dropout",
+    "0",
+    "--seq-length",
+    "128",
+    "--max-position-embeddings",
+    "128",
+    "--make-vocab-size-divisible-by",
+    "128",
 ]
-RUN = ["--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "1e-3", "--min-lr", "0",
-       "--lr-warmup-iters", "1", "--log-interval", "1", "--eval-iters", "1",
-       "--eval-interval", "1000", "--seed", "1234"]
+RUN = [
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "8",
+    "--lr",
+    "1e-3",
+    "--min-lr",
+    "0",
+    "--lr-warmup-iters",
+    "1",
+    "--log-interval",
+    "1",
+    "--eval-iters",
+    "1",
+    "--eval-interval",
+    "1000",
+    "--seed",
+    "1234",
+]
 
 
 @dataclass
@@ -36,23 +73,29 @@ class Run:
     name: str
     returncode: int
     log: str
-    records: List[Dict] = field(default_factory=list)
-    valid: List[Dict] = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)
+    valid: list[dict] = field(default_factory=list)
 
-    def series(self, key: str) -> List[float]:
+    def series(self, key: str) -> list[float]:
         return [r[key] for r in self.records if key in r]
 
-    def by_iteration(self) -> Dict[int, Dict]:
+    def by_iteration(self) -> dict[int, dict]:
         return {r["iteration"]: r for r in self.records}
 
 
-def synthetic_flags(tmp: Path, problems: int = 60) -> List[str]:
-    return ["--synthetic-num-problems", str(problems),
-            "--synthetic-cache-dir", str(Path(tmp) / "synthetic")]
+def synthetic_flags(tmp: Path, problems: int = 60) -> list[str]:
+    return ["--synthetic-num-problems", str(problems), "--synthetic-cache-dir", str(Path(tmp) / "synthetic")]
 
 
-def train(tmp: Path, name: str, nproc: int, flags: Sequence[str], timeout: float = 600,
-          expect_rc: int = 0, env: Dict[str, str] | None = None) -> Run:
+def train(
+    tmp: Path,
+    name: str,
+    nproc: int,
+    flags: Sequence[str],
+    timeout: float = 600,
+    expect_rc: int = 0,
+    env: dict[str, str] | None = None,
+) -> Run:
     """Run the trainer with `flags` (plus --metrics-file) on `nproc` local ranks."""
     out = Path(tmp) / name
     out.mkdir(parents=True, exist_ok=True)
@@ -62,16 +105,25 @@ def train(tmp: Path, name: str, nproc: int, flags: Sequence[str], timeout: float
     if nproc == 1:
         launch = [sys.executable, "-m", "megatron_sed.train"]
     else:
-        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                  f"--nproc-per-node={nproc}", "-m", "megatron_sed.train"]
+        launch = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "megatron_sed.train",
+        ]
     cmd = [*launch, *flags, "--metrics-file", str(metrics)]
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}))
     res = subprocess.run(cmd, cwd=out, env=full_env, capture_output=True, text=True, timeout=timeout)
     log = res.stdout + res.stderr
     (out / "log.txt").write_text(log)
     if res.returncode != expect_rc:
-        raise AssertionError(f"run {name} exited with {res.returncode} (expected {expect_rc}):\n"
-                             f"{' '.join(cmd)}\n--- last lines:\n" + "\n".join(log.splitlines()[-60:]))
+        raise AssertionError(
+            f"run {name} exited with {res.returncode} (expected {expect_rc}):\n"
+            f"{' '.join(cmd)}\n--- last lines:\n" + "\n".join(log.splitlines()[-60:])
+        )
     run = Run(name, res.returncode, log)
     if metrics.exists():
         for line in metrics.read_text().splitlines():

@@ -1,5 +1,5 @@
 """An independent float64 full-vocabulary SED reference, written from the formula in
-SED_METHOD.md with plain autograd (no code shared with megatron_sed.ops)."""
+docs/method.md with plain autograd (no code shared with megatron_sed.ops)."""
 
 import torch
 

@@ -10,9 +10,9 @@ The patches in patches/megatron-lm/ add three calls to `pretrain_gpt.py`:
    on its vocab-parallel `[s, b, V/tp]` logits (an instance override of
    `compute_language_model_loss`, the method GPTModel calls once it has the logits).
    Idempotent and cheap after the first call; logs once; a no-op for `--loss-type ce`.
-   With `--sed-mask-ratio` the first call calibrates tau on held-out data through
-   pretrain_gpt's own `forward_step` and dataset provider
-   (megatron_sed.megatron_lm_calibration).
+   The first call resolves tau (megatron_sed.megatron_lm.calibration): --sed-threshold,
+   the resumed checkpoint's, or calibrated with `--sed-mask-ratio` on held-out data
+   through pretrain_gpt's own `forward_step` and dataset provider.
 3. `add_sed_report(report, loss_mask, model)` in `loss_func`: the SED statistics of
    the micro-batch the model just ran, as `[sum, count]` pairs over the loss-masked
    tokens. Megatron's training loop sums such pairs over micro-batches, all-reduces
@@ -27,28 +27,32 @@ from __future__ import annotations
 
 import argparse
 import types
-from typing import Callable, Dict, Iterable, List, Optional
+from collections.abc import Callable, Iterable
+from typing import Optional
 
 import torch
+from megatron.core.models.common.language_module.language_module import LanguageModule
 
-from megatron_sed.arguments import add_sed_args, sed_config_from_args, validate_sed_args
+from megatron_sed.flags import add_sed_args, sed_config_from_args, validate_sed_args
+from megatron_sed.megatron_lm.calibration import resolve_sed_threshold
+from megatron_sed.model.loss_hook import pop_sed_stats, sed_language_model_loss
 from megatron_sed.ops.config import SEDConfig
-from megatron_sed.ops.stats import REPORT_KEYS as STAT_REPORT_KEYS
-from megatron_sed.ops.stats import sed_report
-from megatron_sed.rank0 import print_rank_0
+from megatron_sed.ops.stats import STAT_FIELDS, sed_report
+from megatron_sed.utils.log import print_rank_0
 
 __all__ = [
     "REPORT_KEYS",
     "add_sed_args",
     "add_sed_report",
     "extra_args_provider",
+    "install_loss_override",
     "install_sed_loss",
     "validate_megatron_lm_sed_args",
 ]
 
 # report key (what Megatron-LM prints and writes to TensorBoard) -> SED stat name.
 # `lm loss` stays Megatron's own key for the optimised objective (ce + reg under SED).
-REPORT_KEYS = {key: name for name, key in STAT_REPORT_KEYS}
+REPORT_KEYS = {f.report_key: f.name for f in STAT_FIELDS}
 
 # Attribute names set on the models (prefixed so they never clash with Megatron's).
 _CFG_ATTR = "_megatron_sed_cfg"
@@ -61,24 +65,11 @@ _logged = False
 
 
 def validate_megatron_lm_sed_args(args: argparse.Namespace) -> None:
-    """`validate_sed_args` plus what pretrain_gpt.py cannot do: the EMA-tracked tau
-    (per-batch quantiles need our trainer's loop), and calibrating with pipeline
-    parallelism or with a mask that has no threshold."""
+    """`validate_sed_args` (all the SED checks) plus what pretrain_gpt.py cannot do: the
+    EMA-tracked tau (its updates need megatron-sed-train's loss function)."""
     validate_sed_args(args)
     if getattr(args, "loss_type", "ce") != "sed":
         return
-    if args.sed_threshold is None and getattr(args, "sed_mask_ratio", None) is not None:
-        from megatron_sed.calibration import QUANTILE_SIDE
-
-        if args.sed_mask not in QUANTILE_SIDE:
-            raise ValueError(f"--sed-mask-ratio calibrates a threshold, but --sed-mask "
-                             f"{args.sed_mask} has none: use --sed-mask topk_mass or entropy")
-        if getattr(args, "pipeline_model_parallel_size", 1) > 1:
-            raise ValueError(
-                "--sed-mask-ratio (calibrating tau on held-out data) does not support pipeline "
-                "parallelism in pretrain_gpt.py (only the last stage has logits): pass "
-                "--sed-threshold (e.g. the tau a PP=1 run logs: 'calibrated SED threshold tau=...')"
-            )
     if getattr(args, "sed_threshold_update", "fixed") != "fixed":
         raise ValueError(
             "--sed-threshold-update ema is only available in megatron-sed's own trainer; "
@@ -124,10 +115,9 @@ def _check_after_parsing(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------- installer
 
 
-def _language_modules(model) -> List[torch.nn.Module]:
+def _language_modules(model) -> list[torch.nn.Module]:
     """Every Megatron-Core LanguageModule (GPTModel, ...) inside `model`: a module, a
     wrapper (DDP, Float16Module) or a list of virtual-pipeline chunks."""
-    from megatron.core.models.common.language_module.language_module import LanguageModule
 
     chunks = model if isinstance(model, (list, tuple)) else [model]
     found = []
@@ -150,22 +140,26 @@ def _sed_compute_language_model_loss(self, labels: torch.Tensor, logits: torch.T
     the output layer, [b, s] losses out, per-token stats stashed for `add_sed_report`.
     With multi-token prediction the MTP heads call this first and the main head last,
     so the stats left in the stash are the main head's."""
-    from megatron_sed.model.loss_hook import sed_language_model_loss
 
-    return sed_language_model_loss(self, labels, logits, getattr(self, _CFG_ATTR),
-                                   tp_group=_tp_group_of(self))
+    return sed_language_model_loss(
+        self, labels, logits, getattr(self, _CFG_ATTR), tp_group=_tp_group_of(self)
+    )
 
 
-def install_sed_loss(model, args: argparse.Namespace, forward_step: Optional[Callable] = None,
-                     datasets_provider: Optional[Callable] = None) -> int:
+def install_sed_loss(
+    model,
+    args: argparse.Namespace,
+    forward_step: Optional[Callable] = None,
+    datasets_provider: Optional[Callable] = None,
+) -> int:
     """Make the GPTModels in `model` compute SED when `args.loss_type == "sed"`.
 
     Opt-in (nothing happens for `--loss-type ce` or without the flag), idempotent (a
     second call with the same model returns at once), logged once. Replaces Megatron's
     CE and its fused variants (--cross-entropy-loss-fusion) on those models only.
-    With --sed-mask-ratio (and no --sed-threshold) the first call calibrates tau with
-    pretrain_gpt's `forward_step` and `datasets_provider` (see
-    megatron_sed.megatron_lm_calibration), or reuses the tau of the run it resumes.
+    The first call resolves tau (megatron_sed.megatron_lm.calibration): with
+    --sed-mask-ratio it calibrates with pretrain_gpt's `forward_step` and
+    `datasets_provider`, or reuses the tau of the run it resumes.
     Returns the number of modules that compute SED (0 for ce)."""
     global _logged
     if getattr(args, "loss_type", "ce") != "sed":
@@ -183,12 +177,11 @@ def install_sed_loss(model, args: argparse.Namespace, forward_step: Optional[Cal
             f"model ({type(model).__name__}); --loss-type sed needs a Megatron-Core GPTModel "
             "(not --use-legacy-models)"
         )
-    _set_config(targets, sed_config_from_args(args))
+    _set_config(targets, sed_config_from_args(args))  # the statistics calibration needs
     if outer is not None:
         object.__setattr__(outer, _TARGETS_ATTR, targets)
-    if args.sed_threshold is None and getattr(args, "sed_mask_ratio", None) is not None:
-        _calibrate(model, args, forward_step, datasets_provider)
-        _set_config(targets, sed_config_from_args(args))  # args.sed_threshold = tau now
+    state = _resolve_threshold(model, args, forward_step, datasets_provider)
+    _set_config(targets, sed_config_from_args(args, threshold=state.tau))
     cfg = getattr(targets[0], _CFG_ATTR)
     if not _logged:
         _logged = True
@@ -205,21 +198,20 @@ def install_sed_loss(model, args: argparse.Namespace, forward_step: Optional[Cal
 _calibrating = False
 
 
-def _calibrate(model, args, forward_step, datasets_provider) -> None:
+def _resolve_threshold(model, args, forward_step, datasets_provider):
     global _calibrating
-    from megatron_sed.megatron_lm_calibration import resolve_sed_threshold
-
     _calibrating = True
     try:
-        resolve_sed_threshold(args, model, forward_step, datasets_provider)
+        return resolve_sed_threshold(args, model, forward_step, datasets_provider)
     finally:
         _calibrating = False
 
 
 def install_loss_override(model, cfg: SEDConfig) -> None:
     """Make the GPTModel(s) in `model` compute SED with `cfg` through an instance override
-    of compute_language_model_loss (for megatron-core without GPTModel's output_processor
-    hook). Cheap to call on every forward: the modules are found once."""
+    of compute_language_model_loss (megatron-sed-train on megatron-core without
+    GPTModel's output_processor hook). Cheap to call on every forward: the modules are
+    found once."""
     outer = model if not isinstance(model, (list, tuple)) else None
     targets = outer.__dict__.get(_TARGETS_ATTR) if outer is not None else None
     if targets is None:
@@ -254,7 +246,6 @@ def _targets(model) -> Iterable[torch.nn.Module]:
 def add_sed_report(report: dict, loss_mask: torch.Tensor, model) -> dict:
     """Add the SED stats of the micro-batch `model` just ran to Megatron's report dict
     (in place; also returned). A no-op when the model computes plain CE."""
-    from megatron_sed.model.loss_hook import pop_sed_stats
 
     if not _targets(model):
         return report

@@ -57,8 +57,7 @@ def run_distributed(fn, world_size: int, *args) -> None:
     errors = ctx.SimpleQueue()
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, errors))
-        for r in range(world_size)
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, errors)) for r in range(world_size)
     ]
     for p in procs:
         p.start()

@@ -29,7 +29,10 @@ def build_local_hf_tokenizer(directory, with_template=True):
     )
     tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<|endoftext|>",
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        eos_token="<|endoftext|>",
         additional_special_tokens=["<|im_start|>", "<|im_end|>"],
     )
     if with_template:
@@ -40,9 +43,9 @@ def build_local_hf_tokenizer(directory, with_template=True):
 
 @dataclass
 class TinyLlama:
-    hf_dir: Path      # HF folder: config, safetensors, tokenizer
-    converted: Path   # megatron-sed-convert hf-to-mcore output (a "release" save dir)
-    data: str         # SFT data prefix tokenized with the model's tokenizer
+    hf_dir: Path  # HF folder: config, safetensors, tokenizer
+    converted: Path  # megatron-sed-convert hf-to-mcore output (a "release" save dir)
+    data: str  # SFT data prefix tokenized with the model's tokenizer
     seq_length: int = 128
 
 
@@ -83,12 +86,25 @@ def build_tiny_llama(root: Path, steps: int = 150, seed: int = 0) -> TinyLlama:
     build_local_hf_tokenizer(hf_dir)
     tok = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
     cfg = transformers.LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        rms_norm_eps=1e-5, tie_word_embeddings=False, rope_theta=10000.0, initializer_range=0.05,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+        initializer_range=0.05,
         # Llama-3.2's scaling (Megatron-Core hard-codes low/high/original = 1/4/8192)
-        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
     )
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(cfg)
@@ -110,7 +126,8 @@ def hf_reference_ce(hf_dir: Path, samples, dtype=None) -> float:
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(hf_dir), dtype=dtype or torch.float32).eval()
+        str(hf_dir), dtype=dtype or torch.float32
+    ).eval()
     total, count = 0.0, 0.0
     with torch.no_grad():
         for s in samples:
@@ -119,10 +136,14 @@ def hf_reference_ce(hf_dir: Path, samples, dtype=None) -> float:
                 if k < 0:
                     continue
                 idx = (seg == k).nonzero().flatten()
-                logits = model(s["tokens"][idx][None],
-                               position_ids=s["position_ids"][idx][None]).logits[0].double()
-                ce = torch.nn.functional.cross_entropy(logits, s["labels"][idx].clamp(min=0),
-                                                       reduction="none")
+                logits = (
+                    model(s["tokens"][idx][None], position_ids=s["position_ids"][idx][None])
+                    .logits[0]
+                    .double()
+                )
+                ce = torch.nn.functional.cross_entropy(
+                    logits, s["labels"][idx].clamp(min=0), reduction="none"
+                )
                 mask = s["loss_mask"][idx].double()
                 total += float((ce * mask).sum())
                 count += float(mask.sum())

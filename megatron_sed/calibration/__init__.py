@@ -1,0 +1,32 @@
+"""The SED threshold tau: quantile math (quantile.py), the calibration engine that runs
+held-out samples through a Megatron forward_step (engine.py), the per-run decision of which
+tau to use (resolve.py) and the EMA tracker (tracker.py). Shared by megatron-sed-train and
+the Megatron-LM glue."""
+
+from megatron_sed.calibration.engine import CalibrationResult, calibrate_with_forward_step, heldout_batches
+from megatron_sed.calibration.quantile import (
+    QUANTILE_SIDE,
+    exact_quantile,
+    fraction_below,
+    gather_variable_length,
+    quantile_level,
+    threshold_from_masses,
+)
+from megatron_sed.calibration.resolve import ThresholdState, is_resumed, resolve_threshold
+from megatron_sed.calibration.tracker import ThresholdEMA
+
+__all__ = [
+    "QUANTILE_SIDE",
+    "CalibrationResult",
+    "ThresholdEMA",
+    "ThresholdState",
+    "calibrate_with_forward_step",
+    "exact_quantile",
+    "fraction_below",
+    "gather_variable_length",
+    "heldout_batches",
+    "is_resumed",
+    "quantile_level",
+    "resolve_threshold",
+    "threshold_from_masses",
+]

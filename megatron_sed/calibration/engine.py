@@ -1,0 +1,182 @@
+"""The calibration engine: tau for --sed-mask-ratio from held-out samples run through a
+Megatron-style forward_step, so megatron-sed-train and the Megatron-LM glue feed the same
+steps (collect the statistic the mask thresholds -> gather over DP x CP -> quantile).
+
+The SED mask regularises token t when its top-k probability mass P_topk(t) < tau. The paper
+sets tau once before training: run the *initial* model over held-out SFT samples, collect
+P_topk of the supervised tokens and take the quantile at `ratio` (their cumsum_ratio 0.7 is
+ratio 0.3 here), so that a fraction `ratio` of supervised tokens is regularised. Here the
+statistic is the loss's own (same k, same vocab-parallel combination) and only supervised
+tokens count, the tokens the regulariser sees; see docs/method.md for how this differs from
+the authors' code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from torch.utils.data import default_collate
+
+from megatron_sed.calibration.quantile import QUANTILE_SIDE, quantile_level, threshold_from_masses
+from megatron_sed.model.loss_hook import pop_sed_stats
+
+
+@dataclass
+class CalibrationResult:
+    tau: float
+    ratio: float
+    top_k: int
+    num_samples: int
+    num_tokens: int
+    fraction_below: float
+    mask: str = "topk_mass"
+
+    @property
+    def fraction_selected(self) -> float:
+        """Share of the calibration tokens the mask selects at this tau (about `ratio`)."""
+        return self.fraction_below if QUANTILE_SIDE[self.mask] == "below" else 1.0 - self.fraction_below
+
+    def log_line(self) -> str:
+        what = f"top-{self.top_k} mass" if self.mask == "topk_mass" else "entropy"
+        return (
+            f" > calibrated SED threshold tau={self.tau:.6g} ({what}, --sed-mask-ratio "
+            f"{self.ratio:g}) on {self.num_tokens} supervised tokens of {self.num_samples} "
+            f"held-out samples: {100 * self.fraction_selected:.2f}% of them regularised"
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _comm_device(group) -> torch.device:
+    """Where an (empty) tensor must live to take part in a collective of `group`."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _rank_and_size(group) -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group=group), dist.get_world_size(group=group)
+    return 0, 1
+
+
+def heldout_batches(
+    dataset, num_steps: int, micro_batch_size: int, dp_rank: int, dp_size: int
+) -> Iterator[dict]:
+    """This DP rank's micro-batches of `dataset`, in Megatron's order: at step i, rows
+    i*dp*mbs + dp_rank*mbs + [0, mbs), collated like Megatron's DataLoader does. Rows past
+    the end wrap around (the caller masks them out): every rank runs every step."""
+
+    n = len(dataset)
+    for i in range(num_steps):
+        first = i * dp_size * micro_batch_size + dp_rank * micro_batch_size
+        items = [dataset[j % n] for j in range(first, first + micro_batch_size)]
+        # Keys a dataset fills with None (e.g. no attention mask) stay None, as get_batch expects.
+        yield {k: None if items[0][k] is None else default_collate([it[k] for it in items]) for k in items[0]}
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is True on some rank (an error on one rank must stop
+    all of them, not leave the others waiting in a collective)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=_comm_device(None))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def calibrate_with_forward_step(
+    args, model, forward_step: Callable, heldout: Callable[[int], object]
+) -> CalibrationResult:
+    """tau for --sed-mask-ratio from the first --sed-calibration-samples rows of the
+    held-out dataset `heldout(num_rows)` (it must hold at least that many rows; TP ranks
+    other than 0 may get None when the data comes to them through forward_step).
+
+    Each micro-batch runs through `forward_step(batches, model)` (Megatron's interface:
+    it returns the model output and `partial(loss_func, loss_mask, ...)`) in eval mode
+    without gradients; the model must compute SED, whose per-token statistics (popped
+    from megatron_sed.model.loss_hook) give the masked statistic of every supervised
+    token. Every data-parallel rank runs the same number of forwards (rows past the
+    requested samples are masked out, not skipped: a rank that skipped a forward would
+    leave the others waiting in its collectives). The quantile is exact over DP x CP.
+    Pipeline parallelism is refused when the flags are validated (megatron_sed.flags:
+    only the last stage has logits)."""
+
+    num_samples = int(args.sed_calibration_samples)
+    mbs = int(args.micro_batch_size)
+    if dist.is_initialized():
+        dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        gather_group = ps.get_data_parallel_group(with_context_parallel=True)
+        needs_data = ps.get_tensor_model_parallel_rank() == 0
+    else:
+        dp_rank, dp_size, gather_group, needs_data = 0, 1, None, True
+    num_steps = math.ceil(num_samples / (dp_size * mbs))
+    dataset = heldout(num_steps * dp_size * mbs)
+    have = len(dataset) if dataset is not None else 0
+    if _any_rank(needs_data and have < num_samples):
+        raise ValueError(
+            f"--sed-mask-ratio calibrates tau on --sed-calibration-samples {num_samples} held-out "
+            f"samples, but the validation data has {have}: give --split a validation part "
+            "(e.g. 98,2,0) or --valid-data-path, lower --sed-calibration-samples, or pass "
+            "--sed-threshold"
+        )
+    batches = heldout_batches(dataset, num_steps, mbs, dp_rank, dp_size) if dataset is not None else None
+
+    mask_kind = args.sed_mask
+    local = []
+    chunks = model if isinstance(model, list) else [model]
+    was_training = [m.training for m in chunks]
+    for m in chunks:
+        m.eval()
+    try:
+        for step in range(num_steps):
+            with torch.no_grad():
+                _, loss_fn = forward_step(batches, model)
+            loss_mask = loss_fn.args[0]  # forward_step returns partial(loss_func, loss_mask, ...)
+            stats = pop_sed_stats()
+            if stats is None:
+                raise RuntimeError("--sed-mask-ratio: the model did not compute SED during calibration")
+            values = stats[mask_kind]  # [s, b]
+            s, b = values.shape
+            keep = loss_mask.reshape(b, s).t().bool()
+            if b == mbs:  # drop rows past --sed-calibration-samples (not for packed THD batches)
+                first = step * dp_size * mbs + dp_rank * mbs
+                rows = torch.arange(first, first + b, device=keep.device) < num_samples
+                keep = keep & rows.view(1, b)
+            local.append(values[keep].float().reshape(-1))
+    finally:
+        for m, mode in zip(chunks, was_training):
+            m.train(mode)
+        _clear_moe_aux_losses()
+    masses = torch.cat(local) if local else torch.zeros(0, device=_comm_device(gather_group))
+    tau, n_tok, below = threshold_from_masses(
+        masses, quantile_level(mask_kind, args.sed_mask_ratio), gather_group
+    )
+    return CalibrationResult(
+        tau=tau,
+        ratio=float(args.sed_mask_ratio),
+        top_k=int(args.sed_top_k),
+        num_samples=num_samples,
+        num_tokens=n_tok,
+        fraction_below=below,
+        mask=mask_kind,
+    )
+
+
+def _clear_moe_aux_losses() -> None:
+    """MoE layers record aux losses on every forward; the calibration forwards must not
+    show up in the first iteration's logged values."""
+    try:
+        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker  # noqa: PLC0415 (absent in some megatron-core versions)
+    except ImportError:
+        return
+    try:
+        clear_aux_losses_tracker()
+    except Exception:  # no tracker yet (dense model): nothing recorded
+        pass
