@@ -54,7 +54,8 @@ def ensure_slurm(timeout: float = 300) -> tuple[Optional[str], float]:
     return ensure_packages(DAEMONS, ("slurm-wlm", "munge"), timeout)
 
 
-def common_conf(root: Path, munge_socket: Path, slurmd_timeout: int = 30, message_timeout: int = 10) -> str:
+def common_conf(root: Path, munge_socket: Path, slurmd_timeout: int = 30, message_timeout: int = 10,
+                kill_wait: int = 5) -> str:
     """The slurm.conf lines every test cluster shares (auth, plugins, scheduling).
 
     proctrack/pgid, not linuxproc: linuxproc follows parent links, so it loses a killed
@@ -65,7 +66,9 @@ def common_conf(root: Path, munge_socket: Path, slurmd_timeout: int = 30, messag
     signals as a whole (as proctrack/cgroup, the usual production choice, signals the
     task's cgroup). `slurmd_timeout` / `message_timeout`: how soon slurmctld declares a
     silent node DOWN (about 2-3 x MessageTimeout after its last answer, at least
-    SlurmdTimeout)."""
+    SlurmdTimeout). `kill_wait`: SIGTERM to SIGKILL when SLURM ends a step (30 s by
+    default): processes that ignore SIGTERM, like the checkpoint writer's helper, hold a
+    finished step that long."""
     return f"""\
 SlurmUser=root
 SlurmdUser=root
@@ -83,7 +86,7 @@ SchedulerType=sched/backfill
 MpiDefault=none
 ReturnToService=2
 JobRequeue=1
-KillWait=5
+KillWait={kill_wait}
 MinJobAge=300
 InactiveLimit=0
 SlurmctldTimeout=30

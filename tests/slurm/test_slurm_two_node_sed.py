@@ -29,7 +29,9 @@ masks are then shifted and its losses differ from an uninterrupted run by ~1e-4 
 TP 1 and TP 2, with hidden dropout off they match, with attention dropout off they match
 bit for bit). On GPUs the attention dropout draws from the tracker's CUDA generator.
 
-Wall time on this 2-core machine: ~3 minutes for the four (printed with -s).
+Wall time on this 2-core machine: 158 s for the module when it is quiet, 235 s when other
+work loads it (times printed with -s; docs/slurm.md lists them). Test E (a hung rank,
+opt-in: SED_SLURM_HANG_TEST=1) adds ~90 s.
 """
 
 from __future__ import annotations
@@ -215,7 +217,7 @@ def test_B_killed_rank_fails_the_job_fast_naming_it(two_nodes, tmp_path):
           f"(after iteration {done}); job {info.get('JobState')} {dt:.1f} s later")
     assert info["JobState"] == "FAILED", f"{info}\n{log[-6000:]}"
     # Bounded: the survivor's collective fails as soon as the peer's socket is reset, srun
-    # (--kill-on-bad-exit) ends the step; KillWait (5 s here, 30 s by default) for the rest.
+    # (--kill-on-bad-exit) ends the step; KillWait (2 s here, 30 s by default) for the rest.
     assert dt < 30, f"{dt:.1f} s from the kill to FAILED\n{log[-6000:]}"
     assert re.search(rf"srun: error: {c.nodes[1]}: task 1: Killed", log), log[-6000:]
     peer = [x for x in log.splitlines() if c.addrs[1] in x and "by peer" in x]

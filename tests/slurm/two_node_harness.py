@@ -19,7 +19,7 @@ What it builds (everything is torn down by `stop()`, also after a failed `start(
 - shared storage: the test's temp dir (one filesystem, visible in every namespace);
 - a node that stops answering is declared DOWN within about 10 s (SlurmdTimeout=5,
   MessageTimeout=3; production defaults are minutes), so a killed node (`kill_node`)
-  fails or requeues its job quickly; `restart_slurmd` brings it back.
+  fails or requeues its job quickly; `restart_slurmd` brings it back. KillWait=2.
 
 Client commands (sbatch, scontrol, ...) run inside namespace 1 (`client_argv`), the only
 place besides namespace 2 where the cluster's addresses exist. Names are NodeNames only;
@@ -144,7 +144,7 @@ SrunPortRange=60001-60999
 SlurmdSpoolDir={self.root}/spool/%n
 SlurmdPidFile={self.root}/slurmd.%n.pid
 SlurmdLogFile={self.root}/log/slurmd.%n.log
-{common_conf(self.root, self.munge_socket, slurmd_timeout=5, message_timeout=3)}\
+{common_conf(self.root, self.munge_socket, slurmd_timeout=5, message_timeout=3, kill_wait=2)}\
 {nodes}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 """)
