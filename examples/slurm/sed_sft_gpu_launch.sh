@@ -58,6 +58,11 @@ LOSS_TYPE="${LOSS_TYPE:-sed}"
 SED_COEF="${SED_COEF:-1.0}"; SED_TOP_K="${SED_TOP_K:-2}"
 SED_THRESHOLD="${SED_THRESHOLD:-}"     # empty: calibrate tau with SED_MASK_RATIO (needs PP=1 with megatron-lm)
 SED_MASK_RATIO="${SED_MASK_RATIO:-0.3}"
+# A collective that waits longer than this fails the job (a rank that hangs without dying:
+# a stuck node, a wedged GPU). A rank that dies fails it at once (srun --kill-on-bad-exit).
+# Must exceed the longest wait of a healthy job: ranks wait for the slowest writer of a
+# checkpoint save or load. Megatron's default is 10 minutes.
+DIST_TIMEOUT_MIN="${DIST_TIMEOUT_MIN:-5}"
 
 # ---- NCCL (InfiniBand clusters; override per site)
 export NCCL_IB_TIMEOUT="${NCCL_IB_TIMEOUT:-22}"
@@ -94,6 +99,7 @@ esac
 # job), else --pretrained-checkpoint INIT_CKPT with fine-tuning semantics (weights only,
 # iteration 0). A preemption signal saves on every rank (--exit-signal-handler).
 common+=(--load "$CKPT_DIR" --exit-signal-handler --exit-signal SIGUSR1)
+common+=(--distributed-timeout-minutes "$DIST_TIMEOUT_MIN")
 [ -n "$INIT_CKPT" ] && common+=(--pretrained-checkpoint "$INIT_CKPT")
 [ -n "$TOKENIZER_MODEL" ] && common+=(--tokenizer-type HuggingFaceTokenizer --tokenizer-model "$TOKENIZER_MODEL")
 

@@ -13,6 +13,7 @@ Packed sequences on CPU are expressed as a block-diagonal mask (see
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -102,28 +103,45 @@ class SDPACoreAttention(MegatronModule):
             sdpa_mask = ~masked  # SDPA: True = may attend
             causal = False
         dropout_p = self.dropout_p if self.training else 0.0
-        if dropout_p > 0.0 and q.is_cuda and not self.config.sequence_parallel:
-            # Like DotProductAttention: heads differ per TP rank, so use the TP-rank RNG.
-
-            with tensor_parallel.get_cuda_rng_tracker().fork():
-                ctx = F.scaled_dot_product_attention(
-                    q,
-                    k,
-                    v,
-                    attn_mask=sdpa_mask,
-                    dropout_p=dropout_p,
-                    is_causal=causal,
-                    scale=self.softmax_scale,
-                )
-        else:
+        if dropout_p == 0.0:
             ctx = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=sdpa_mask,
-                dropout_p=dropout_p,
-                is_causal=causal,
-                scale=self.softmax_scale,
+                q, k, v, attn_mask=sdpa_mask, is_causal=causal, scale=self.softmax_scale
             )
+        else:
+            # Like DotProductAttention: heads differ per TP rank, so the dropout mask comes
+            # from the TP-rank RNG of Megatron's tracker (not under sequence parallelism).
+            tracker = tensor_parallel.get_cuda_rng_tracker()
+            fork = not self.config.sequence_parallel and tracker.is_initialized()
+            with tracker.fork() if fork else contextlib.nullcontext():
+                if q.is_cuda:  # SDPA's fused dropout draws from the CUDA generator
+                    ctx = F.scaled_dot_product_attention(
+                        q,
+                        k,
+                        v,
+                        attn_mask=sdpa_mask,
+                        dropout_p=dropout_p,
+                        is_causal=causal,
+                        scale=self.softmax_scale,
+                    )
+                else:
+                    ctx = _attention_with_dropout(q, k, v, sdpa_mask, causal, self.softmax_scale, dropout_p)
         # [b, n, sq, d] -> [sq, b, n*d]
         return ctx.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+
+
+def _attention_with_dropout(q, k, v, allowed: Optional[Tensor], causal: bool, scale: float, p: float):
+    """softmax(q k^T * scale) with dropout, then @ v, spelled out. On CPU, SDPA's dropout
+    draws from torch's CPU generator, which no RNG tracker controls and which Megatron
+    itself draws from after restoring it from a checkpoint (the data loaders' seeds), so a
+    resumed run would get other masks. `F.dropout` here draws from the generator the
+    tracker forks (on the CPU backend: megatron_sed.backend.cpu's "CUDA" generator), as
+    Megatron's DotProductAttention does."""
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if causal:
+        sq, sk = scores.shape[-2:]
+        future = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu_(sk - sq + 1)
+        scores = scores.masked_fill(future, float("-inf"))
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = F.dropout(torch.softmax(scores, dim=-1), p=p, training=True)
+    return torch.matmul(probs, v)

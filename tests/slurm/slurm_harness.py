@@ -54,8 +54,22 @@ def ensure_slurm(timeout: float = 300) -> tuple[Optional[str], float]:
     return ensure_packages(DAEMONS, ("slurm-wlm", "munge"), timeout)
 
 
-def common_conf(root: Path, munge_socket: Path) -> str:
-    """The slurm.conf lines every test cluster shares (auth, plugins, scheduling)."""
+def common_conf(
+    root: Path, munge_socket: Path, slurmd_timeout: int = 30, message_timeout: int = 10, kill_wait: int = 5
+) -> str:
+    """The slurm.conf lines every test cluster shares (auth, plugins, scheduling).
+
+    proctrack/pgid, not linuxproc: linuxproc follows parent links, so it loses a killed
+    rank's helper processes (Megatron's checkpoint writer, multiprocessing's resource
+    tracker) once they are reparented to init; they keep the task's stdout open and
+    slurmstepd then waits 60 s for that I/O before it gives up, so a lost rank would end
+    the job a minute late. Those helpers stay in the task's process group, which pgid
+    signals as a whole (as proctrack/cgroup, the usual production choice, signals the
+    task's cgroup). `slurmd_timeout` / `message_timeout`: how soon slurmctld declares a
+    silent node DOWN (about 2-3 x MessageTimeout after its last answer, at least
+    SlurmdTimeout). `kill_wait`: SIGTERM to SIGKILL when SLURM ends a step (30 s by
+    default): processes that ignore SIGTERM, like the checkpoint writer's helper, hold a
+    finished step that long."""
     return f"""\
 SlurmUser=root
 SlurmdUser=root
@@ -65,7 +79,7 @@ CredType=cred/munge
 StateSaveLocation={root}/state
 SlurmctldPidFile={root}/slurmctld.pid
 SlurmctldLogFile={root}/log/slurmctld.log
-ProctrackType=proctrack/linuxproc
+ProctrackType=proctrack/pgid
 TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
@@ -73,11 +87,12 @@ SchedulerType=sched/backfill
 MpiDefault=none
 ReturnToService=2
 JobRequeue=1
-KillWait=5
+KillWait={kill_wait}
 MinJobAge=300
 InactiveLimit=0
 SlurmctldTimeout=30
-SlurmdTimeout=30
+SlurmdTimeout={slurmd_timeout}
+MessageTimeout={message_timeout}
 JobCompType=jobcomp/none
 AccountingStorageType=accounting_storage/none
 """
@@ -226,6 +241,35 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
                 k, v = tok.split("=", 1)
                 fields[k] = v
         return fields
+
+    def wait_restarted(self, job_id: int, timeout: float = 90) -> dict:
+        """Wait until a requeued job runs again (Restarts > 0, RUNNING or done); returns its state.
+
+        SLURM holds a requeued job for ~2 minutes (BeginTime); this releases it early, but
+        not within the second of the requeue: slurmd revokes the killed run's job credential
+        with 1-second resolution, and a relaunch in that same second fails the job at launch
+        (seen in CI: FAILED, ExitCode 1:0, RunTime 0). It also waits for the nodes to be idle
+        again (the killed run's steps cleaned up)."""
+        deadline = time.monotonic() + timeout
+        held_since = None
+        while True:
+            state = self.job_state(job_id)
+            if state.get("Restarts", "0") != "0" and state.get("JobState") in (
+                "RUNNING",
+                "COMPLETED",
+                "FAILED",
+                "CANCELLED",
+            ):
+                return state
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"job {job_id} not requeued and restarted after {timeout} s: {state}\n{self.logs()}"
+                )
+            if state.get("JobState") == "PENDING" and state.get("Reason") == "BeginTime":
+                held_since = held_since or time.monotonic()
+                if time.monotonic() - held_since > 2.5 and self.node_idle():
+                    self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
+            time.sleep(0.3)
 
     def wait_job(
         self,

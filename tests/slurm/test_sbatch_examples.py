@@ -74,6 +74,7 @@ def test_gpu_dry_run_our_trainer(script, tp, tmp_path):
     assert _flag(cmd, "--pretrained-checkpoint") == "/ckpt/base"
     assert _flag(cmd, "--save") == str(tmp_path / "checkpoints")
     assert "--exit-signal-handler" in cmd and _flag(cmd, "--exit-signal") == "SIGUSR1"
+    assert _flag(cmd, "--distributed-timeout-minutes") == "5"  # a hung rank fails the job
     assert cmd[-2:] == ["--lr", "3e-5"]  # "$@" last, so it wins over the defaults
 
     cmd = _cmd(
@@ -82,6 +83,8 @@ def test_gpu_dry_run_our_trainer(script, tp, tmp_path):
     assert _flag(cmd, "--fp8-format") == "hybrid" and _flag(cmd, "--sed-threshold") == "0.9"
     assert "--sed-mask-ratio" not in cmd and _flag(cmd, "--train-iters") == "10"
     assert "--pretrained-checkpoint" not in cmd
+    cmd = _cmd(_dry(script, RUN_DIR=str(tmp_path), DIST_TIMEOUT_MIN="20", **nodes))
+    assert _flag(cmd, "--distributed-timeout-minutes") == "20"
 
 
 @pytest.mark.parametrize("script", GPU)
@@ -114,7 +117,60 @@ def test_cpu_dry_run(tmp_path):
     assert _flag(cmd, "--loss-type") == "sed" and _flag(cmd, "--exit-signal") == "SIGUSR1"
     assert _flag(cmd, "--tensor-model-parallel-size") == "2"
     assert _flag(cmd, "--load") == _flag(cmd, "--save") == str(tmp_path / "checkpoints")
+    assert _flag(cmd, "--distributed-timeout-minutes") == "2"
     assert cmd[-2:] == ["--seed", "7"]
+
+
+def _report(ckpt):
+    lib = EXAMPLES / "lib" / "requeue.sh"
+    res = subprocess.run(
+        ["bash", "-c", f'source "{lib}"; sed_checkpoint_report "$0"', str(ckpt)],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    return res.stdout, res.stderr
+
+
+def test_checkpoint_report(tmp_path):
+    """lib/requeue.sh's sed_checkpoint_report (run before every launch): what --load finds."""
+    ckpt = tmp_path / "checkpoints"
+    out, _ = _report(ckpt)  # no directory yet: silent
+    assert out == ""
+    ckpt.mkdir()
+    out, _ = _report(ckpt)
+    assert "no complete checkpoint" in out and "starts at iteration 0" in out
+    for it, files in (
+        (4, ["__0_0.distcp", "__1_0.distcp", ".metadata", "metadata.json"]),
+        (8, ["__1_0.distcp"]),
+    ):
+        d = ckpt / f"iter_{it:07d}"
+        d.mkdir()
+        for f in files:
+            (d / f).write_text("x")
+    # a save of iteration 8 that never finished: Megatron did not write the tracker
+    out, _ = _report(ckpt)
+    assert "iter_0000004 is incomplete" in out and "iter_0000008 is incomplete" in out
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("4\n")
+    out, err = _report(ckpt)
+    lines = out.splitlines()
+    assert len(lines) == 2 and err == ""
+    assert (
+        "checkpoint iter_0000008 is incomplete (a save that did not finish, 1 file(s); the tracker names 4)"
+        in lines[0]
+    )
+    assert "--load ignores it" in lines[0]
+    assert lines[1].endswith("last complete checkpoint: iteration 4: --load resumes there")
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("8")
+    (ckpt / "iter_0000008" / "metadata.json").write_text("x")
+    out, _ = _report(ckpt)
+    assert out.splitlines()[-1].endswith("iteration 8: --load resumes there") and "incomplete" not in out
+    (ckpt / "iter_0000008" / "metadata.json").unlink()
+    _, err = _report(ckpt)
+    assert "no metadata.json" in err
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("12")
+    _, err = _report(ckpt)
+    assert "iter_0000012 does not exist" in err
 
 
 def test_megatron_lm_example_syntax():

@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_harness import SlurmCluster, ensure_slurm
+
+from tests.slurm.slurm_harness import SlurmCluster, ensure_slurm
 
 REPO = Path(__file__).resolve().parents[2]
 SBATCH = REPO / "examples" / "slurm" / "sed_sft_cpu.sbatch"
@@ -76,25 +77,7 @@ def test_cpu_example_preempted_requeued_resumes_and_finishes(cluster, tmp_path):
 
     # Preempt: the signal --signal=B:USR1@60 would send before the time limit.
     cluster.run(["scancel", "--signal=USR1", "--batch", str(job)])
-    deadline = time.monotonic() + 90
-    held_since = None
-    while True:
-        state = cluster.job_state(job)
-        if state.get("Restarts", "0") != "0" and state.get("JobState") in ("RUNNING", "COMPLETED"):
-            break
-        assert time.monotonic() < deadline, (
-            f"job not requeued and restarted: {state}\n{out.read_text()}\n{cluster.logs()}"
-        )
-        if state.get("JobState") == "PENDING" and state.get("Reason") == "BeginTime":
-            # SLURM holds a requeued job for ~2 minutes (BeginTime); release it early, but not
-            # within the second of the requeue: slurmd revokes the killed run's job credential
-            # with 1-second resolution, and a relaunch in that same second fails the job at
-            # launch (seen in CI: FAILED, ExitCode 1:0, RunTime 0). Also wait for the node to
-            # be idle again (the killed run's steps cleaned up).
-            held_since = held_since or time.monotonic()
-            if time.monotonic() - held_since > 2.5 and cluster.node_idle():
-                cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
-        time.sleep(0.5)
+    cluster.wait_restarted(job, timeout=90)  # releases SLURM's requeue hold (BeginTime) early
     info = cluster.wait_job(job, timeout=240)
     log = out.read_text()
     assert info["JobState"] == "COMPLETED", f"{info}\n{log}\n{cluster.logs()}"

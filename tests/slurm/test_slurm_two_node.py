@@ -10,7 +10,7 @@ Then that the namespaces and the veth pair are gone.
 
 Needs root, iproute2 (apt-installed when missing), namespaces from the kernel and
 slurm-wlm + munge (apt-installed when missing); skips with the reason otherwise, or with
-SLURM_TEST_SKIP=1.
+SLURM_TEST_SKIP=1. The cluster is conftest.py's `two_nodes` fixture.
 """
 
 from __future__ import annotations
@@ -21,45 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-from slurm_harness import ensure_slurm
-from two_node_harness import TwoNodeCluster, two_node_skip_reason
-
 REPO = Path(__file__).resolve().parents[2]
 SBATCH = Path(__file__).with_name("two_node_allreduce.sbatch")
-# What the job must decide for itself, not inherit from the test's environment.
-INHERITED = ("MASTER_ADDR", "MASTER_PORT", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "SED_SOCKET_IFNAME")
-
-
-@pytest.fixture(scope="module")
-def two_nodes(tmp_path_factory):
-    if os.environ.get("SLURM_TEST_SKIP") == "1":
-        pytest.skip("SLURM_TEST_SKIP=1")
-    reason, seconds = two_node_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    print(f"\niproute2 install: {seconds:.1f} s")
-    reason, seconds = ensure_slurm()
-    if reason:
-        pytest.skip(reason)
-    print(f"slurm-wlm/munge install: {seconds:.1f} s")
-    c = TwoNodeCluster(tmp_path_factory.mktemp("slurm2"), cpus=1)
-    for k in list(c.env):
-        if k in INHERITED or (k.startswith("SLURM_") and k != "SLURM_CONF"):
-            del c.env[k]
-    t = time.monotonic()
-    try:
-        c.start(timeout=60)
-        print(
-            f"two-node cluster up: {time.monotonic() - t:.1f} s ({c.netns[0]} {c.addrs[0]}, "
-            f"{c.netns[1]} {c.addrs[1]}, UTS hostnames: {c.uts})"
-        )
-        yield c
-    finally:
-        t = time.monotonic()
-        c.stop()
-        print(f"two-node cluster down: {time.monotonic() - t:.1f} s")
-    assert c.leftovers() == [], f"namespaces/veth left behind: {c.leftovers()}"
 
 
 def test_two_node_sbatch_gloo_all_reduce(two_nodes, tmp_path):

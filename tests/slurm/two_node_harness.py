@@ -16,7 +16,10 @@ What it builds (everything is torn down by `stop()`, also after a failed `start(
 - `munged` in the host namespace: its socket is a file in the temp dir, and a unix socket
   path is reachable from every network namespace, so both slurmds and every client share
   one munged and one key;
-- shared storage: the test's temp dir (one filesystem, visible in every namespace).
+- shared storage: the test's temp dir (one filesystem, visible in every namespace);
+- a node that stops answering is declared DOWN within about 10 s (SlurmdTimeout=5,
+  MessageTimeout=3; production defaults are minutes), so a killed node (`kill_node`)
+  fails or requeues its job quickly; `restart_slurmd` brings it back. KillWait=2.
 
 Client commands (sbatch, scontrol, ...) run inside namespace 1 (`client_argv`), the only
 place besides namespace 2 where the cluster's addresses exist. Names are NodeNames only;
@@ -37,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from slurm_harness import SlurmCluster, common_conf, ensure_packages, total_memory_mb
+from tests.slurm.slurm_harness import SlurmCluster, common_conf, ensure_packages, total_memory_mb
 
 NODE_NAMES = ("sednode1", "sednode2")
 
@@ -155,7 +158,7 @@ SrunPortRange=60001-60999
 SlurmdSpoolDir={self.root}/spool/%n
 SlurmdPidFile={self.root}/slurmd.%n.pid
 SlurmdLogFile={self.root}/log/slurmd.%n.log
-{common_conf(self.root, self.munge_socket)}\
+{common_conf(self.root, self.munge_socket, slurmd_timeout=5, message_timeout=3, kill_wait=2)}\
 {nodes}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 """)
@@ -180,6 +183,50 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
 
     def client_argv(self, argv) -> list:
         return self.in_node(0, argv)
+
+    # -- faults
+    def node_pids(self, i: int) -> list[int]:
+        """Every process in node i's network namespace: its slurmd, job steps, ranks, helpers."""
+        res = _sh(["ip", "netns", "pids", self.netns[i]])
+        return [int(p) for p in res.stdout.split() if p.isdigit()]
+
+    def rank_pids(self, i: int, marker: str = "megatron_sed.train") -> list[int]:
+        """The training ranks on node i: processes whose command line holds `marker` and whose
+        parent is slurmstepd (lib/rank.sh execs the trainer, so the task *is* the rank; its
+        own children, e.g. the checkpoint writer's helpers, are not ranks)."""
+        out = []
+        for pid in self.node_pids(i):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                parent = Path(f"/proc/{ppid}/comm").read_text().strip()
+            except (OSError, ValueError, IndexError):
+                continue
+            if marker in cmd and parent.startswith("slurmstepd"):
+                out.append(pid)
+        return out
+
+    def kill_node(self, i: int) -> list[int]:
+        """Node i dies: SIGKILL every process in its namespace (slurmd, slurmstepd, ranks and
+        their helpers) at once; the namespace, its address and the shared files remain, so
+        peers see their connections reset, and slurmctld sees a node that no longer answers."""
+        pids = self.node_pids(i)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc = self.procs.get(f"slurmd-{self.nodes[i]}")
+        if proc is not None:
+            proc.wait(timeout=10)
+        return pids
+
+    def restart_slurmd(self, i: int, timeout: float = 60):
+        """Start node i's slurmd again (a node back from a reboot) and wait until both nodes are
+        idle (ReturnToService=2 returns a DOWN node to service when it registers)."""
+        n = self.nodes[i]
+        self._spawn(f"slurmd-{n}", self.in_node(i, ["slurmd", "-D", "-N", n, "-f", self.conf], n))
+        self._wait(self.node_idle, timeout, f"{n} to be idle again")
 
     # -- teardown
     def stop(self):

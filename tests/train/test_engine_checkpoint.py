@@ -41,22 +41,26 @@ def _flags(tmp, *extra):
     ids=["tp2_distopt", "dp2_overlap_param_gather"],
 )
 def test_stop_after_save_then_load_continues_identically(tmp_path, layout):
-    """Uninterrupted 6 iterations vs. --exit-interval 3 (saves, exits) then --load: the
-    resumed iterations 4-6 equal the uninterrupted ones exactly (same data position,
-    weights, Adam state and step count, scheduler, RNG). With --overlap-param-gather the
+    """6 iterations saving at 3 and 6 vs. a new job that loads iteration 3 (--ckpt-step):
+    its iterations 4-6 equal the uninterrupted ones exactly (same data position, weights,
+    Adam state and step count, scheduler, RNG: hidden and attention dropout are on, so the
+    tracker's per-TP-rank states must come back). With --overlap-param-gather the
     parameters are gathered lazily in the next forward; a checkpoint saved without forcing
-    that gather would hold iteration N-1's weights for the other shards' parameters."""
-    straight = train(tmp_path, "straight", 2, _flags(tmp_path, *layout))
+    that gather would hold iteration N-1's weights for the other shards' parameters. (A job
+    that stops after its save, --exit-interval, is the requeue test below.)"""
+    dropout = ["--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
     ck = tmp_path / "ck"
-    first = train(
+    straight = train(
         tmp_path,
-        "first",
+        "straight",
         2,
-        _flags(tmp_path, *layout, "--save", str(ck), "--save-interval", "100", "--exit-interval", "3"),
+        _flags(tmp_path, *layout, *dropout, "--save", str(ck), "--save-interval", "3"),
     )
-    assert [r["iteration"] for r in first.records] == [1, 2, 3]
-    assert (ck / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
-    resumed = train(tmp_path, "resumed", 2, _flags(tmp_path, *layout, "--load", str(ck)))
+    assert [r["iteration"] for r in straight.records] == [1, 2, 3, 4, 5, 6]
+    assert (ck / "iter_0000003").is_dir()
+    resumed = train(
+        tmp_path, "resumed", 2, _flags(tmp_path, *layout, *dropout, "--load", str(ck), "--ckpt-step", "3")
+    )
     assert [r["iteration"] for r in resumed.records] == [4, 5, 6]
     worst = assert_close(straight, resumed, KEYS, atol=0.0, iterations=[4, 5, 6])
     assert worst == 0.0
