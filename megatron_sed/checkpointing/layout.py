@@ -59,12 +59,19 @@ def has_checkpoint(root: str | os.PathLike | None) -> bool:
     return bool(root) and (Path(root) / TRACKER).is_file()
 
 
-def resolve_dist_ckpt_dir(path: str | os.PathLike) -> Path:
+def resolve_dist_ckpt_dir(path: str | os.PathLike, iteration: Optional[int] = None) -> Path:
     """The directory holding `.metadata` for a --load style path: a save dir with a
-    tracker file (-> release/ or iter_NNNNNNN/), or the checkpoint directory itself."""
+    tracker file (-> release/ or iter_NNNNNNN/), or the checkpoint directory itself.
+    `iteration` (Megatron's --ckpt-step) picks that iteration of a save dir instead of the
+    tracker's, as Megatron's loader does."""
     path = Path(path)
     if (path / ".metadata").is_file():
         return path
+    if iteration:
+        sub = iteration_dir(path, int(iteration))
+        if (sub / ".metadata").is_file():
+            return sub
+        raise FileNotFoundError(f"--ckpt-step {iteration}: {sub} is not a torch_dist checkpoint")
     tracker = path / TRACKER
     tag = read_tracker(path)
     if tag is not None:
@@ -107,9 +114,10 @@ def read_common_state(ckpt_dir: str | os.PathLike) -> dict:
     return state
 
 
-def read_checkpoint_args(path: str | os.PathLike):
-    """Megatron's `args` saved with the checkpoint of a --load style path (None if none)."""
-    args = read_common_state(resolve_dist_ckpt_dir(path)).get("args")
+def read_checkpoint_args(path: str | os.PathLike, iteration: Optional[int] = None):
+    """Megatron's `args` saved with the checkpoint of a --load style path (None if none);
+    `iteration`: see resolve_dist_ckpt_dir."""
+    args = read_common_state(resolve_dist_ckpt_dir(path, iteration)).get("args")
     return args if args is not None and hasattr(args, "__dict__") else None
 
 

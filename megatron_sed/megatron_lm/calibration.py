@@ -40,7 +40,7 @@ def _saved_state(args) -> Optional[dict]:
     if not is_resumed(args):
         return None
     try:
-        saved = read_checkpoint_args(args.load)
+        saved = read_checkpoint_args(args.load, getattr(args, "ckpt_step", None))
     except (FileNotFoundError, ValueError):
         return None
     return getattr(saved, "sed_threshold_state", None)

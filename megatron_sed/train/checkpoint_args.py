@@ -90,7 +90,7 @@ def apply_checkpoint_args(args: argparse.Namespace, given: set) -> Optional[argp
     src = checkpoint_source(args)
     if src is None:
         return None
-    saved = read_checkpoint_args(src)
+    saved = read_checkpoint_args(src, getattr(args, "ckpt_step", None))
     _loaded.update(path=str(src), args=saved)
     if saved is None:
         return None

@@ -217,7 +217,57 @@ def _dist_worker(rank, world_size, ref_tau, num_tokens):
         assert ema.update(empty_or_local, dp_group) == pytest.approx(expected, abs=1e-12)
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [2, pytest.param(4, marks=pytest.mark.world4)])
 def test_calibration_distributed_equals_single_process(world_size):
     ref_tau, ref_mass = _reference_tau()
     run_distributed(_dist_worker, world_size, ref_tau, ref_mass.numel())
+
+
+def _resolve_args(**kw):
+    base = dict(
+        loss_type="sed",
+        sed_threshold=None,
+        sed_mask_ratio=0.3,
+        load=None,
+        iteration=0,
+        finetune=False,
+    )
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_resolve_threshold_precedence():
+    """The one rule megatron-sed-train and the Megatron-LM glue share: CE -> none;
+    --sed-threshold wins; a resumed run keeps its checkpoint's tau; a resumed run whose
+    checkpoint has none stops; --finetune and fresh runs calibrate; else the default."""
+    from megatron_sed.calibration import CalibrationResult, resolve_threshold
+    from megatron_sed.flags import DEFAULT_SED_THRESHOLD
+
+    calls = []
+
+    def calibrate():
+        calls.append(1)
+        return CalibrationResult(0.42, 0.3, 2, 8, 100, 0.3)
+
+    saved = {"tau": 0.77, "source": "ema", "ema": {"tau": 0.77}}
+    resumed = dict(load="ck", iteration=5)
+
+    args = _resolve_args(sed_threshold=0.5, **resumed)
+    assert resolve_threshold(args, saved, calibrate).tau == 0.5 and not calls
+    assert args.sed_threshold_state["source"] == "--sed-threshold"
+
+    args = _resolve_args(**resumed)
+    state = resolve_threshold(args, saved, calibrate)
+    assert (state.tau, state.source, state.ema) == (0.77, "ema", {"tau": 0.77}) and not calls
+
+    with pytest.raises(ValueError, match="holds no SED threshold.*--sed-threshold.*--finetune"):
+        resolve_threshold(_resolve_args(**resumed), None, calibrate)
+
+    args = _resolve_args(finetune=True, **resumed)
+    state = resolve_threshold(args, saved, calibrate)
+    assert (state.tau, state.source, len(calls)) == (0.42, "calibrated", 1)
+    assert args.sed_threshold_state["calibration"]["num_tokens"] == 100
+
+    assert resolve_threshold(_resolve_args(), None, calibrate).tau == 0.42 and len(calls) == 2
+    assert resolve_threshold(_resolve_args(sed_mask_ratio=None), None, calibrate).tau == DEFAULT_SED_THRESHOLD
+    assert resolve_threshold(_resolve_args(loss_type="ce"), saved, calibrate).source == "ce"
+    assert len(calls) == 2

@@ -144,7 +144,7 @@ def _all_checks(rank, world):
     _check_ce_equals_megatron(rank, world)
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("world", [1, 2, pytest.param(4, marks=pytest.mark.world4)])
 def test_tensor_parallel_sed_loss(world):
     """float64/float32/bf16 vs the reference, one collective, bitwise-identical stats on
     all ranks; coef=0 and mask='none' equal Megatron's vocab_parallel_cross_entropy."""

@@ -1,7 +1,7 @@
 """--sed-mask-ratio in megatron-sed-train: tau calibrated in the first forward_step on the
 first --sed-calibration-samples held-out SFT samples (counted as samples although training
 packs several per sequence), exact under data parallelism, reused on resume,
-recalibrated on --finetune, overridden by --sed-threshold; --sed-threshold-update ema
+recalibrated on --finetune; --sed-threshold-update ema
 tracks it per global batch and resumes on the same trajectory."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers.engine import RUN, TINY_MODEL, synthetic_flags, train
+from tests.helpers.engine import RUN, TINY_MODEL, assert_close, synthetic_flags, train
 
 N = 5  # odd: at DP 2 x micro-batch 2 the second step's rows 7, 8 are padding
 
@@ -79,16 +79,27 @@ def _reference(llama):
 
 
 def test_calibration_is_exact_and_the_same_at_dp1_and_dp2(tiny_llama, tmp_path):
+    """tau equals transformers' float64 quantile at DP 1 and DP 2. The same runs train two
+    iterations with --calculate-per-token-loss, which normalises by the supervised tokens
+    of the whole global batch: Megatron's DDP must then not divide the gradients by the DP
+    size as well (a double division would halve DP 2's gradient norm)."""
     ref_tau, ref_tokens = _reference(tiny_llama)
-    taus = {}
+    taus, runs = {}, {}
     for n in (1, 2):
-        run = train(tmp_path, f"dp{n}", n, _llama_flags(tiny_llama))
+        run = train(
+            tmp_path,
+            f"dp{n}",
+            n,
+            _llama_flags(tiny_llama, "--train-iters", "2", "--calculate-per-token-loss"),
+        )
         tau, tokens, samples = _logged_tau(run.log)
         assert samples == N and tokens == ref_tokens
         assert run.records[0]["sed_threshold"] == pytest.approx(tau, rel=1e-5)
-        taus[n] = tau
+        taus[n], runs[n] = tau, run
     assert taus[1] == taus[2]
     assert taus[1] == pytest.approx(ref_tau, rel=1e-5, abs=1e-6)
+    worst = assert_close(runs[1], runs[2], ("lm_loss", "ce_loss", "sed_reg", "grad_norm"), atol=1e-5)
+    print(f"per-token loss DP2 vs DP1: max |diff| {worst:.2e}")
 
 
 def _flags(tmp, *extra):
@@ -108,7 +119,9 @@ def _flags(tmp, *extra):
     ]
 
 
-def test_resume_reuses_tau_finetune_recalibrates_explicit_tau_wins(tmp_path):
+def test_resume_reuses_tau_and_finetune_recalibrates(tmp_path):
+    """(--sed-threshold winning over --sed-mask-ratio is resolve_threshold's rule, tested in
+    tests/calibration.)"""
     ck = tmp_path / "ck"
     first = train(
         tmp_path,
@@ -128,24 +141,19 @@ def test_resume_reuses_tau_finetune_recalibrates_explicit_tau_wins(tmp_path):
     )
     tau_ft, _, _ = _logged_tau(finetuned.log)
     assert tau_ft != tau  # the trained model's masses differ from the initial model's
-    explicit = train(
-        tmp_path, "explicit", 1, _flags(tmp_path, "--train-iters", "2", "--sed-threshold", "0.5")
-    )
-    assert "calibrated" not in explicit.log and explicit.records[0]["sed_threshold"] == 0.5
 
 
 def test_ema_tracks_the_batch_quantile_and_resumes_on_the_same_trajectory(tmp_path):
+    """6 iterations saving at 3 vs. a new job loading iteration 3 (--ckpt-step): the EMA
+    state comes back with the checkpoint's args, so tau and the losses continue exactly."""
     ema = ["--sed-threshold-update", "ema", "--sed-threshold-ema", "0.5", "--train-iters", "6"]
-    straight = train(tmp_path, "straight", 2, _flags(tmp_path, *ema))
+    ck = tmp_path / "ck"
+    straight = train(
+        tmp_path, "straight", 2, _flags(tmp_path, *ema, "--save", str(ck), "--save-interval", "3")
+    )
     taus = straight.series("sed_threshold")
     assert len(set(round(t, 9) for t in taus)) == len(taus), taus  # moves every iteration
-    ck = tmp_path / "ck"
-    train(
-        tmp_path,
-        "part1",
-        2,
-        _flags(tmp_path, *ema, "--save", str(ck), "--save-interval", "3", "--exit-interval", "3"),
-    )
-    part2 = train(tmp_path, "part2", 2, _flags(tmp_path, *ema, "--load", str(ck)))
+    part2 = train(tmp_path, "part2", 2, _flags(tmp_path, *ema, "--load", str(ck), "--ckpt-step", "3"))
+    assert "calibrated SED threshold" not in part2.log
     assert part2.series("sed_threshold") == taus[3:]
     assert part2.series("lm_loss") == straight.series("lm_loss")[3:]
