@@ -51,7 +51,9 @@ def test_gpu_dry_run_our_trainer(script, tp, tmp_path):
     nodes = {"SLURM_NNODES": "4", "SLURM_JOB_ID": "4242"}
     if shutil.which("scontrol"):  # expands the node list; needs only a minimal config
         conf = tmp_path / "slurm.conf"
-        conf.write_text("ClusterName=dry\nSlurmctldHost=localhost\n")
+        # No controller runs: a port nothing listens on and a 1 s timeout make the script's
+        # `scontrol show node` fail at once (else it retries for ~9 s per launch).
+        conf.write_text("ClusterName=dry\nSlurmctldHost=localhost\nSlurmctldPort=1\nMessageTimeout=1\n")
         nodes.update(SLURM_JOB_NODELIST="gpu[007-010]", SLURM_CONF=str(conf))
     res = _dry(script, "--lr", "3e-5", RUN_DIR=str(tmp_path), INIT_CKPT="/ckpt/base", **nodes)
     cmd = _cmd(res)

@@ -61,8 +61,8 @@ def layouts(tiny_llama, tmp_path_factory):
     runs = {"tp1": train(tmp, "tp1", 1, _flags(tiny_llama))}
     for name, n, extra in (
         ("tp2", 2, ["--tensor-model-parallel-size", "2"]),
-        ("pp2", 2, ["--pipeline-model-parallel-size", "2"]),
         ("dp2", 2, []),
+        # pipeline parallelism: inside tp2pp2_distopt (one launch fewer for the suite)
         (
             "tp2pp2_distopt",
             4,
@@ -81,7 +81,7 @@ def layouts(tiny_llama, tmp_path_factory):
     return runs
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2", "tp2pp2_distopt"])
+@pytest.mark.parametrize("layout", ["tp2", "dp2", "tp2pp2_distopt"])
 def test_sed_losses_agree_across_layouts(layouts, layout):
     worst = assert_close(layouts["tp1"], layouts[layout], KEYS, atol=1e-5)
     assert len(layouts["tp1"].records) == ITERS
