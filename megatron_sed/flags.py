@@ -22,6 +22,10 @@ DEFAULT_SED_COEF = 1.0
 DEFAULT_SED_TOP_K = 2
 DEFAULT_SED_THRESHOLD = 0.95
 DEFAULT_CALIBRATION_SAMPLES = 100
+# --sed-calibration: megatron_sed.calibration.recipes says what each recipe does.
+RECIPES = ("authors", "supervised")
+DEFAULT_RECIPE = "authors"
+AUTHORS_CALIBRATION_TOP_K = 10  # the authors' code calibrates with k = 10 (their loss: k = 2)
 
 
 def add_sed_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -85,6 +89,24 @@ def add_sed_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="Held-out samples used to calibrate tau (--sed-mask-ratio).",
     )
     group.add_argument(
+        "--sed-calibration",
+        type=str,
+        default=DEFAULT_RECIPE,
+        choices=list(RECIPES),
+        help="How --sed-mask-ratio calibrates tau. authors (the SED-SFT authors' code, the "
+        "default): top-k mass with k = --sed-calibration-top-k (10) at every position of "
+        "the first --sed-calibration-samples held-out samples, tau = sorted(x)[-int((1 - "
+        "ratio) N)]. supervised: the loss's own statistic (same k) at the supervised "
+        "tokens, tau its ratio quantile, so that exactly that share is regularised.",
+    )
+    group.add_argument(
+        "--sed-calibration-top-k",
+        type=int,
+        default=None,
+        help=f"k of the top-k mass the calibration measures (default: "
+        f"{AUTHORS_CALIBRATION_TOP_K} for --sed-calibration authors, --sed-top-k for supervised).",
+    )
+    group.add_argument(
         "--sed-threshold-update",
         type=str,
         default="fixed",
@@ -135,6 +157,22 @@ def _validate_sed_args(args: argparse.Namespace) -> None:
         raise ValueError(
             f"--sed-mask-ratio calibrates a threshold, but --sed-mask "
             f"{args.sed_mask} has none: use --sed-mask topk_mass or entropy"
+        )
+    recipe = getattr(args, "sed_calibration", "supervised")
+    if recipe not in RECIPES:
+        raise ValueError(f"--sed-calibration must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    calibration_k = getattr(args, "sed_calibration_top_k", None)
+    if calibration_k is not None and calibration_k < 1:
+        raise ValueError(f"--sed-calibration-top-k must be >= 1, got {calibration_k}")
+    if calibrates and recipe == "authors" and args.sed_mask != "topk_mass":
+        raise ValueError(
+            f"--sed-calibration authors calibrates a top-k mass threshold, but --sed-mask is "
+            f"{args.sed_mask}: use --sed-calibration supervised for the entropy mask"
+        )
+    if calibrates and recipe == "authors" and getattr(args, "sed_threshold_update", "fixed") == "ema":
+        raise ValueError(
+            "--sed-threshold-update ema tracks the --sed-mask-ratio quantile of the supervised "
+            "tokens, which the authors' recipe does not calibrate: add --sed-calibration supervised"
         )
     if calibrates and (getattr(args, "pipeline_model_parallel_size", 1) or 1) > 1:
         raise ValueError(

@@ -1,7 +1,7 @@
 """The SED threshold tau: quantile math (quantile.py), the calibration engine that runs
 held-out samples through a Megatron forward_step (engine.py), the per-run decision of which
 tau to use (resolve.py) and the EMA tracker (tracker.py). Shared by megatron-sed-train and
-the Megatron-LM glue."""
+the Megatron-LM glue; which statistic and positions: recipes.py."""
 
 from megatron_sed.calibration.engine import CalibrationResult, calibrate_with_forward_step, heldout_batches
 from megatron_sed.calibration.quantile import (
@@ -12,11 +12,13 @@ from megatron_sed.calibration.quantile import (
     quantile_level,
     threshold_from_masses,
 )
+from megatron_sed.calibration.recipes import CalibrationRecipe, recipe_from_args
 from megatron_sed.calibration.resolve import ThresholdState, is_resumed, resolve_threshold
 from megatron_sed.calibration.tracker import ThresholdEMA
 
 __all__ = [
     "QUANTILE_SIDE",
+    "CalibrationRecipe",
     "CalibrationResult",
     "ThresholdEMA",
     "ThresholdState",
@@ -27,6 +29,7 @@ __all__ = [
     "heldout_batches",
     "is_resumed",
     "quantile_level",
+    "recipe_from_args",
     "resolve_threshold",
     "threshold_from_masses",
 ]

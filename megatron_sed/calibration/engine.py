@@ -1,14 +1,15 @@
 """The calibration engine: tau for --sed-mask-ratio from held-out samples run through a
 Megatron-style forward_step, so megatron-sed-train and the Megatron-LM glue feed the same
-steps (collect the statistic the mask thresholds -> gather over DP x CP -> quantile).
+steps (collect the statistic at the recipe's positions -> gather over DP x CP -> the
+recipe's order statistic).
 
 The SED mask regularises token t when its top-k probability mass P_topk(t) < tau. The paper
-sets tau once before training: run the *initial* model over held-out SFT samples, collect
-P_topk of the supervised tokens and take the quantile at `ratio` (their cumsum_ratio 0.7 is
-ratio 0.3 here), so that a fraction `ratio` of supervised tokens is regularised. Here the
-statistic is the loss's own (same k, same vocab-parallel combination) and only supervised
-tokens count, the tokens the regulariser sees; see docs/method.md for how this differs from
-the authors' code.
+sets tau once before training by running the *initial* model over held-out samples; the
+recipes (megatron_sed.calibration.recipes, --sed-calibration) say which statistic, over
+which positions and which order statistic: the authors' (top-10 mass at every position)
+or the supervised one (the loss's own statistic at the supervised tokens). The caller's
+forward_step computes SED with the recipe's k, and its loss mask marks the positions
+that count (the callers build the held-out samples accordingly).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from torch.utils.data import default_collate
 
-from megatron_sed.calibration.quantile import QUANTILE_SIDE, quantile_level, threshold_from_masses
+from megatron_sed.calibration.quantile import QUANTILE_SIDE, fraction_below, gather_variable_length
+from megatron_sed.calibration.recipes import recipe_from_args
 from megatron_sed.model.loss_hook import pop_sed_stats
 
 
@@ -30,23 +32,32 @@ from megatron_sed.model.loss_hook import pop_sed_stats
 class CalibrationResult:
     tau: float
     ratio: float
-    top_k: int
+    top_k: int  # k of the calibration's top-k mass (the recipe's)
     num_samples: int
-    num_tokens: int
+    num_tokens: int  # positions counted (supervised tokens, or every position: authors)
     fraction_below: float
     mask: str = "topk_mass"
+    recipe: str = "supervised"
 
     @property
     def fraction_selected(self) -> float:
-        """Share of the calibration tokens the mask selects at this tau (about `ratio`)."""
+        """Share of the calibration positions the mask selects at this tau."""
         return self.fraction_below if QUANTILE_SIDE[self.mask] == "below" else 1.0 - self.fraction_below
 
     def log_line(self) -> str:
         what = f"top-{self.top_k} mass" if self.mask == "topk_mass" else "entropy"
+        if self.recipe == "authors":
+            return (
+                f" > calibrated SED threshold tau={self.tau:.6g} (authors' recipe: {what} at all "
+                f"{self.num_tokens} positions of {self.num_samples} held-out samples, "
+                f"sorted(x)[-int({1 - self.ratio:g} N)], --sed-mask-ratio {self.ratio:g}): "
+                f"{100 * self.fraction_selected:.2f}% of those positions below tau; the share of "
+                "supervised tokens regularised is the log's 'sed mask rate'"
+            )
         return (
-            f" > calibrated SED threshold tau={self.tau:.6g} ({what}, --sed-mask-ratio "
-            f"{self.ratio:g}) on {self.num_tokens} supervised tokens of {self.num_samples} "
-            f"held-out samples: {100 * self.fraction_selected:.2f}% of them regularised"
+            f" > calibrated SED threshold tau={self.tau:.6g} (supervised recipe: {what}, "
+            f"--sed-mask-ratio {self.ratio:g}) on {self.num_tokens} supervised tokens of "
+            f"{self.num_samples} held-out samples: {100 * self.fraction_selected:.2f}% of them regularised"
         )
 
     def to_dict(self) -> dict:
@@ -100,11 +111,13 @@ def calibrate_with_forward_step(
 
     Each micro-batch runs through `forward_step(batches, model)` (Megatron's interface:
     it returns the model output and `partial(loss_func, loss_mask, ...)`) in eval mode
-    without gradients; the model must compute SED, whose per-token statistics (popped
-    from megatron_sed.model.loss_hook) give the masked statistic of every supervised
-    token. Every data-parallel rank runs the same number of forwards (rows past the
+    without gradients; the model must compute SED with the recipe's top-k (the caller
+    configures it), whose per-token statistics (popped from megatron_sed.model.loss_hook)
+    give the statistic at every position the returned loss mask marks (the supervised
+    tokens, or every position for the authors' recipe: the caller's held-out samples say
+    which). Every data-parallel rank runs the same number of forwards (rows past the
     requested samples are masked out, not skipped: a rank that skipped a forward would
-    leave the others waiting in its collectives). The quantile is exact over DP x CP.
+    leave the others waiting in its collectives). The order statistic is exact over DP x CP.
     Pipeline parallelism is refused when the flags are validated (megatron_sed.flags:
     only the last stage has logits)."""
 
@@ -128,7 +141,8 @@ def calibrate_with_forward_step(
         )
     batches = heldout_batches(dataset, num_steps, mbs, dp_rank, dp_size) if dataset is not None else None
 
-    mask_kind = args.sed_mask
+    recipe = recipe_from_args(args)
+    mask_kind = recipe.mask
     local = []
     chunks = model if isinstance(model, list) else [model]
     was_training = [m.training for m in chunks]
@@ -155,17 +169,17 @@ def calibrate_with_forward_step(
             m.train(mode)
         _clear_moe_aux_losses()
     masses = torch.cat(local) if local else torch.zeros(0, device=_comm_device(gather_group))
-    tau, n_tok, below = threshold_from_masses(
-        masses, quantile_level(mask_kind, args.sed_mask_ratio), gather_group
-    )
+    everything = gather_variable_length(masses.detach().float(), gather_group)
+    tau = recipe.threshold(everything)
     return CalibrationResult(
         tau=tau,
         ratio=float(args.sed_mask_ratio),
-        top_k=int(args.sed_top_k),
+        top_k=recipe.top_k,
         num_samples=num_samples,
-        num_tokens=n_tok,
-        fraction_below=below,
+        num_tokens=int(everything.numel()),
+        fraction_below=fraction_below(everything, tau),
         mask=mask_kind,
+        recipe=recipe.name,
     )
 
 

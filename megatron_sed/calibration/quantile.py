@@ -47,6 +47,23 @@ def exact_quantile(values: torch.Tensor, q: float) -> float:
     return float(v[lo] + (v[hi] - v[lo]) * frac)
 
 
+def authors_order_statistic(values: torch.Tensor, ratio: float) -> float:
+    """The SED-SFT authors' threshold (pppa2019/SED-SFT, train.py compute_cumsum_threshold):
+    with cumsum_ratio c = 1 - ratio, tau = sorted(x)[-int(c * N)], the value with int(c*N)
+    values at or above it. Exactly their order statistic, including Python's index rule."""
+    v = values.detach().reshape(-1).to(torch.float64)
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError("top-k masses contain NaN/inf: the model's logits are not finite")
+    keep = int((1.0 - ratio) * v.numel())
+    if keep < 1:
+        raise ValueError(
+            f"the authors' calibration keeps int({1.0 - ratio:g} * {v.numel()}) = {keep} positions "
+            "above tau: give it more held-out positions (--sed-calibration-samples)"
+        )
+    v, _ = torch.sort(v)
+    return float(v[-keep])
+
+
 def fraction_below(values: torch.Tensor, tau: float) -> float:
     """Fraction of values strictly below tau: the share of tokens the SED mask would select."""
     v = values.reshape(-1)

@@ -73,6 +73,9 @@ class SFTDataset(torch.utils.data.Dataset):
             raise ValueError(f"--seq-length must be >= 1, got {seq_length}")
         self.data, self.seq_length, self.seed = data, int(seq_length), int(seed)
         self.pack, self.shuffle, self.name = pack, shuffle, name
+        # True: a document's last token is an input position too (its label ignored), as
+        # when a whole sequence is fed to a model; the SED authors' calibration counts it.
+        self.final_position = False
         lengths = data.lengths[doc_ids]
         keep = lengths >= 2  # a 1-token document has no (input, label) pair
         self.doc_ids = np.asarray(doc_ids, dtype=np.int64)[keep]
@@ -148,11 +151,12 @@ class SFTDataset(torch.utils.data.Dataset):
         for seg, doc in enumerate(self.documents_of(idx)):
             ids, mask = self.data.get(doc)
             ids = ids.astype(np.int64)  # stored unsigned: -100 must not wrap around
-            n = min(len(ids) - 1, s - off)
-            sup = mask[1 : n + 1].astype(bool)
+            n = min(len(ids) - (0 if self.final_position else 1), s - off)
+            m = min(n, len(ids) - 1)  # positions with a next token (all of them, unless final_position)
+            sup = mask[1 : m + 1].astype(bool)
             tokens[off : off + n] = ids[:n]
-            labels[off : off + n] = np.where(sup, ids[1 : n + 1], IGNORE_INDEX)
-            loss_mask[off : off + n] = sup
+            labels[off : off + m] = np.where(sup, ids[1 : m + 1], IGNORE_INDEX)
+            loss_mask[off : off + m] = sup
             position_ids[off : off + n] = np.arange(n)
             segment_ids[off : off + n] = seg
             off += n

@@ -26,6 +26,7 @@ installer is testable on a bare GPTModel.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import types
 from collections.abc import Callable, Iterable
 from typing import Optional
@@ -33,6 +34,7 @@ from typing import Optional
 import torch
 from megatron.core.models.common.language_module.language_module import LanguageModule
 
+from megatron_sed.calibration.recipes import recipe_from_args
 from megatron_sed.flags import add_sed_args, sed_config_from_args, validate_sed_args
 from megatron_sed.megatron_lm.calibration import resolve_sed_threshold
 from megatron_sed.model.loss_hook import pop_sed_stats, sed_language_model_loss
@@ -177,7 +179,11 @@ def install_sed_loss(
             f"model ({type(model).__name__}); --loss-type sed needs a Megatron-Core GPTModel "
             "(not --use-legacy-models)"
         )
-    _set_config(targets, sed_config_from_args(args))  # the statistics calibration needs
+    # the statistics calibration needs (its top-k: the --sed-calibration recipe's)
+    calibration_cfg = sed_config_from_args(args)
+    if getattr(args, "sed_mask_ratio", None) is not None:
+        calibration_cfg = dataclasses.replace(calibration_cfg, top_k=recipe_from_args(args).top_k)
+    _set_config(targets, calibration_cfg)
     if outer is not None:
         object.__setattr__(outer, _TARGETS_ATTR, targets)
     state = _resolve_threshold(model, args, forward_step, datasets_provider)

@@ -24,6 +24,8 @@ import argparse
 from collections.abc import Callable
 from typing import Optional
 
+import torch
+
 from megatron_sed.calibration import (
     CalibrationResult,
     ThresholdState,
@@ -31,7 +33,11 @@ from megatron_sed.calibration import (
     is_resumed,
     resolve_threshold,
 )
+from megatron_sed.calibration.recipes import recipe_from_args
 from megatron_sed.checkpointing.layout import read_checkpoint_args
+
+# Megatron-LM's SFT dataset marks prompt targets with -100 (megatron.training.datasets.sft_dataset).
+IGNORE_INDEX = -100
 
 __all__ = ["calibrate_in_pretrain_gpt", "resolve_sed_threshold"]
 
@@ -63,14 +69,40 @@ def resolve_sed_threshold(
     return resolve_threshold(args, _saved_state(args), calibrate)
 
 
+class _EveryPosition(torch.utils.data.Dataset):
+    """The authors' recipe on pretrain_gpt's dataset: the loss mask marks every position
+    whose target is a token (supervised, or a prompt token: label -100), padding stays
+    out. Rows are what that dataset yields: Megatron-LM's SFT dataset packs conversations
+    into --seq-length rows, and the position after a row's last token has no target."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, idx):
+        item = dict(self.dataset[idx])
+        labels = torch.as_tensor(item["labels"])
+        mask = torch.as_tensor(item["loss_mask"])
+        item["loss_mask"] = ((mask > 0) | (labels == IGNORE_INDEX)).to(mask.dtype)
+        # The loss op zeroes the statistics of ignored labels: any valid id gives the
+        # prompt positions theirs (the calibration forwards' loss is not used).
+        item["labels"] = labels.clamp(min=0)
+        return item
+
+
 def calibrate_in_pretrain_gpt(
     args: argparse.Namespace, model, forward_step: Callable, datasets_provider: Callable
 ) -> CalibrationResult:
     """tau from pretrain_gpt's own validation dataset and forward_step."""
 
+    every_position = recipe_from_args(args).all_positions
+
     def heldout(num_rows):
         # Ranks that hold no data (TP rank > 0) get None from Megatron's builder and receive
         # the batch from TP rank 0 inside forward_step.
-        return datasets_provider([1, num_rows, 1])[1]
+        valid = datasets_provider([1, num_rows, 1])[1]
+        return _EveryPosition(valid) if every_position and valid is not None else valid
 
     return calibrate_with_forward_step(args, model, forward_step, heldout)

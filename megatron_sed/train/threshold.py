@@ -29,6 +29,7 @@ from megatron_sed.calibration import (
     calibrate_with_forward_step,
     resolve_threshold,
 )
+from megatron_sed.calibration.recipes import recipe_from_args
 from megatron_sed.flags import sed_config_from_args
 from megatron_sed.ops.config import SEDConfig
 from megatron_sed.ops.stats import SEDStats
@@ -88,10 +89,11 @@ class SEDThreshold:
 
 class _CalibrationPlaceholder:
     """What forward_step / loss_func see while the calibration forwards run: a config
-    that computes the statistics and nothing to track."""
+    that computes the statistics with the recipe's k, and nothing to track."""
 
     def __init__(self, args):
-        self.config = SEDConfig(coef=0.0, top_k=int(args.sed_top_k), threshold=1.0, mask="topk_mass")
+        k = recipe_from_args(args).top_k
+        self.config = SEDConfig(coef=0.0, top_k=k, threshold=1.0, mask="topk_mass")
 
     def observe(self, *a, **k):
         pass
@@ -100,13 +102,34 @@ class _CalibrationPlaceholder:
         return {}
 
 
+class _EveryPosition(torch.utils.data.Dataset):
+    """The authors' calibration positions: every position of each sample, prompt and
+    template tokens and the position after its last token included (the loss mask marks
+    them all; padding stays out)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        for part in getattr(dataset, "datasets", [dataset]):  # a blend's components
+            part.final_position = True
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, idx):
+        item = dict(self.dataset[idx])
+        item["loss_mask"] = (item["segment_ids"] >= 0).to(item["loss_mask"].dtype)
+        return item
+
+
 def _calibrate(args, model, forward_step):
     global _calibrating
+    every_position = recipe_from_args(args).all_positions
 
     def unpacked_heldout(num_rows):
         # One sample per row (so rows count samples), one pass: its length is the number
         # of held-out samples there are.
-        return build_datasets(args, (1, None, 1), pack=False)[1]
+        valid = build_datasets(args, (1, None, 1), pack=False)[1]
+        return _EveryPosition(valid) if every_position and valid is not None else valid
 
     _calibrating = True
     try:

@@ -18,13 +18,18 @@ from megatron_sed.calibration import (
     calibrate_with_forward_step,
     exact_quantile,
     fraction_below,
+    recipe_from_args,
     threshold_from_masses,
 )
+from megatron_sed.calibration.quantile import authors_order_statistic
 from tests.helpers.dist import run_distributed
 
 pytestmark = pytest.mark.compat
 
 SEQ, VOCAB, TOPK, ROWS, NUM_SAMPLES, RATIO = 6, 16, 2, 24, 19, 0.3
+AUTHORS_K = (
+    5  # --sed-calibration-top-k here (their default 10 exceeds a TP-2 shard of this 16-token vocabulary)
+)
 
 
 def _dataset():
@@ -35,6 +40,15 @@ def _dataset():
     loss_mask = (torch.rand(ROWS, SEQ, generator=g) > 0.3).float()
     loss_mask[:, 0] = 0.0  # a "prompt" position
     return logits, labels, loss_mask
+
+
+def _authors_reference(k=AUTHORS_K):
+    """Their code: top-k mass at every position of the first NUM_SAMPLES rows (float64,
+    full vocabulary), tau = sorted(x)[-int(0.7 * len(x))] in plain Python."""
+    logits, _, _ = _dataset()
+    p = torch.softmax(logits[:NUM_SAMPLES].double(), dim=-1)
+    x = p.topk(k, dim=-1).values.sum(-1).reshape(-1).tolist()
+    return sorted(x)[-int(0.7 * len(x))], len(x)
 
 
 def _reference_tau():
@@ -49,8 +63,10 @@ class _HeldOut(torch.utils.data.Dataset):
     """The first `rows` rows of the synthetic data, one sample per row, as a data set;
     the logits stand in for the model's output on that sample (this TP rank's shard)."""
 
-    def __init__(self, rows=ROWS, tp_rank=0, tp_size=1):
+    def __init__(self, rows=ROWS, tp_rank=0, tp_size=1, all_positions=False):
         self.logits, self.labels, self.loss_mask = _dataset()
+        if all_positions:  # what the callers' held-out sets mark for the authors' recipe
+            self.loss_mask = torch.ones_like(self.loss_mask)
         self.rows, self.shard = rows, slice(tp_rank * VOCAB // tp_size, (tp_rank + 1) * VOCAB // tp_size)
 
     def __len__(self):
@@ -72,7 +88,7 @@ class _Model(torch.nn.Module):
         self.calls = 0
 
 
-def _forward_step(tp_group, data_iterator, model):
+def _forward_step(tp_group, top_k, data_iterator, model):
     """Megatron's forward_step contract with the SED loss on the batch's logits."""
     from megatron_sed import SEDConfig, vocab_parallel_sed_loss
     from megatron_sed.model.loss_hook import stash_sed_stats
@@ -81,7 +97,7 @@ def _forward_step(tp_group, data_iterator, model):
     model.calls += 1
     assert not model.training, "calibration must run the model in eval mode"
     logits = batch["logits"].transpose(0, 1).contiguous()  # [s, b, V/tp]
-    cfg = SEDConfig(coef=1.0, top_k=TOPK, threshold=0.5)
+    cfg = SEDConfig(coef=1.0, top_k=top_k, threshold=0.5)
     loss, stats = vocab_parallel_sed_loss(logits, batch["labels"].t().contiguous(), cfg, tp_group=tp_group)
     stash_sed_stats(stats)
     return loss.t(), partial(lambda loss_mask, out: None, batch["loss_mask"])
@@ -94,6 +110,7 @@ def _args(**over):
         sed_mask="topk_mass",
         sed_mask_ratio=RATIO,
         sed_top_k=TOPK,
+        sed_calibration="supervised",
         pipeline_model_parallel_size=1,
     )
     a.__dict__.update(over)
@@ -103,8 +120,10 @@ def _args(**over):
 def _calibrate(args, tp_group=None, **heldout):
     model = _Model()
     model.train()
+    recipe = recipe_from_args(args)  # the callers configure the forward with the recipe's k
+    heldout.setdefault("all_positions", recipe.all_positions)
     res = calibrate_with_forward_step(
-        args, model, partial(_forward_step, tp_group), lambda n: _HeldOut(**heldout)
+        args, model, partial(_forward_step, tp_group, recipe.top_k), lambda n: _HeldOut(**heldout)
     )
     assert model.training, "calibration must restore train mode"
     return res, model
@@ -137,6 +156,30 @@ def test_calibrate_single_process_and_too_few_samples():
     assert "tau=" in res.log_line()
     with pytest.raises(ValueError, match="has 24"):
         _calibrate(_args(sed_calibration_samples=100))
+
+
+def test_authors_order_statistic_is_their_code():
+    g = torch.Generator().manual_seed(1)
+    for n in (2, 3, 10, 1001):
+        x = torch.rand(n, generator=g)
+        x[: n // 3] = x[0]  # ties
+        for ratio in (0.3, 0.05, 0.5):
+            c = 1 - ratio
+            assert authors_order_statistic(x, ratio) == sorted(x.double().tolist())[-int(c * n)]
+    with pytest.raises(ValueError, match="more held-out positions"):
+        authors_order_statistic(torch.tensor([0.5]), 0.3)  # int(0.7 * 1) = 0
+
+
+def test_calibrate_authors_recipe():
+    """Every position of the first --sed-calibration-samples rows, k = --sed-calibration-top-k,
+    the authors' order statistic; the prompt positions (loss mask 0 in the data) count."""
+    ref, n = _authors_reference()
+    res, _ = _calibrate(_args(sed_calibration="authors", sed_calibration_top_k=AUTHORS_K))
+    assert res.recipe == "authors" and res.top_k == AUTHORS_K and res.num_tokens == n == NUM_SAMPLES * SEQ
+    assert res.tau == pytest.approx(ref, abs=1e-6)
+    assert "authors' recipe: top-5 mass at all 114 positions of 19 held-out samples" in res.log_line()
+    sup, _ = _calibrate(_args())
+    assert sup.recipe == "supervised" and sup.num_tokens < n and sup.tau != res.tau
 
 
 def test_entropy_mask_selects_the_top_ratio():
@@ -183,7 +226,7 @@ def test_ema_tracker():
             ThresholdEMA(**bad)
 
 
-def _dist_worker(rank, world_size, ref_tau, num_tokens):
+def _dist_worker(rank, world_size, ref_tau, num_tokens, authors_ref):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -210,6 +253,14 @@ def _dist_worker(rank, world_size, ref_tau, num_tokens):
     tau, n, _ = threshold_from_masses(local, 0.3, dp_group)
     assert n == everything.numel() and tau == exact_quantile(everything, 0.3)
 
+    res, _ = _calibrate(
+        _args(sed_calibration="authors", sed_calibration_top_k=AUTHORS_K),
+        tp_group=tp_group,
+        tp_rank=tp_rank,
+        tp_size=tp,
+    )
+    assert abs(res.tau - authors_ref[0]) <= 1e-6 and res.num_tokens == authors_ref[1]
+
     ema = ThresholdEMA(ratio=0.3, decay=0.5, tau=1.0)
     empty_or_local = local if dp_rank else torch.zeros(0)
     expected = 0.5 + 0.5 * exact_quantile(everything[1:] if dp_size > 1 else everything, 0.3)
@@ -220,7 +271,7 @@ def _dist_worker(rank, world_size, ref_tau, num_tokens):
 @pytest.mark.parametrize("world_size", [2, pytest.param(4, marks=pytest.mark.world4)])
 def test_calibration_distributed_equals_single_process(world_size):
     ref_tau, ref_mass = _reference_tau()
-    run_distributed(_dist_worker, world_size, ref_tau, ref_mass.numel())
+    run_distributed(_dist_worker, world_size, ref_tau, ref_mass.numel(), _authors_reference())
 
 
 def _resolve_args(**kw):

@@ -4,9 +4,11 @@ contracts (forward_step calls install_sed_loss first, takes the batch from TP ra
 broadcasts it, returns `partial(loss_func, loss_mask, model=model)`; the provider builds
 the validation set on TP rank 0 only).
 
-tau must equal an independent float64 quantile of the top-2 masses of the first N held-out
-samples under every layout (DP 1/2, TP 1/2), be written next to the checkpoints and reused
-on resume, and bad setups must fail on every rank with a message naming the flag.
+tau must equal an independent float64 reference on the first N held-out samples under every
+layout (DP 1/2, TP 1/2) for both recipes (supervised: the quantile of the top-2 masses of
+the supervised tokens; authors: their order statistic of the top-10 masses at every
+position), be saved in the checkpoint's args and reused on resume, and bad setups must
+fail on every rank with a message naming the flag.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def _args(save, *extra, load=None, iteration=0):
             str(RATIO),
             "--sed-calibration-samples",
             str(NUM_SAMPLES),
+            "--sed-calibration",
+            "supervised",
             *extra,
         ]
     )
@@ -71,16 +75,24 @@ def _build_model():
 
 
 class _HeldOut(torch.utils.data.Dataset):
-    """Deterministic samples in GPTDataset's item format."""
+    """Deterministic samples in the item format of Megatron-LM's SFT dataset: prompt
+    targets -100 (loss mask 0), padding targets the pad id 0 (loss mask 0) at the end of
+    every third row, the rest supervised."""
 
     POOL = 32  # sample i is the same whatever the dataset's length
 
     def __init__(self, n):
         assert n <= self.POOL
         g = torch.Generator().manual_seed(11)
-        self.tokens = torch.randint(0, VOCAB, (self.POOL, SEQ), generator=g)[:n]
-        self.labels = torch.randint(0, VOCAB, (self.POOL, SEQ), generator=g)[:n]
-        self.loss_mask = (torch.rand(self.POOL, SEQ, generator=g) < 0.6).float()[:n]
+        self.tokens = torch.randint(1, VOCAB, (self.POOL, SEQ), generator=g)[:n]
+        self.labels = torch.randint(1, VOCAB, (self.POOL, SEQ), generator=g)[:n]
+        self.loss_mask = torch.ones(n, SEQ)
+        self.labels[:, :2], self.loss_mask[:, :2] = -100, 0.0  # the prompt
+        padded = torch.arange(n) % 3 == 0
+        self.labels[padded, SEQ - 2 :], self.loss_mask[padded, SEQ - 2 :] = 0, 0.0
+        self.tokens[padded, SEQ - 2 :] = 0
+        self.padding = torch.zeros(n, SEQ, dtype=torch.bool)
+        self.padding[padded, SEQ - 2 :] = True
 
     def __len__(self):
         return len(self.tokens)
@@ -108,6 +120,9 @@ class _PretrainGPT:
         valid = _HeldOut(n) if ps.get_tensor_model_parallel_rank() == 0 else None
         return None, valid, None
 
+    def hooks(self):
+        return self.forward_step, self.provider
+
     def forward_step(self, data_iterator, model):
         from megatron.core import parallel_state as ps
 
@@ -132,8 +147,10 @@ class _PretrainGPT:
         return out, partial(lambda loss_mask, output, model=None: None, batch["loss_mask"], model=model)
 
 
-def _expected_tau():
-    """float64 over the full vocabulary, numpy's linear quantile over the first N samples."""
+def _expected_tau(recipe="supervised"):
+    """float64 over the full vocabulary on the first N samples: numpy's linear quantile of
+    the top-2 masses of the supervised tokens (supervised), or the authors' sorted(x)[-int(0.7
+    len(x))] of the top-10 masses at every position but the padding (authors)."""
     from megatron.core import parallel_state as ps
 
     model = _build_model()
@@ -143,6 +160,9 @@ def _expected_tau():
     parts = [torch.empty_like(local) for _ in range(ps.get_tensor_model_parallel_world_size())]
     torch.distributed.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())
     probs = torch.softmax(torch.cat(parts, -1), -1)
+    if recipe == "authors":
+        x = probs.topk(10, dim=-1).values.sum(-1)[~data.padding].tolist()
+        return sorted(x)[-int(0.7 * len(x))], len(x)
     masses = probs.topk(2, dim=-1).values.sum(-1)[data.loss_mask.bool()]
     return float(np.quantile(masses.numpy(), RATIO)), int(masses.numel())
 
@@ -214,6 +234,16 @@ def _worker(rank, world_size, tp, save):
     assert len(mlm3.requests) == 1
     assert fine.sed_threshold_state["tau"] == pytest.approx(want_tau, abs=2e-6)
 
+    # --- the authors' recipe (the flag's default): top-10 mass at every position but the
+    # padding (prompt targets -100 count), their order statistic
+    authors = _args(save / "a", "--sed-calibration", "authors")
+    want_authors = _expected_tau("authors")
+    megatron_lm.install_sed_loss(_build_model(), authors, *_PretrainGPT(authors).hooks())
+    got = authors.sed_threshold_state
+    assert got["tau"] == pytest.approx(want_authors[0], abs=2e-6), (got["tau"], want_authors)
+    assert got["calibration"]["num_tokens"] == want_authors[1] and got["calibration"]["top_k"] == 10
+    assert got["calibration"]["recipe"] == "authors" and got["tau"] != state["tau"]
+
     # --- an explicit --sed-threshold wins: no calibration
     explicit = _args(save / "x", "--sed-threshold", "0.8")
     mlm4 = _PretrainGPT(explicit)
@@ -246,6 +276,9 @@ def test_calibration_flags_checked_at_parse_time(capsys):
         (["--sed-mask-ratio", "0.3", "--pipeline-model-parallel-size", "2"], "last pipeline stage"),
         (["--sed-mask-ratio", "0.3", "--sed-threshold-update", "ema"], "--sed-threshold-update"),
         (["--sed-mask-ratio", "1.5"], "--sed-mask-ratio"),
+        (["--sed-mask-ratio", "0.3", "--sed-mask", "entropy"], "--sed-calibration supervised"),
+        (["--sed-mask-ratio", "0.3", "--sed-calibration-top-k", "0"], "--sed-calibration-top-k"),
+        (["--sed-mask-ratio", "0.3", "--sed-calibration", "paper"], "--sed-calibration"),
     ]:
         with pytest.raises(SystemExit) as exc:
             parser.parse_args(["--loss-type", "sed", *argv])

@@ -50,14 +50,19 @@ def _llama_flags(llama, *extra):
 
 
 def _logged_tau(log: str) -> float:
-    m = re.search(r"calibrated SED threshold tau=([0-9.eE+-]+) .* on (\d+) supervised tokens of (\d+)", log)
+    m = re.search(
+        r"calibrated SED threshold tau=([0-9.eE+-]+) .*?(?:on|all) (\d+) (?:supervised tokens|positions) of (\d+)",
+        log,
+    )
     assert m, log[-3000:]
     return float(m.group(1)), int(m.group(2)), int(m.group(3))
 
 
-def _reference(llama):
-    """float64 top-2 masses of transformers' model on the supervised tokens of the first N
-    held-out samples (corpus order, one sample per sequence), numpy's quantile."""
+def _reference(llama, recipe):
+    """tau from transformers' model in float64 on the first N held-out samples (corpus
+    order, one sample per sequence): supervised = numpy's 0.3 quantile of the top-2 mass
+    of the supervised tokens; authors = their code's sorted(x)[-int(0.7 * len(x))] over
+    the top-10 mass at every position of the whole sample (its last token included)."""
     import transformers
 
     from megatron_sed.data.reader import build_sft_datasets
@@ -71,34 +76,45 @@ def _reference(llama):
         for i in range(N):
             s = valid[i]
             keep = s["segment_ids"] >= 0
-            logits = model(s["tokens"][keep][None]).logits[0]
-            mass = torch.softmax(logits, -1).topk(2, -1).values.sum(-1)
-            masses.append(mass[s["loss_mask"][keep].bool()])
-    masses = torch.cat(masses).numpy()
-    return float(np.quantile(masses, 0.3)), masses.size
+            ids = s["tokens"][keep]
+            if recipe == "authors":
+                last = s["labels"][keep][-1]
+                assert last >= 0  # the sample's final token (its end-of-turn) is a target
+                ids = torch.cat([ids, last.view(1)])
+            probs = torch.softmax(model(ids[None]).logits[0], -1)
+            if recipe == "authors":
+                masses.append(probs.topk(10, -1).values.sum(-1))
+            else:
+                masses.append(probs.topk(2, -1).values.sum(-1)[s["loss_mask"][keep].bool()])
+    masses = torch.cat(masses).tolist()
+    if recipe == "authors":
+        return sorted(masses)[-int(0.7 * len(masses))], len(masses)
+    return float(np.quantile(masses, 0.3)), len(masses)
 
 
 def test_calibration_is_exact_and_the_same_at_dp1_and_dp2(tiny_llama, tmp_path):
-    """tau equals transformers' float64 quantile at DP 1 and DP 2. The same runs train two
-    iterations with --calculate-per-token-loss, which normalises by the supervised tokens
-    of the whole global batch: Megatron's DDP must then not divide the gradients by the DP
-    size as well (a double division would halve DP 2's gradient norm)."""
-    ref_tau, ref_tokens = _reference(tiny_llama)
-    taus, runs = {}, {}
-    for n in (1, 2):
-        run = train(
-            tmp_path,
-            f"dp{n}",
-            n,
-            _llama_flags(tiny_llama, "--train-iters", "2", "--calculate-per-token-loss"),
-        )
+    """tau equals a transformers float64 reference for the authors' recipe (the default) at
+    DP 1 and DP 2 and for the supervised recipe at DP 2. The DP 1 / DP 2 runs also train
+    two iterations with --calculate-per-token-loss, which normalises by the supervised
+    tokens of the whole global batch: Megatron's DDP must then not divide the gradients by
+    the DP size as well (a double division would halve DP 2's gradient norm)."""
+    runs = {}
+    for name, n, recipe in (("dp1", 1, "authors"), ("dp2", 2, "authors"), ("dp2_sup", 2, "supervised")):
+        flags = _llama_flags(tiny_llama, "--sed-calibration", recipe)
+        if name != "dp2_sup":
+            flags += ["--train-iters", "2", "--calculate-per-token-loss"]
+        run = train(tmp_path, name, n, flags)
         tau, tokens, samples = _logged_tau(run.log)
-        assert samples == N and tokens == ref_tokens
+        ref_tau, ref_tokens = _reference(tiny_llama, recipe)
+        assert samples == N and tokens == ref_tokens, (name, tokens, ref_tokens)
+        assert tau == pytest.approx(ref_tau, rel=1e-5, abs=1e-6), (name, tau, ref_tau)
         assert run.records[0]["sed_threshold"] == pytest.approx(tau, rel=1e-5)
-        taus[n], runs[n] = tau, run
-    assert taus[1] == taus[2]
-    assert taus[1] == pytest.approx(ref_tau, rel=1e-5, abs=1e-6)
-    worst = assert_close(runs[1], runs[2], ("lm_loss", "ce_loss", "sed_reg", "grad_norm"), atol=1e-5)
+        runs[name] = (tau, run)
+    assert runs["dp1"][0] == runs["dp2"][0]
+    assert runs["dp2_sup"][0] != runs["dp2"][0]  # the recipes differ (k, positions, statistic)
+    worst = assert_close(
+        runs["dp1"][1], runs["dp2"][1], ("lm_loss", "ce_loss", "sed_reg", "grad_norm"), atol=1e-5
+    )
     print(f"per-token loss DP2 vs DP1: max |diff| {worst:.2e}")
 
 
@@ -147,6 +163,7 @@ def test_ema_tracks_the_batch_quantile_and_resumes_on_the_same_trajectory(tmp_pa
     """6 iterations saving at 3 vs. a new job loading iteration 3 (--ckpt-step): the EMA
     state comes back with the checkpoint's args, so tau and the losses continue exactly."""
     ema = ["--sed-threshold-update", "ema", "--sed-threshold-ema", "0.5", "--train-iters", "6"]
+    ema += ["--sed-calibration", "supervised"]  # the EMA tracks the supervised quantile
     ck = tmp_path / "ck"
     straight = train(
         tmp_path, "straight", 2, _flags(tmp_path, *ema, "--save", str(ck), "--save-interval", "3")
