@@ -3,11 +3,11 @@
 #
 # Trains a 4-layer Megatron-Core GPT (RMSNorm, SwiGLU, RoPE, GQA) with --loss-type sed on the
 # built-in synthetic multi-path math SFT set (byte-level tokenizer, packed sequences, loss on
-# assistant tokens only). The paper's setting: k=2, lambda=1, tau calibrated so that 30% of
-# supervised tokens get the regulariser. The paper calibrates once on a *pretrained* model;
-# this demo starts from random weights, whose top-k masses grow by orders of magnitude in
-# the first iterations, so a fixed tau would soon select nothing: it tracks the 30%
-# quantile with an EMA instead (--sed-threshold-update ema). Prints Megatron-style log
+# assistant tokens only), k=2, lambda=1. The paper calibrates tau once on a *pretrained*
+# model (the default --sed-calibration authors); this demo starts from random weights,
+# whose top-k masses grow by orders of magnitude in the first iterations, so a fixed tau
+# would soon select nothing: it tracks the 30% quantile of supervised tokens with an EMA
+# instead (--sed-calibration supervised --sed-threshold-update ema). Prints Megatron-style
 # lines, a validation loss, and a final summary; the metrics land in $OUT/metrics.jsonl and
 # a checkpoint in $OUT/checkpoints.
 #
@@ -47,7 +47,8 @@ PYTHONWARNINGS=ignore "${LAUNCH[@]}" \
   --train-iters "$TRAIN_ITERS" --lr 2e-3 --min-lr 1e-4 --lr-decay-style cosine \
   --lr-warmup-iters 20 --weight-decay 0.01 --clip-grad 1.0 \
   --loss-type sed --sed-lambda 1.0 --sed-top-k 2 --sed-mask topk_mass \
-  --sed-mask-ratio 0.3 --sed-calibration-samples 16 --sed-threshold-update ema \
+  --sed-mask-ratio 0.3 --sed-calibration supervised --sed-calibration-samples 16 \
+  --sed-threshold-update ema \
   --synthetic-num-problems 400 --synthetic-cache-dir "$OUT/data" --split 90,10,0 \
   --log-interval 20 --eval-interval 100 --eval-iters 2 \
   --save "$OUT/checkpoints" --save-interval 100 \

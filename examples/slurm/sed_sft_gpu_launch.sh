@@ -58,6 +58,7 @@ LOSS_TYPE="${LOSS_TYPE:-sed}"
 SED_COEF="${SED_COEF:-1.0}"; SED_TOP_K="${SED_TOP_K:-2}"
 SED_THRESHOLD="${SED_THRESHOLD:-}"     # empty: calibrate tau with SED_MASK_RATIO (needs PP=1 with megatron-lm)
 SED_MASK_RATIO="${SED_MASK_RATIO:-0.3}"
+SED_CALIBRATION="${SED_CALIBRATION:-authors}"  # authors (the paper's script) or supervised: docs/evaluation.md
 # A collective that waits longer than this fails the job (a rank that hangs without dying:
 # a stuck node, a wedged GPU). A rank that dies fails it at once (srun --kill-on-bad-exit).
 # Must exceed the longest wait of a healthy job: ranks wait for the slowest writer of a
@@ -105,14 +106,14 @@ common+=(--distributed-timeout-minutes "$DIST_TIMEOUT_MIN")
 
 if [ "$LAUNCHER" = megatron-sed ]; then
   entry=(-m megatron_sed.train --metrics-file "$RUN_DIR/metrics.jsonl")
-  [ -z "$SED_THRESHOLD" ] && [ "$LOSS_TYPE" = sed ] && entry+=(--sed-mask-ratio "$SED_MASK_RATIO")
+  [ -z "$SED_THRESHOLD" ] && [ "$LOSS_TYPE" = sed ] && entry+=(--sed-mask-ratio "$SED_MASK_RATIO" --sed-calibration "$SED_CALIBRATION")
 elif [ "$LAUNCHER" = megatron-lm ]; then
   if [ -z "$MEGATRON_LM_DIR" ] && [ "$DRY_RUN" != 1 ]; then
     echo "error: LAUNCHER=megatron-lm needs MEGATRON_LM_DIR (a checkout patched by scripts/apply_megatron_patch.sh)" >&2
     exit 1
   fi
   entry=("${MEGATRON_LM_DIR:-MEGATRON_LM_DIR}/pretrain_gpt.py" --ckpt-format torch_dist)
-  [ -z "$SED_THRESHOLD" ] && [ "$LOSS_TYPE" = sed ] && entry+=(--sed-mask-ratio "$SED_MASK_RATIO")
+  [ -z "$SED_THRESHOLD" ] && [ "$LOSS_TYPE" = sed ] && entry+=(--sed-mask-ratio "$SED_MASK_RATIO" --sed-calibration "$SED_CALIBRATION")
 else
   echo "error: LAUNCHER must be megatron-sed or megatron-lm, got $LAUNCHER" >&2
   exit 1
