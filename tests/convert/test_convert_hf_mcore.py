@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from tests.helpers.dist import run_distributed
+from tests.helpers.hf import tiny_llama_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -28,27 +29,7 @@ LOGIT_TOL = 1e-5  # fp32; measured max |diff| <= ~1e-6 (printed with -s)
 
 
 def _llama(tmp: Path) -> Path:
-    cfg = transformers.LlamaConfig(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=112,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
-        rope_theta=10000.0,
-        initializer_range=0.1,
-        # Llama-3.2's scaling (Megatron-Core hard-codes low/high/original = 1/4/8192)
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 32.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-    )
+    cfg = tiny_llama_config(vocab_size=320, tie_word_embeddings=True, initializer_range=0.1)
     return _save(transformers.LlamaForCausalLM, cfg, tmp / "llama")
 
 

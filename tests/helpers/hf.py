@@ -9,6 +9,35 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+# Llama-3.2's RoPE scaling (Megatron-Core hard-codes low/high/original = 1/4/8192).
+LLAMA3_ROPE_SCALING = {
+    "rope_type": "llama3",
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+def tiny_llama_config(vocab_size: int, tie_word_embeddings: bool, initializer_range: float):
+    """A 2-layer GQA Llama config with Llama 3.x RoPE scaling, small enough for CPU tests."""
+    import transformers
+
+    return transformers.LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tie_word_embeddings,
+        rope_theta=10000.0,
+        initializer_range=initializer_range,
+        rope_scaling=dict(LLAMA3_ROPE_SCALING),
+    )
+
 
 def build_local_hf_tokenizer(directory, with_template=True):
     """Train a tiny BPE with `tokenizers`, wrap it as a transformers fast tokenizer, save it."""
@@ -85,27 +114,7 @@ def build_tiny_llama(root: Path, steps: int = 150, seed: int = 0) -> TinyLlama:
     hf_dir = root / "llama"
     build_local_hf_tokenizer(hf_dir)
     tok = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
-    cfg = transformers.LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=112,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        rope_theta=10000.0,
-        initializer_range=0.05,
-        # Llama-3.2's scaling (Megatron-Core hard-codes low/high/original = 1/4/8192)
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 32.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-    )
+    cfg = tiny_llama_config(vocab_size=len(tok), tie_word_embeddings=False, initializer_range=0.05)
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(cfg)
     _pretrain(model, tok, steps, seed)
