@@ -7,6 +7,7 @@
 
 Methods (TP = 1, one process): Megatron-Core's unfused vocab_parallel_cross_entropy,
 its native fused CE (megatron.core.fusions.fused_cross_entropy, torch.compile'd),
+Transformer Engine's parallel_cross_entropy when transformer_engine imports,
 our SED loss on the torch path and on the Triton kernels (gradient out of place and in
 place), and Liger-Kernel's CE when `liger_kernel` imports. The SED settings are the
 paper's: coef 1, top_k 2, top-k-mass mask, quadratic regulariser.
@@ -135,6 +136,16 @@ def build_methods(args, device, tp_group) -> dict[str, Callable]:
         methods["megatron_ce_fused"] = lambda x, t: fused_vocab_parallel_cross_entropy(x, t, tp_group)
     else:
         methods["megatron_ce_fused"] = "skipped: torch.compile'd, timed on CUDA only"
+    try:
+        from transformer_engine.pytorch.cross_entropy import parallel_cross_entropy
+
+        def te_ce(x, t):
+            # TE's Triton CE takes [b, s, V] (any leading dims) and returns per-token losses
+            return parallel_cross_entropy(x, t, 0.0, False, tp_group)
+
+        methods["te_parallel_ce"] = te_ce if device.type == "cuda" else "skipped: CUDA only"
+    except ImportError as exc:
+        methods["te_parallel_ce"] = f"skipped: Transformer Engine not importable ({exc.__class__.__name__})"
     try:
         from liger_kernel.transformers.functional import liger_cross_entropy
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from megatron_sed.ops.config import MASKS, REGULARIZERS, THRESHOLD_SIDE, SEDConfig
 
 
@@ -199,7 +201,7 @@ def sed_config_from_args(args: argparse.Namespace, threshold: float | None = Non
     return SEDConfig(
         coef=float(args.sed_coef),
         top_k=int(args.sed_top_k),
-        threshold=float(tau),
+        threshold=tau if isinstance(tau, torch.Tensor) else float(tau),  # a tensor: the EMA's
         mask=args.sed_mask if loss_type == "sed" else "none",
         regularizer=args.sed_regularizer,
         ignore_index=-100,

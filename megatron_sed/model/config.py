@@ -8,6 +8,15 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
+from megatron_sed.model.fusions import choose_fusions
+
+# FP8 scaling defaults: TransformerConfig's own (what Megatron-LM's --fp8-amax-history-len /
+# --fp8-amax-compute-algo default to, since megatron-core 0.19 generates those flags from
+# the dataclass): history 1, 'most_recent'.
+_FIELDS = TransformerConfig.__dataclass_fields__
+FP8_AMAX_HISTORY_LEN = _FIELDS["fp8_amax_history_len"].default
+FP8_AMAX_COMPUTE_ALGO = _FIELDS["fp8_amax_compute_algo"].default
+
 
 def padded_vocab_size(vocab_size: int, divisible_by: int = 128, tp_size: int = 1) -> int:
     """Megatron's rule: pad the vocabulary to a multiple of
@@ -30,6 +39,13 @@ def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
     on_gpu = torch.cuda.is_available() and getattr(args, "device", "cuda") != "cpu"
     dtype = params_dtype_from_args(args)
     swiglu = bool(getattr(args, "swiglu", False))
+    # An explicit False (--no-rope-fusion, ...) wins; otherwise on where the kernel exists.
+    # Gradient-accumulation fusion writes into Megatron DDP's main_grad, which a model
+    # built here has only under Megatron's DDP: on only when asked for (and available).
+    off = set() if getattr(args, "apply_rope_fusion", None) is not False else {"apply_rope_fusion"}
+    if not getattr(args, "gradient_accumulation_fusion", False):
+        off.add("gradient_accumulation_fusion")
+    fusions = choose_fusions(frozenset(off))
     heads = args.num_attention_heads
     groups = args.num_query_groups if getattr(args, "group_query_attention", False) else heads
     kwargs = dict(
@@ -63,8 +79,7 @@ def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         bias_dropout_fusion=on_gpu,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        **fusions,
         cross_entropy_loss_fusion=False,
         deallocate_pipeline_outputs=on_gpu,
     )
@@ -75,8 +90,8 @@ def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
             fp8=fp8,
             fp8_recipe=getattr(args, "fp8_recipe", "delayed"),
             fp8_margin=getattr(args, "fp8_margin", 0),
-            fp8_amax_history_len=getattr(args, "fp8_amax_history_len", 1024),
-            fp8_amax_compute_algo=getattr(args, "fp8_amax_compute_algo", "max"),
+            fp8_amax_history_len=getattr(args, "fp8_amax_history_len", FP8_AMAX_HISTORY_LEN),
+            fp8_amax_compute_algo=getattr(args, "fp8_amax_compute_algo", FP8_AMAX_COMPUTE_ALGO),
         )
     if getattr(args, "recompute_granularity", None):
         kwargs.update(

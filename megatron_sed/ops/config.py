@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import Optional, Union
+
+import torch
 
 MASKS = ("topk_mass", "entropy", "all", "none")
 # The masks with a threshold, and which side of tau they select: topk_mass regularises
@@ -53,6 +55,11 @@ class SEDConfig:
     top_k:       k of the top-k probability mass P_topk used by mask="topk_mass".
     threshold:   tau. mask="topk_mass": M = P_topk < tau (a probability in (0, 1]);
                  mask="entropy": M = H > tau (nats, >= 0). Unused by "all"/"none".
+                 A number, or a 0-dim floating tensor (e.g. on the GPU: the EMA
+                 tracker's tau, updated in place without a host sync); a tensor's range
+                 is not checked here (that would read it back), its producer keeps it
+                 valid. The comparison happens in torch code on the per-row statistics
+                 (partials.combine_partials), so both implementations take either.
     mask:        "topk_mass" (the paper), "entropy", "all" (every token), "none" (CE).
     regularizer: "quadratic" R = (p_y - 1/2)^2 (the paper) or "entropy" R = -H.
     ignore_index: targets equal to it contribute 0 loss and 0 gradient.
@@ -65,7 +72,7 @@ class SEDConfig:
 
     coef: float = 1.0
     top_k: int = 2
-    threshold: float = 0.95
+    threshold: Union[float, torch.Tensor] = 0.95
     mask: str = "topk_mass"
     regularizer: str = "quadratic"
     ignore_index: int = -100
@@ -85,16 +92,23 @@ class SEDConfig:
             raise ValueError(f"SEDConfig.regularizer must be one of {REGULARIZERS}, got {self.regularizer!r}")
         if self.impl not in IMPLS:
             raise ValueError(f"SEDConfig.impl must be one of {IMPLS}, got {self.impl!r}")
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
+        if isinstance(self.threshold, torch.Tensor):
+            if self.threshold.dim() != 0 or not self.threshold.is_floating_point():
+                raise ValueError(
+                    "SEDConfig.threshold as a tensor must be a 0-dim floating-point tensor, got "
+                    f"shape {tuple(self.threshold.shape)} {self.threshold.dtype}"
+                )
+        elif isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
             raise ValueError(f"SEDConfig.threshold must be a number, got {self.threshold!r}")
-        if not math.isfinite(self.threshold):
+        elif not math.isfinite(self.threshold):
             raise ValueError(f"SEDConfig.threshold must be finite, got {self.threshold!r}")
-        if self.mask == "topk_mass" and not 0.0 < self.threshold <= 1.0:
+        number = not isinstance(self.threshold, torch.Tensor)
+        if number and self.mask == "topk_mass" and not 0.0 < self.threshold <= 1.0:
             raise ValueError(
                 "SEDConfig.threshold is a top-k probability mass for mask='topk_mass' and must "
                 f"lie in (0, 1], got {self.threshold!r}"
             )
-        if self.mask == "entropy" and self.threshold < 0.0:
+        if number and self.mask == "entropy" and self.threshold < 0.0:
             raise ValueError(
                 "SEDConfig.threshold is an entropy in nats for mask='entropy' and must be >= 0, "
                 f"got {self.threshold!r}"

@@ -23,11 +23,13 @@ import sys
 from collections.abc import Sequence
 from typing import Optional
 
+import torch
 from megatron.training.arguments import parse_args, validate_args
 from megatron.training.global_vars import set_global_variables
 
 from megatron_sed.backend import cpu as cpu_backend
 from megatron_sed.flags import ArgumentError, add_sed_args, validate_sed_args
+from megatron_sed.model.fusions import choose_fusions
 from megatron_sed.model.specs import te_available
 from megatron_sed.train.checkpoint_args import apply_checkpoint_args
 from megatron_sed.train.data import resolve_tokenizer_args
@@ -139,6 +141,34 @@ def _check_cpu_limits(args) -> None:
         raise ArgumentError("--cuda-graph-impl needs a GPU")
 
 
+FUSION_FLAGS = ("apply_rope_fusion", "gradient_accumulation_fusion")
+
+
+def apply_fusions(args, given: set) -> None:
+    """RoPE and gradient-accumulation fusion: on where their kernels import on a real
+    GPU (Megatron's defaults are on, which fails without Transformer Engine / apex), off on
+    the CPU backend; an explicit --no-rope-fusion / --no-gradient-accumulation-fusion
+    wins. See megatron_sed.model.fusions."""
+    disabled = frozenset(n for n in FUSION_FLAGS if n in given and not getattr(args, n))
+    for name, on in choose_fusions(disabled).items():
+        setattr(args, name, on)
+
+
+def _check_fp8_hardware(args) -> None:
+    """MXFP8 (block-scaled FP8) is a Blackwell (compute capability 10.x) format: on
+    Hopper (9.x) Transformer Engine fails deep inside the first GEMM."""
+    if args.fp8 is None or getattr(args, "fp8_recipe", None) != "mxfp8":
+        return
+    if not torch.cuda.is_available():
+        return
+    major, minor = torch.cuda.get_device_capability()
+    if major < 10:
+        raise ArgumentError(
+            f"--fp8-recipe mxfp8 needs a Blackwell GPU (compute capability 10.x); this GPU is "
+            f"{major}.{minor}: use --fp8-recipe delayed or tensorwise (Hopper's FP8 recipes)"
+        )
+
+
 def _check_gpu_stack(args) -> None:
 
     if args.transformer_impl == "transformer_engine" and not te_available():
@@ -149,6 +179,7 @@ def _check_gpu_stack(args) -> None:
         )
     if args.fp8 is not None and args.transformer_impl != "transformer_engine":
         raise ArgumentError("--fp8-format needs --transformer-impl transformer_engine")
+    _check_fp8_hardware(args)
 
 
 def _check_schedule(args) -> None:
@@ -204,6 +235,7 @@ def parse_and_validate(argv: Optional[Sequence[str]] = None) -> argparse.Namespa
         _check_cpu_limits(args)
     else:
         _check_gpu_stack(args)
+    apply_fusions(args, given)
     _check_plugin_limits(args)
     _check_schedule(args)
     validate_args(args, {})

@@ -47,12 +47,14 @@ def run(argv: Optional[Sequence[str]] = None) -> None:
     from megatron_sed.train.metrics import install_metrics_observer  # noqa: PLC0415 (after the CPU backend is installed)
     from megatron_sed.train.model_provider import model_provider  # noqa: PLC0415 (after the CPU backend is installed)
     from megatron_sed.train.step import forward_step  # noqa: PLC0415 (after the CPU backend is installed)
+    from megatron_sed.train.threshold import install_checkpoint_sync  # noqa: PLC0415 (after the CPU backend is installed)
 
     args = parse_and_validate(argv)
     check_tokenizer_matches_data(args)
     if args.rank == args.world_size - 1:
         install_metrics_observer(args.metrics_file)
     megatron_fixes.apply(args)
+    install_checkpoint_sync()  # the EMA's device-side tau reaches the checkpoint's args
     pretrain(
         pretrain_cfg_container_from_args(args),
         train_valid_test_datasets_provider,

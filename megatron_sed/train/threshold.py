@@ -9,10 +9,11 @@ or the default.
 
 With `--sed-threshold-update ema` tau then follows the --sed-mask-ratio quantile of each
 global batch (megatron_sed.calibration.ThresholdEMA): the statistics of a training
-iteration's micro-batches are collected in loss_func and the update happens after the
-iteration's last micro-batch, so the next iteration uses the new tau and a checkpoint
-saved after iteration N holds the tau iteration N + 1 starts with
-(`args.sed_threshold_state`, saved with Megatron's args).
+iteration's micro-batches are added to a device histogram in loss_func and the update
+(one all-reduce, no host sync) happens after the iteration's last micro-batch, so the
+next iteration uses the new tau; the state is copied to `args.sed_threshold_state`
+(saved with Megatron's args) right before each checkpoint save, so a checkpoint saved
+after iteration N holds the tau iteration N + 1 starts with.
 """
 
 from __future__ import annotations
@@ -42,49 +43,94 @@ _calibrating = False
 
 class SEDThreshold:
     """The SEDConfig the model runs with, the EMA tracker, and `args.sed_threshold_state`
-    (what the checkpoints carry) kept current."""
+    (what the checkpoints carry).
+
+    With the EMA the config's threshold is the tracker's 0-dim device tensor, updated in
+    place after each iteration without a host sync; the host copy (`state`, and
+    `args.sed_threshold_state`) is refreshed by `sync_to_args()`, which runs before
+    every checkpoint save (megatron_sed.train.threshold.install_checkpoint_sync) so a
+    checkpoint holds exactly the tau the next iteration starts with."""
 
     def __init__(self, args, state: ThresholdState):
         self.args = args
         self.state = state
         self.ema = None
-        self._pending: list[torch.Tensor] = []
         self._microbatches = 0
+        self._dp_group = ps.get_data_parallel_group(with_context_parallel=True)
+        tau = state.tau
         if args.loss_type == "sed" and args.sed_threshold_update == "ema" and args.sed_threshold is None:
-            self.ema = ThresholdEMA(args.sed_mask_ratio, args.sed_threshold_ema, state.tau, args.sed_mask)
+            device = torch.cuda.current_device() if torch.cuda.is_available() else None
+            self.ema = ThresholdEMA(
+                args.sed_mask_ratio, args.sed_threshold_ema, state.tau, args.sed_mask, device=device
+            )
             if state.ema:
                 self.ema.load_state_dict(state.ema)
-        self._dp_group = ps.get_data_parallel_group(with_context_parallel=True)
-        self.config = sed_config_from_args(args, threshold=state.tau)
+            tau = self.ema.tau_tensor
+        self.config = sed_config_from_args(args, threshold=tau)
 
     @property
     def has_threshold(self) -> bool:
         return self.args.loss_type == "sed" and self.args.sed_mask in ("topk_mass", "entropy")
 
     def observe(self, stats: SEDStats, loss_mask: torch.Tensor) -> None:
-        """A training micro-batch's statistics; after the iteration's last micro-batch
-        the EMA takes one step (a collective over the data-parallel group)."""
+        """A training micro-batch's statistics (added to the tracker's histogram, weighted
+        by the loss mask); after the iteration's last micro-batch the EMA takes one step
+        (one all-reduce over the data-parallel group). No host syncs."""
         if self.ema is None:
             return
         values = stats[self.args.sed_mask]  # [s, b]
         s, b = values.shape
-        keep = loss_mask.reshape(b, s).t().bool()
-        self._pending.append(values[keep].float())
+        self.ema.observe(values, loss_mask.reshape(b, s).t())
         self._microbatches += 1
         if self._microbatches >= get_num_microbatches():
-            local = torch.cat(self._pending)
-            self._pending, self._microbatches = [], 0
-            self.state.tau = self.ema.update(local, self._dp_group)
-            self.state.source, self.state.ema = "ema", self.ema.state_dict()
-            self.args.sed_threshold_state = self.state.to_dict()
-            self.config = sed_config_from_args(self.args, threshold=self.state.tau)
+            self._microbatches = 0
+            self.ema.step(self._dp_group)
+
+    def sync_to_args(self) -> None:
+        """Host copy of the EMA state into `state` and `args.sed_threshold_state` (reads
+        the device tensors: call it when a checkpoint is saved, not per step)."""
+        if self.ema is None or self.ema.num_updates == 0:
+            return
+        self.state.tau = self.ema.tau
+        self.state.source, self.state.ema = "ema", self.ema.state_dict()
+        self.args.sed_threshold_state = self.state.to_dict()
 
     def report(self, loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """`sed threshold` for Megatron's log line (as a [sum, count] pair)."""
+        """`sed threshold` for Megatron's log line (as a [sum, count] pair of device
+        tensors: Megatron reads them back at its log interval)."""
         if not self.has_threshold:
             return {}
         n = loss_mask.sum().float().clamp(min=1.0)
-        return {"sed threshold": torch.stack([n * float(self.state.tau), n])}
+        tau = (
+            self.ema.tau_tensor.to(n.device, torch.float32) if self.ema is not None else float(self.state.tau)
+        )
+        return {"sed threshold": torch.stack([n * tau, n])}
+
+
+def sync_threshold_to_args() -> None:
+    """Refresh args.sed_threshold_state from the device (before a checkpoint is saved)."""
+    if _runtime is not None:
+        _runtime.sync_to_args()
+
+
+def install_checkpoint_sync() -> None:
+    """Wrap the save_checkpoint that Megatron's training loop calls so the EMA state is
+    copied to args (which Megatron saves with the checkpoint) right before each save."""
+    import functools  # noqa: PLC0415 (only when installing)
+
+    from megatron.training import training  # noqa: PLC0415 (after the CPU backend is installed)
+
+    plain = training.save_checkpoint
+    if getattr(plain, "_megatron_sed_sync", False):
+        return
+
+    @functools.wraps(plain)
+    def save_checkpoint(*args, **kwargs):
+        sync_threshold_to_args()
+        return plain(*args, **kwargs)
+
+    save_checkpoint._megatron_sed_sync = True
+    training.save_checkpoint = save_checkpoint
 
 
 class _CalibrationPlaceholder:

@@ -1,0 +1,148 @@
+"""gpu_check parts 3 and 4: no host syncs on the GPU, and megatron-sed-train on the GPU.
+
+Host syncs: torch.cuda.set_sync_debug_mode("error") (on CPU, the dry run uses the
+TorchFunctionMode stand-in of tests/helpers/host_sync.py) around an SED forward/backward
+(Triton with a fixed and with a tensor tau, torch), one EMA tracker step, and a training
+step of a tiny plugin GPTModel (forward with the SED loss hook at a fixed tau, masked
+mean, backward). Megatron's loop around it (optimizer, logging) syncs by design and is
+not checked here.
+
+Engine: `python -m megatron_sed.train` subprocesses on a tiny model and the built-in
+synthetic set: 3 iterations --bf16 (saving a checkpoint), 3 iterations --fp16, and
+--finetune from that checkpoint with --lr 0, whose validation loss must equal the saved
+model's (the weights do not move); --fp8-format hybrid only where Transformer Engine
+imports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+
+from megatron_sed import SEDConfig, vocab_parallel_sed_loss
+from megatron_sed.calibration import ThresholdEMA
+
+
+@contextlib.contextmanager
+def no_host_sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    else:
+        from megatron_sed.ops import sed_loss
+        from tests.helpers.host_sync import NoHostSync
+
+        # the op's synchronous target check runs on CPU tensors only (asynchronous on CUDA)
+        with NoHostSync(allowed=(sed_loss._check_inputs,)):
+            yield
+
+
+def sed_step(device, impl: str, tensor_tau: bool):
+    g = torch.Generator(device=device).manual_seed(0)
+    x = (torch.randn(64, 2, 4096 if device.type == "cuda" else 256, generator=g, device=device) * 3).to(
+        torch.bfloat16
+    )
+    x.requires_grad_(True)
+    t = torch.randint(0, x.shape[-1], (64, 2), generator=g, device=device)
+    tau = torch.tensor(0.7, dtype=torch.float64, device=device) if tensor_tau else 0.7
+    cfg = SEDConfig(coef=1.0, top_k=2, threshold=tau, impl=impl)
+    with no_host_sync(device):
+        loss, _ = vocab_parallel_sed_loss(x, t, cfg)
+        loss.sum().backward()
+
+
+def ema_step(device):
+    ema = ThresholdEMA(0.3, 0.9, 0.9, device=device)
+    values = torch.rand(128, 2, device=device)
+    mask = (torch.rand(2, 128, device=device) < 0.8).float()
+    with no_host_sync(device):
+        for _ in range(2):
+            ema.observe(values, mask.t())
+        ema.step()
+
+
+def model_step(device):
+    """A tiny plugin GPTModel: forward with the SED loss hook (fixed tau), the loss
+    function's masked mean and the SED report, backward."""
+    from gpu_loss_bench import init_megatron_tp1
+
+    from megatron_sed.model import build_gpt_model
+    from megatron_sed.model.loss_hook import pop_sed_stats
+    from megatron_sed.ops.stats import sed_report
+    from tests.helpers.model_args import tiny_model_args
+
+    init_megatron_tp1(device)
+    torch.manual_seed(0)
+    args = tiny_model_args(
+        device=device.type, padded_vocab_size=512, seq_length=64, max_position_embeddings=64
+    )
+    if device.type == "cuda":
+        args.bf16 = True
+    model = build_gpt_model(args, sed_config=SEDConfig(coef=1.0, top_k=2, threshold=0.9)).to(device)
+    tokens = torch.randint(0, 500, (2, 64), device=device)
+    pos = torch.arange(64, device=device).repeat(2, 1)
+    labels = torch.roll(tokens, -1, dims=1)
+    loss_mask = torch.ones(2, 64, device=device)
+    model(tokens, pos, None, labels=labels)  # warm-up (first-call allocations, lazy inits)
+    pop_sed_stats()
+    with no_host_sync(device):
+        per_token = model(tokens, pos, None, labels=labels)
+        loss = (per_token.float() * loss_mask).sum() / loss_mask.sum()
+        sed_report(pop_sed_stats(), loss_mask)
+        loss.backward()
+
+
+# -- engine ---------------------------------------------------------------------------
+
+
+def te_available() -> bool:
+    from megatron_sed.model.specs import te_available as te
+
+    return te()
+
+
+def engine_flags(tmp: Path, dry: bool) -> list[str]:
+    from tests.helpers.engine import RUN, TINY_MODEL, synthetic_flags
+
+    flags = [*TINY_MODEL, *RUN, *synthetic_flags(tmp, 40), "--loss-type", "sed", "--sed-threshold", "0.95"]
+    if not dry and not te_available():
+        flags += ["--transformer-impl", "local"]
+    return flags
+
+
+def run_engine(tmp: Path, name: str, flags: list[str], timeout: float):
+    """One megatron-sed-train process, with its own rendezvous: this process's group
+    (MASTER_PORT etc., set for the kernel checks) must not leak into it."""
+    import os
+
+    from tests.helpers.engine import train
+
+    keys = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    saved = {k: os.environ.pop(k) for k in keys if k in os.environ}
+    try:
+        return train(tmp, name, 1, flags, timeout=timeout)
+    finally:
+        os.environ.update(saved)
+
+
+def finite(values) -> bool:
+    return bool(values) and all(math.isfinite(v) for v in values)
+
+
+def versions(names=("megatron-core", "torch", "triton", "transformer-engine", "liger-kernel")) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for n in names:
+        try:
+            out.append(f"{n} {version(n)}")
+        except PackageNotFoundError:
+            out.append(f"{n} -")
+    return ", ".join(out)
