@@ -7,6 +7,7 @@ end to end (SFT that keeps exploration -> more reward for RL).
     reward.py    verifiable reward: exact match of the last \\boxed{} answer
     rollout.py   n samples per prompt with the KV-cache sampler -> padded token batches
     logprobs.py  per-token log-probs and entropy from a full (teacher-forced) forward
+    heldout.py   held-out avg@n / pass@n during training
     checkpoint.py  RL checkpoints in the trainer's layout (eval.loading reads them)
     train.py     the loop: rollouts, old log-probs, mini-batch updates, logs, eval, saves
     cli.py       python -m megatron_sed.rl
