@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-high", type=float, default=_D.clip_high)
     g.add_argument("--clip-ratio-c", type=float, default=_D.clip_ratio_c, help="dual clip for A < 0; 0: off")
     g.add_argument("--entropy-coeff", type=float, default=_D.entropy_coeff)
+    g.add_argument(
+        "--reward",
+        default=_D.reward,
+        help="boxed: the last \\boxed{} answer matches (the authors'); checked: also every equation "
+        "holds and the last one gives the boxed answer (for tasks whose answer is in the prompt)",
+    )
     g = p.add_argument_group("optimizer (AdamW)")
     g.add_argument("--lr", type=float, default=_D.lr, help="the authors' 1e-6 is for 3B/7B; toy models ~1e-4")
     g.add_argument("--weight-decay", type=float, default=_D.weight_decay)
@@ -111,6 +117,7 @@ def config_from_args(args) -> GRPOConfig:
         adam_eps=args.adam_eps,
         clip_grad=args.clip_grad,
         seed=args.seed,
+        reward=args.reward,
     )
 
 

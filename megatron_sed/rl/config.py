@@ -36,9 +36,11 @@ class GRPOConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0  # 0 turns gradient clipping off
     seed: int = 1234
+    reward: str = "boxed"  # megatron_sed.rl.reward.REWARDS: boxed (the authors') or checked
 
     def __post_init__(self):
         checks = [
+            (self.reward in ("boxed", "checked"), f"--reward must be boxed or checked, got {self.reward!r}"),
             (self.n >= 2, f"--n must be >= 2 (GRPO normalises rewards within a group), got {self.n}"),
             (self.temperature > 0, f"--temperature must be > 0 for rollouts, got {self.temperature}"),
             (0 < self.top_p <= 1, f"--top-p must lie in (0, 1], got {self.top_p}"),

@@ -11,12 +11,14 @@ from megatron_sed.eval.sampler import Sampler, SamplingParams
 from megatron_sed.rl.rollout import sample_group
 
 
-def evaluate_heldout(model, tokenizer, prompts, n: int, params: SamplingParams, seed: int) -> dict:
+def evaluate_heldout(
+    model, tokenizer, prompts, n: int, params: SamplingParams, seed: int, reward: str = "boxed"
+) -> dict:
     sampler = Sampler(model, vocab_size=tokenizer.vocab_size)
     gen = torch.Generator().manual_seed(seed)
     acc, passed, ntok = [], [], []
     for prompt in prompts:
-        group = sample_group(sampler, tokenizer, prompt, n, params, gen)
+        group = sample_group(sampler, tokenizer, prompt, n, params, gen, reward)
         correct = [r.reward > 0 for r in group]
         acc.append(avg_at_n(correct))
         passed.append(pass_at_k(n, sum(correct), n))

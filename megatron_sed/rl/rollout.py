@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_sed.eval.sampler import Sampler, SamplingParams
-from megatron_sed.rl.reward import boxed_match_reward
+from megatron_sed.rl.reward import REWARDS
 
 
 @dataclass
@@ -28,17 +28,17 @@ class Rollout:
 
 
 def sample_group(
-    sampler: Sampler, tokenizer, prompt, n: int, params: SamplingParams, generator
+    sampler: Sampler, tokenizer, prompt, n: int, params: SamplingParams, generator, reward: str = "boxed"
 ) -> list[Rollout]:
-    """The n rollouts of one prompt (an eval.prompts.EvalPrompt: messages + answer)."""
+    """The n rollouts of one prompt (an eval.prompts.EvalPrompt: messages + answer), scored
+    by REWARDS[reward]."""
+    score = REWARDS[reward]
     ids = tokenizer.encode_prompt(prompt.messages)
     out = []
     for s in sampler.generate(ids, n, params, stop_ids=tokenizer.stop_ids, generator=generator):
         text = tokenizer.detokenize(s.ids)
         response = list(s.ids) + ([s.stop_id] if s.stop_id is not None else [])
-        out.append(
-            Rollout(ids, response, text, boxed_match_reward(text, prompt.answer), s.entropy_sum, s.stopped)
-        )
+        out.append(Rollout(ids, response, text, score(text, prompt.answer), s.entropy_sum, s.stopped))
     return out
 
 

@@ -112,7 +112,7 @@ def grpo_iteration(model, optimizer, tokenizer, prompts, cfg: GRPOConfig, iterat
     sampler = Sampler(model, vocab_size=tokenizer.vocab_size)
     gen = _step_generator(cfg.seed, iteration)
     chosen = step_prompt_indices(len(prompts), cfg.prompts_per_step, iteration, cfg.seed)
-    groups = [sample_group(sampler, tokenizer, prompts[i], cfg.n, params, gen) for i in chosen]
+    groups = [sample_group(sampler, tokenizer, prompts[i], cfg.n, params, gen, cfg.reward) for i in chosen]
     rewards = torch.tensor([[r.reward for r in g] for g in groups], dtype=torch.float32)
     adv = group_advantages(rewards, cfg.adv_eps)
     # Mini-batches of whole groups, split into micro-batches of sequences; the old
@@ -161,7 +161,9 @@ def _log_line(it: int, total: int, m: dict, elapsed: float) -> str:
 
 def _heldout(model, tokenizer, cfg, opts) -> dict:
     params = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
-    return evaluate_heldout(model, tokenizer, opts.eval_prompts, opts.eval_n or cfg.n, params, cfg.seed + 1)
+    return evaluate_heldout(
+        model, tokenizer, opts.eval_prompts, opts.eval_n or cfg.n, params, cfg.seed + 1, cfg.reward
+    )
 
 
 def _write_metrics(opts, records) -> None:

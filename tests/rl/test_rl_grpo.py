@@ -91,3 +91,20 @@ def test_defaults_are_the_authors_verl_settings():
     c = GRPOConfig()
     assert (c.n, c.temperature, c.clip_low, c.clip_high, c.entropy_coeff) == (8, 1.0, 0.2, 0.28, 0.0)
     assert (c.prompts_per_step, c.mini_batch_prompts, c.updates_per_step) == (32, 8, 4)
+
+
+def test_checked_reward_needs_the_derivation_not_only_the_answer():
+    from megatron_sed.rl.reward import boxed_match_reward, checked_derivation_reward
+
+    right = r"7+5=12. 12-3=9. \boxed{9}"
+    copied = r"\boxed{9}"  # pick3 states the target: the shortcut "boxed" rewards
+    wrong_step = r"7+5=13. 13-4=9. \boxed{9}"  # an untrue equation
+    box_not_result = r"7+3=10. 10-5=5. \boxed{9}"  # a wrong choice, target boxed anyway
+    assert [boxed_match_reward(r, "9") for r in (right, copied, wrong_step, box_not_result)] == [1, 1, 1, 1]
+    assert [checked_derivation_reward(r, "9") for r in (right, copied, wrong_step, box_not_result)] == [
+        1,
+        0,
+        0,
+        0,
+    ]
+    assert checked_derivation_reward(r"7+5=12. 12-3=9. \boxed{8}", "9") == 0.0
