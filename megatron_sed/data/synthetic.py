@@ -31,7 +31,14 @@ KINDS = ("sum", "sub", "buy")  # the default mix
 # three paths start with a, b and c respectively, so the path is chosen by ONE token with
 # three options (top-2 mass ~2/3 in a model that knows all paths: the kind of branching
 # token SED's top-k mask selects). With max_value=9 a tiny model learns it on a CPU.
-EXTRA_KINDS = ("add3",)
+EXTRA_KINDS = ("add3", "pick3")
+# "pick3" (an exploration task for RL, see docs/rl.md): numbers a, b, c (distinct, distinct
+# first characters) and a target t; the response adds two of them and subtracts the third.
+# Path k subtracts the k-th of the three choices and starts with a different number, so
+# ONE first token decides it; exactly one choice reaches t and is the row's path 0 (the
+# correct one), the other two box a wrong result. Train rows hold all three choices
+# (the "initial-model data": first-token entropy ln 3 = 1.10 nats, 1/3 right);
+# ``paths_per_problem=1`` keeps only the correct choice (the "one-path SFT data").
 
 _NAMES = ("Ann", "Ben", "Cy", "Dee", "Eli", "Fay", "Gus", "Ivy", "Jo", "Kim", "Lu", "Max")
 _ITEMS = ("apples", "pens", "coins", "books", "eggs", "cards", "shells", "stamps")
@@ -52,7 +59,28 @@ def problem_split(kind: str, nums: tuple[int, ...]) -> str:
     return "test" if _key_hash(kind, nums) % _TEST_BUCKETS == 0 else "train"
 
 
-def _sample_nums(kind: str, rng: random.Random, max_value: int) -> tuple[int, int, int]:
+def _pick3_choices(a: int, b: int, c: int) -> list[tuple[int, int, int]]:
+    """The three (first, second, subtracted) choices in cyclic order: choice k subtracts
+    the k-th number and starts with the next one, so the three choices start with three
+    different numbers (b, c, a): the first response token tells which was taken."""
+    return [(b, c, a), (c, a, b), (a, b, c)]
+
+
+def _sample_pick3(rng: random.Random, max_value: int) -> tuple[int, int, int, int]:
+    """(a, b, c, t): distinct numbers whose first characters differ (a one-token choice for
+    a byte tokenizer) and the target of one uniformly drawn choice, t >= 1."""
+    while True:
+        a, b, c = (rng.randint(1, max_value) for _ in range(3))
+        if len({str(a)[0], str(b)[0], str(c)[0]}) < 3:
+            continue
+        x, y, z = _pick3_choices(a, b, c)[rng.randrange(3)]
+        if x + y - z >= 1:
+            return a, b, c, x + y - z
+
+
+def _sample_nums(kind: str, rng: random.Random, max_value: int) -> tuple[int, ...]:
+    if kind == "pick3":
+        return _sample_pick3(rng, max_value)
     if kind == "add3":  # a + b + c, small operands
         return tuple(rng.randint(1, max_value) for _ in range(3))  # type: ignore[return-value]
     if kind == "sum":  # a + b + c
@@ -67,7 +95,11 @@ def _sample_nums(kind: str, rng: random.Random, max_value: int) -> tuple[int, in
 
 
 def _question(kind: str, nums: Sequence[int], name: str, item: str) -> str:
-    a, b, c = nums
+    a, b, c = nums[:3]
+    if kind == "pick3":
+        return (
+            f"{name} has {item} numbered {a}, {b} and {c}. Add two and take away the third to make {nums[3]}."
+        )
     if kind in ("sum", "add3"):
         return f"{name} has {a} {item}, gets {b} more, then {c} more. How many {item} now?"
     if kind == "sub":
@@ -77,6 +109,11 @@ def _question(kind: str, nums: Sequence[int], name: str, item: str) -> str:
 
 def _equations(kind: str, nums: Sequence[int]) -> list[list[tuple[int, str, int, int]]]:
     """The ``NUM_PATHS`` solution paths, each a list of equations ``(x, op, y, z)``."""
+    if kind == "pick3":  # the correct choice first (path 0), then the others in cyclic order
+        choices = _pick3_choices(*nums[:3])
+        right = next(k for k, (x, y, z) in enumerate(choices) if x + y - z == nums[3])
+        order = [right] + [k for k in range(3) if k != right]
+        return [[(x, "+", y, x + y), (x + y, "-", z, x + y - z)] for x, y, z in (choices[k] for k in order)]
     a, b, c = nums
     if kind == "add3":  # each path starts with a different operand
         return [
@@ -106,7 +143,7 @@ def _equations(kind: str, nums: Sequence[int]) -> list[list[tuple[int, str, int,
 
 
 def _answer(kind: str, nums: Sequence[int]) -> int:
-    return _equations(kind, nums)[0][-1][-1]
+    return _equations(kind, nums)[0][-1][-1]  # path 0 is correct for every kind (pick3 too)
 
 
 def _render(equations: Sequence[tuple[int, str, int, int]]) -> str:
@@ -131,7 +168,8 @@ def make_synthetic_math(
 
     Rows: ``question``, ``response``, ``answer`` (str), ``path_id`` (int), ``problem_id``,
     ``kind``, ``nums``, ``num_paths``, ``paths`` (every valid response, by path id).
-    ``split="train"``: one row per (problem, path) for the first ``paths_per_problem``
+    pick3 rows also carry ``correct`` (whether the row's response reaches the answer;
+    only path 0 does). ``split="train"``: one row per (problem, path) for the first ``paths_per_problem``
     paths (default: all ``NUM_PATHS``). ``split="test"``: one row per problem holding the
     reference path 0. Train and test problems never share (kind, numbers).
     """
@@ -184,6 +222,7 @@ def make_synthetic_math(
                     "nums": list(nums),
                     "num_paths": NUM_PATHS,
                     "paths": paths,
+                    **({"correct": pid == 0} if kind == "pick3" else {}),
                 }
             )
     return rows
@@ -300,8 +339,23 @@ def main(argv=None) -> None:
     p.add_argument("--split", choices=("train", "test"), default="train")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--max-value", type=int, default=20)
+    p.add_argument("--kinds", nargs="+", default=list(KINDS), help=f"problem kinds, of {KINDS + EXTRA_KINDS}")
+    p.add_argument(
+        "--paths-per-problem",
+        type=int,
+        default=None,
+        help="train split: the first N paths of each problem (pick3: 1 = only the correct one)",
+    )
     args = p.parse_args(argv)
-    n = write_synthetic_jsonl(args.output, args.num_problems, args.seed, args.split, max_value=args.max_value)
+    n = write_synthetic_jsonl(
+        args.output,
+        args.num_problems,
+        args.seed,
+        args.split,
+        max_value=args.max_value,
+        kinds=tuple(args.kinds),
+        paths_per_problem=args.paths_per_problem,
+    )
     print(f"wrote {n} rows ({args.num_problems} {args.split} problems) to {args.output}")
 
 

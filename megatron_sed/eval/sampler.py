@@ -30,6 +30,7 @@ class Sample:
     entropy_sum: float  # sum over generated positions (stop position included) of H(p), nats
     num_tokens: int  # generated positions counted in entropy_sum
     token_entropies: list[float] = field(default_factory=list)
+    stop_id: Optional[int] = None  # the stop id that ended it (RL trains on it), None if not stopped
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,7 @@ class Sampler:
         out = []
         for i in range(n):
             ids = gen[i][: int(counts[i])]
+            stop_id = ids[-1] if stopped[i] else None
             if stopped[i]:
                 ids = ids[:-1]
             out.append(
@@ -204,6 +206,7 @@ class Sampler:
                     entropy_sum=float(ent_sum[i]),
                     num_tokens=int(counts[i]),
                     token_entropies=[float(e[i]) for e in ent_steps[: int(counts[i])]] if keep else [],
+                    stop_id=stop_id,
                 )
             )
         return out

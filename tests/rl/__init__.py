@@ -1,0 +1,1 @@
+"""Tests of the GRPO harness (megatron_sed.rl)."""
