@@ -160,8 +160,9 @@ def mean_token_entropy(entropy_sums: Sequence[float], num_tokens: Sequence[int])
 def summarize_groups(groups: Sequence[dict], ks: Sequence[int] = (1, 4, 8)) -> dict:
     """Aggregate per-prompt results into one metrics dict.
 
-    Each group is {"samples": [{"text", "correct", "path", "num_tokens", "entropy_sum"}]}
-    holding the n samples of one prompt ("path" and the entropy fields may be absent).
+    Each group is {"samples": [{"text", "correct", "path", "num_tokens", "entropy_sum",
+    "first_token_entropy"}]} holding the n samples of one prompt ("path" and the entropy
+    fields may be absent).
     Accuracy (avg@n) and pass@k are means over prompts; diversity metrics are computed
     within each prompt's samples and then averaged over prompts.
     """
@@ -172,7 +173,7 @@ def summarize_groups(groups: Sequence[dict], ks: Sequence[int] = (1, 4, 8)) -> d
         raise ValueError(f"summarize_groups: every prompt needs the same n >= 1 samples, got {ns}")
     n = ns.pop()
     ks = sorted({k for k in ks if 1 <= k <= n})
-    acc, sbleu, d1, d2, paths, ent_sum, ntok = [], [], [], [], [], [], []
+    acc, sbleu, d1, d2, paths, all_paths, first_ent, ent_sum, ntok = [], [], [], [], [], [], [], [], []
     pass_k = {k: [] for k in ks}
     for g in groups:
         samples = g["samples"]
@@ -186,6 +187,10 @@ def summarize_groups(groups: Sequence[dict], ks: Sequence[int] = (1, 4, 8)) -> d
         d1.append(distinct_n(texts, 1))
         d2.append(distinct_n(texts, 2))
         paths.append(distinct_correct_paths([s.get("path") for s in samples], correct))
+        # every recognised path, right or wrong: how many ways of starting a prompt's samples took
+        all_paths.append(distinct_correct_paths([s.get("path") for s in samples], [True] * n))
+        if "first_token_entropy" in samples[0]:
+            first_ent.append(float(samples[0]["first_token_entropy"]))
         ent_sum.extend(float(s.get("entropy_sum", 0.0)) for s in samples)
         ntok.extend(int(s.get("num_tokens", 0)) for s in samples)
 
@@ -201,6 +206,8 @@ def summarize_groups(groups: Sequence[dict], ks: Sequence[int] = (1, 4, 8)) -> d
         "distinct_1": mean(d1),
         "distinct_2": mean(d2),
         "distinct_correct_paths": mean(paths),
+        "distinct_paths": mean(all_paths),
+        "first_token_entropy": mean(first_ent),
         "mean_token_entropy": mean_token_entropy(ent_sum, ntok),
         "mean_response_tokens": sum(ntok) / (len(groups) * n),
     }

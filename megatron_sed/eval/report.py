@@ -22,6 +22,8 @@ COLUMNS = [
     ("distinct_1", "distinct-1", 1.0),
     ("distinct_2", "distinct-2", 1.0),
     ("distinct_correct_paths", "correct paths", 1.0),
+    ("distinct_paths", "paths", 1.0),
+    ("first_token_entropy", "1st-token entropy", 1.0),
     ("mean_token_entropy", "entropy (nats)", 1.0),
 ]
 

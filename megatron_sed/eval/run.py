@@ -93,6 +93,7 @@ def evaluate(args) -> dict:
                         "path": _path_id(pr, text, ok),
                         "num_tokens": s.num_tokens,
                         "entropy_sum": s.entropy_sum,
+                        "first_token_entropy": s.first_entropy,
                         "stopped": s.stopped,
                     }
                     group.append(rec)

@@ -31,6 +31,8 @@ class Sample:
     num_tokens: int  # generated positions counted in entropy_sum
     token_entropies: list[float] = field(default_factory=list)
     stop_id: Optional[int] = None  # the stop id that ended it (RL trains on it), None if not stopped
+    first_entropy: float = float("nan")  # H(p) at the first response position: the choice of
+    # how to start (e.g. pick3's three first steps), the same for the n samples of a prompt
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,7 @@ class Sampler:
         ent_sum = torch.zeros(n, dtype=torch.float64, device=self.device)
         counts = torch.zeros(n, dtype=torch.long, device=self.device)
         ent_steps, generated = [], []
+        first_entropy = float(entropy_of_logits(logits[:1])[0])
         stop_t = torch.tensor(sorted(stops), dtype=torch.long, device=self.device)
         for step in range(params.max_new_tokens):
             active = ~done
@@ -207,6 +210,7 @@ class Sampler:
                     num_tokens=int(counts[i]),
                     token_entropies=[float(e[i]) for e in ent_steps[: int(counts[i])]] if keep else [],
                     stop_id=stop_id,
+                    first_entropy=first_entropy,
                 )
             )
         return out

@@ -141,7 +141,16 @@ def test_summarize_groups():
     assert out["pass@2"] == pytest.approx((pass_at_k(4, 3, 2) + pass_at_k(4, 1, 2)) / 2)
     assert out["pass@4"] == 1.0 and "pass@16" not in out
     assert out["distinct_correct_paths"] == pytest.approx((2 + 1) / 2)
+    assert out["distinct_paths"] == pytest.approx((2 + 1) / 2)  # None is not a path
+    assert math.isnan(out["first_token_entropy"])  # no sample recorded it
     assert out["mean_token_entropy"] == pytest.approx(7.0 / 15)
+    for g, h in zip(groups, (0.5, 1.5)):
+        for x in g["samples"]:
+            x["first_token_entropy"] = h
+    groups[1]["samples"][0]["path"] = 1  # a wrong answer on a recognised path counts for paths
+    out = summarize_groups(groups, ks=(1,))
+    assert out["first_token_entropy"] == pytest.approx(1.0)
+    assert out["distinct_paths"] == pytest.approx((2 + 2) / 2)
     assert out["distinct_1"] == pytest.approx((5 / 8 + 3 / 7) / 2)
     with pytest.raises(ValueError):
         summarize_groups([{"samples": [s("a", True, 0)]}, {"samples": [s("a", True, 0)] * 2}])

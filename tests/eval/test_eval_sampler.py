@@ -57,6 +57,7 @@ def test_kv_cache_matches_full_recompute(models, pe):
             torch.tensor(a.token_entropies), torch.tensor(b.token_entropies), rtol=1e-4, atol=1e-4
         )
         assert a.num_tokens == 16 and a.entropy_sum == pytest.approx(sum(a.token_entropies), rel=1e-5)
+        assert a.first_entropy == pytest.approx(a.token_entropies[0], rel=1e-6)
 
 
 def test_greedy_stop_and_errors(models):
