@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Optional
 
@@ -83,9 +84,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ArgumentError, AssertionError, ValueError) as err:
         if not _is_argument_phase_error(err):
             raise
-        print(f"megatron-sed-train: error: {err}", file=sys.stderr)
+        print(f"megatron-sed-train: error: {_describe(err)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _describe(err: BaseException) -> str:
+    """The message; for a bare `assert` (Megatron's validate_args has many) the failing
+    check itself, file and line, so the user sees which condition the flags broke."""
+    if str(err):
+        return str(err)
+    frame = traceback.extract_tb(err.__traceback__)[-1]
+    return f"{type(err).__name__} in {os.path.basename(frame.filename)}:{frame.lineno}: {frame.line}"
 
 
 def _is_argument_phase_error(err: BaseException) -> bool:

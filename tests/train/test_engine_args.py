@@ -143,3 +143,24 @@ def test_cli_exits_2_with_the_message(tmp_path):
     )
     assert res.returncode == 2, res.stderr[-2000:]
     assert "megatron-sed-train: error: --sed-coef must be >= 0" in res.stderr
+
+
+def test_bare_assert_is_reported_with_its_condition(tmp_path):
+    """Megatron's validate_args has many message-less asserts (e.g. --save without
+    --save-interval); the CLI shows the failing condition instead of an empty error."""
+    import importlib.util
+
+    from megatron_sed.train.entry import _describe
+
+    # A module outside the test files, so pytest does not rewrite (and word) its assert.
+    src = tmp_path / "validate_like_megatron.py"
+    src.write_text("def validate(save_interval=None):\n    assert save_interval is not None\n")
+    spec = importlib.util.spec_from_file_location("validate_like_megatron", src)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(AssertionError) as info:
+        mod.validate()
+    assert str(info.value) == ""
+    msg = _describe(info.value)
+    assert msg == "AssertionError in validate_like_megatron.py:2: assert save_interval is not None", msg
+    assert _describe(ValueError("--lr must be > 0")) == "--lr must be > 0"
