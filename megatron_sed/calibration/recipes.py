@@ -8,7 +8,7 @@ authors     the SED-SFT authors' code (pppa2019/SED-SFT, train.py compute_cumsum
             tau = sorted(x)[-int(c * len(x))] with cumsum_ratio c = 1 - --sed-mask-ratio
             (their 0.7 is --sed-mask-ratio 0.3). The default: what a user reproducing the
             paper's numbers runs. The share of supervised tokens it regularises in
-            training is not the ratio (measured on the toy: 7.5% at ratio 0.3); the
+            training is not the ratio (measured on the add3 toy: 7.5% at ratio 0.3); the
             training log's `sed mask rate` shows it.
 supervised  the statistic the loss masks with (same k, --sed-mask topk_mass or entropy)
             over the supervised tokens only, tau its linear-interpolation quantile: exactly
