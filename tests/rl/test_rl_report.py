@@ -44,9 +44,27 @@ def test_preconditions_table_and_reading(tmp_path):
     assert lines[0].startswith("after RL (step 1), avg@8: sed 71.0 vs ce 56.0 (+15.0): above, beyond")
     assert "after SFT (RL step 0), avg@8: sed 46.0 vs ce 51.0 (-5.0): below, beyond" in lines[2]
     assert lines[3].endswith("within the seed spread")  # 70, 72 vs 69, 71: they overlap
+    assert len(lines) == 4  # no num_prompts in these records: no noise line
     table = report.table(runs)
     assert table.count("\n") == 2 + 4 and "| sed | 2 | 46.0 [45.0, 47.0] |" in table
     dirs = ["--eval-dir", str(tmp_path / "eval"), "--rl-dir", str(tmp_path / "rl")]
     with pytest.raises(SystemExit):  # the preconditions need the initial model
         report.main([*dirs, "--methods", "ce"])
     assert report.main([*dirs, "--methods", "initial", "missing"]) == 2  # names what is missing
+
+
+def test_a_change_within_the_evaluation_noise_does_not_count(tmp_path):
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "rl").mkdir()
+    _write(tmp_path, "initial_s1", [0.174, 0.182], [0.797, 0.72], first_entropy=1.5)
+    (tmp_path / "eval" / "initial.json").write_text((tmp_path / "eval" / "initial_s1.json").read_text())
+    path = tmp_path / "rl" / "initial_s1.jsonl"
+    recs = [json.loads(x) for x in path.read_text().splitlines()]
+    for r in recs:
+        if "eval" in r:
+            r["eval"]["num_prompts"] = 64  # 512 samples: standard error ~1.7 points
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    runs = report.load_runs(tmp_path / "eval", tmp_path / "rl", ["initial"])
+    pre = {what: (ok, detail) for what, ok, detail in report.preconditions(runs)}
+    ok, detail = pre["RL from the initial model raises accuracy"]
+    assert not ok and "(+0.8; 2 x noise 4." in detail, detail
