@@ -35,6 +35,7 @@ import torch
 from megatron.core import dist_checkpointing
 
 TRACKER = "latest_checkpointed_iteration.txt"
+CHECKPOINT_VERSION = 3.0  # Megatron-LM's current checkpoint_version (common.pt)
 RELEASE = "release"
 MODEL_METADATA = "megatron_sed_model.json"
 HF_ASSETS = "hf"

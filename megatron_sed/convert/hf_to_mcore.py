@@ -22,6 +22,7 @@ from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
 from tqdm import tqdm
 
 from megatron_sed.checkpointing.layout import (
+    CHECKPOINT_VERSION,
     HF_ASSETS,
     MODEL_METADATA,
     RELEASE,
@@ -168,7 +169,7 @@ def convert_hf_to_mcore(
             args=argparse.Namespace(
                 **args, tensor_model_parallel_size=1, pipeline_model_parallel_size=1, iteration=0
             ),
-            checkpoint_version=3.0,
+            checkpoint_version=CHECKPOINT_VERSION,
             iteration=0,
         )
         bar = tqdm(total=len(producers), desc="writing tensors", unit="tensor", disable=not progress)

@@ -23,7 +23,9 @@ from megatron_sed.eval.sampler import Sampler, SamplingParams
 from megatron_sed.utils.files import atomic_write_text
 
 
-def _system_prompt(args, ckpt_args):
+def eval_system_prompt(args, ckpt_args):
+    """The system prompt to sample with: --system-prompt, else the one the checkpoint's
+    SFT data was preprocessed with (megatron-sed-eval and the RL harness alike)."""
     value = args.system_prompt
     if value is None:
         value = getattr(ckpt_args, "system_prompt", None)
@@ -71,7 +73,7 @@ def evaluate(args) -> dict:
             tok = sft_tokenizer_from_args(
                 ckpt_args, args.tokenizer_type, args.tokenizer_model, args.chat_template
             )
-            prompts = load_prompts(args.prompts, args.num_prompts, _system_prompt(args, ckpt_args))
+            prompts = load_prompts(args.prompts, args.num_prompts, eval_system_prompt(args, ckpt_args))
             print(
                 f" > loaded {ckpt_dir} (iteration {common.get('iteration', '?')}); "
                 f"{len(prompts)} prompts x {args.n} samples",

@@ -22,10 +22,8 @@ from pathlib import Path
 from megatron.core import dist_checkpointing
 
 from megatron_sed.checkpointing import SyncTorchDistSaveStrategy
-from megatron_sed.checkpointing.layout import TRACKER, CheckpointError, iteration_dir
+from megatron_sed.checkpointing.layout import CHECKPOINT_VERSION, TRACKER, CheckpointError, iteration_dir
 from megatron_sed.utils.files import atomic_write_text
-
-CHECKPOINT_VERSION = 3.0  # Megatron-LM's current checkpoint_version
 
 
 def saved_args(ckpt_args: argparse.Namespace, iteration: int, rl_config: dict) -> argparse.Namespace:

@@ -21,7 +21,7 @@ from megatron_sed.checkpointing.layout import CheckpointError, has_checkpoint
 from megatron_sed.data.tokenizer import sft_tokenizer_from_args
 from megatron_sed.eval.loading import load_model
 from megatron_sed.eval.prompts import PromptsFileError, load_prompts
-from megatron_sed.eval.run import _system_prompt
+from megatron_sed.eval.run import eval_system_prompt
 from megatron_sed.rl.checkpoint import save_rl_checkpoint
 from megatron_sed.rl.config import GRPOConfig
 from megatron_sed.rl.train import LoopOptions, make_optimizer, train_grpo
@@ -161,7 +161,7 @@ def _run(args, cfg: GRPOConfig) -> list[dict]:
     model, _, ckpt_dir, common = load_model(args.load, args.ckpt_step)
     ckpt_args = common["args"]
     tok = sft_tokenizer_from_args(ckpt_args)
-    system = _system_prompt(args, ckpt_args)
+    system = eval_system_prompt(args, ckpt_args)
     prompts = load_prompts(args.prompts, args.num_prompts, system)
     eval_prompts = (
         load_prompts(args.eval_prompts, args.eval_num_prompts, system) if args.eval_prompts else None

@@ -18,6 +18,7 @@ after iteration N holds the tau iteration N + 1 starts with.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -116,8 +117,6 @@ def sync_threshold_to_args() -> None:
 def install_checkpoint_sync() -> None:
     """Wrap the save_checkpoint that Megatron's training loop calls so the EMA state is
     copied to args (which Megatron saves with the checkpoint) right before each save."""
-    import functools  # noqa: PLC0415 (only when installing)
-
     from megatron.training import training  # noqa: PLC0415 (after the CPU backend is installed)
 
     plain = training.save_checkpoint
