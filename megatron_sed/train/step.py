@@ -21,6 +21,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.rerun_state_machine import get_rerun_state_machine
 from megatron.training import get_args, get_timers
 
@@ -110,4 +111,22 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, model=None):
             tracker.observe(stats, loss_mask)
         report.update(tracker.report(loss_mask))
     _check_finite(args, loss)
+    loss, num_tokens = _normalise_over_context_parallel(args, loss, num_tokens)
     return loss, num_tokens, report
+
+
+def _normalise_over_context_parallel(args, loss: torch.Tensor, num_tokens: torch.Tensor):
+    """Megatron divides each rank's loss by the token count loss_func returns and averages
+    the gradients over DP x CP: with CP that is a mean of the CP ranks' own per-token
+    means, not the micro-batch's per-token mean (the ranks hold different numbers of
+    supervised tokens). Returning the CP group's token count, and the loss times the CP
+    size, makes it exactly the single-rank mean (as Megatron-LM's pretrain_gpt.py did
+    before its loss_func returned token counts). With --calculate-per-token-loss Megatron
+    divides by the count summed over DP x CP itself: nothing to do. The logged [sum,
+    count] reports are reduced over DP x CP by Megatron and stay per rank."""
+    group = parallel_state.get_context_parallel_group(check_initialized=False)
+    if args.calculate_per_token_loss or group is None or group.size() == 1:
+        return loss, num_tokens
+    total = num_tokens.clone()
+    torch.distributed.all_reduce(total, group=group)
+    return loss * group.size(), total
