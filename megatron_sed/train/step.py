@@ -8,7 +8,7 @@ the installed megatron-core has it, so multi-token-prediction heads keep plain C
 
 loss_func returns Megatron's triple: the loss summed over supervised tokens, their
 number, and a report of [sum, count] pairs that Megatron sums over micro-batches,
-all-reduces over data parallelism and logs as sum / count: `lm loss` (the optimised
+all-reduces over data x context parallelism and logs as sum / count: `lm loss` (the optimised
 objective, CE + lambda * regulariser, as in Megatron) and the SED statistics
 (`ce loss`, `sed reg`, `sed mask rate`, `entropy`, `target prob`, `topk mass`,
 `top1 acc`; megatron_sed.ops.stats.sed_report). NaN/Inf losses are checked the way
@@ -107,9 +107,11 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, model=None):
     if stats is not None:
         report.update(sed_report(stats, loss_mask))
         tracker = sed_threshold(args, model)
+        # the tau this micro-batch ran with: report it before the iteration's last
+        # micro-batch steps the EMA (else the log mixes in the next iteration's tau)
+        report.update(tracker.report(loss_mask))
         if model is not None and model.training:
             tracker.observe(stats, loss_mask)
-        report.update(tracker.report(loss_mask))
     _check_finite(args, loss)
     loss, num_tokens = _normalise_over_context_parallel(args, loss, num_tokens)
     return loss, num_tokens, report
