@@ -230,6 +230,12 @@ def _check_context_parallel(args) -> None:
             "--hybrid-context-parallel is not supported by megatron-sed (its batches carry "
             "no per-sample CP sizes): use --context-parallel-size alone"
         )
+    backend = getattr(getattr(args, "attention_backend", None), "name", None)
+    if args.transformer_impl == "transformer_engine" and backend == "unfused":
+        raise ArgumentError(
+            "--attention-backend unfused has no context parallelism in Transformer Engine: "
+            "use flash, fused or auto with --context-parallel-size > 1"
+        )
     if args.pack and args.transformer_impl == "transformer_engine":
         # TE's THD attention with CP needs every packed sample padded to a multiple of
         # 2 x CP (cu_seqlens_padded) and TE's per-sample partition of the tokens; the

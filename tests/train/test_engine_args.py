@@ -120,7 +120,8 @@ def test_linear_cross_entropy_fusion_is_refused():
 def test_packed_thd_with_context_parallelism_is_refused():
     """Transformer Engine's THD attention with CP needs every packed sample padded to a
     multiple of 2 x CP and TE's per-sample token partition, which the packed reader does
-    not do: refused (not reachable on CPU, where TE itself is refused first)."""
+    not do; TE's unfused attention has no CP: both refused (not reachable through the
+    command line on CPU, where TE itself is refused first)."""
     import argparse
 
     from megatron_sed.train.arguments import ArgumentError, _check_context_parallel
@@ -132,6 +133,13 @@ def test_packed_thd_with_context_parallelism_is_refused():
         _check_context_parallel(args)
     for ok in (dict(pack=False), dict(transformer_impl="local"), dict(context_parallel_size=1)):
         _check_context_parallel(argparse.Namespace(**{**vars(args), **ok}))
+    # TE's unfused attention has no CP
+    from megatron.core.transformer.enums import AttnBackend
+
+    unfused = argparse.Namespace(**{**vars(args), "pack": False, "attention_backend": AttnBackend.unfused})
+    with pytest.raises(ArgumentError, match="--attention-backend unfused"):
+        _check_context_parallel(unfused)
+    _check_context_parallel(argparse.Namespace(**{**vars(unfused), "attention_backend": AttnBackend.auto}))
 
 
 def test_converted_checkpoint_supplies_shape_rope_scaling_and_tokenizer(parsed):
