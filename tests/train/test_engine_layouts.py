@@ -125,6 +125,12 @@ def test_sed_losses_agree_across_layouts(layouts, layout):
     reference = LAYOUTS[layout][2]
     worst = assert_close(layouts[reference], layouts[layout], KEYS, atol=1e-5)
     assert len(layouts[reference].records) == ITERS
+    # the evaluation after training (forward only, its reports reduced over DP x CP too)
+    ref_valid, valid = layouts[reference].valid, layouts[layout].valid
+    assert len(valid) == len(ref_valid) >= 1
+    for a, b in zip(ref_valid, valid):
+        for k in KEYS[:-1]:  # no grad norm in evaluation
+            assert abs(a[f"valid_{k}"] - b[f"valid_{k}"]) <= 1e-5 * max(1.0, abs(a[f"valid_{k}"])), (k, a, b)
     print(f"{layout} vs {reference}: max |diff| {worst:.2e}")
 
 
