@@ -92,7 +92,16 @@ def _reference(llama, recipe):
     return float(np.quantile(masses, 0.3)), len(masses)
 
 
-EMA = ["--train-iters", "2", "--sed-threshold-update", "ema", "--sed-threshold-ema", "0.5"]
+# (with --calculate-per-token-loss: the layout tests cover CP without it)
+EMA = [
+    "--train-iters",
+    "2",
+    "--sed-threshold-update",
+    "ema",
+    "--sed-threshold-ema",
+    "0.5",
+    "--calculate-per-token-loss",
+]
 
 
 def test_calibration_is_exact_and_the_same_at_dp1_and_dp2(tiny_llama, tmp_path):
@@ -101,9 +110,10 @@ def test_calibration_is_exact_and_the_same_at_dp1_and_dp2(tiny_llama, tmp_path):
     also train two iterations with --calculate-per-token-loss, which normalises by the
     supervised tokens of the whole global batch: Megatron's DDP must then not divide the
     gradients by the DP size as well (a double division would halve DP 2's gradient norm).
-    The supervised runs track tau with the EMA for two iterations: context parallelism
-    (each CP rank holds part of every sequence) must give the same calibrated tau, the same
-    EMA step and the same losses as data parallelism over whole sequences."""
+    The supervised runs track tau with the EMA for two iterations, with per-token loss:
+    context parallelism (each CP rank holds part of every sequence) must give the same
+    calibrated tau, the same EMA step, losses and grad norm as data parallelism over whole
+    sequences."""
     runs = {}
     for name, n, recipe, extra in (
         ("dp1", 1, "authors", ["--train-iters", "2", "--calculate-per-token-loss"]),
