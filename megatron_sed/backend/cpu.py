@@ -13,8 +13,8 @@ What `install()` changes, process-wide, until `uninstall()`:
 1. **Devices.** A ``TorchFunctionMode`` maps every CUDA device given to a torch function
    (``device=`` keyword, positional ``Tensor.to`` targets: ``"cuda"``, ``"cuda:N"``,
    ``torch.device("cuda", N)``, a bare ordinal) to the CPU. ``Tensor.cuda()``,
-   ``Module.cuda()`` and ``Tensor.pin_memory()`` return their input; data loaders never
-   pin memory.
+   ``Module.cuda()`` and ``Tensor.pin_memory()`` return their input; data loaders and
+   factories (``pin_memory=True``, e.g. Megatron's CP slicing of RoPE) never pin memory.
 2. **torch.cuda.** One device (ordinal 0) that is "available": ``current_device``,
    ``set_device``, ``device_count``, properties/capability/name, ``synchronize``,
    streams and events (no-ops that keep program order, which is the CPU's order anyway),
@@ -115,6 +115,8 @@ class _CudaOnCpu(TorchFunctionMode):
                 kwargs = dict(kwargs, device=_CPU)
                 if func in _RANDOM_FACTORIES and kwargs.get("generator") is None:
                     kwargs["generator"] = _cuda_generator
+            if kwargs.get("pin_memory"):  # pinned host memory needs a CUDA driver
+                kwargs = dict(kwargs, pin_memory=False)
         else:
             kwargs = {}
         if func in _DEVICE_POSITIONAL:

@@ -214,6 +214,39 @@ def _check_plugin_limits(args) -> None:
         )
 
 
+def _check_context_parallel(args) -> None:
+    """What megatron-sed's batch split (megatron_sed.train.data.model_inputs) and CP
+    attention can run exactly; the rest is refused naming the flags."""
+    cp = args.context_parallel_size
+    if cp == 1:
+        return
+    if args.seq_length is not None and args.seq_length % (2 * cp):
+        raise ArgumentError(
+            f"--seq-length {args.seq_length} must be a multiple of 2 x --context-parallel-size "
+            f"({2 * cp}): context parallelism splits each sequence into 2 x CP chunks"
+        )
+    if getattr(args, "hybrid_context_parallel", False):
+        raise ArgumentError(
+            "--hybrid-context-parallel is not supported by megatron-sed (its batches carry "
+            "no per-sample CP sizes): use --context-parallel-size alone"
+        )
+    backend = getattr(getattr(args, "attention_backend", None), "name", None)
+    if args.transformer_impl == "transformer_engine" and backend == "unfused":
+        raise ArgumentError(
+            "--attention-backend unfused has no context parallelism in Transformer Engine: "
+            "use flash, fused or auto with --context-parallel-size > 1"
+        )
+    if args.pack and args.transformer_impl == "transformer_engine":
+        # TE's THD attention with CP needs every packed sample padded to a multiple of
+        # 2 x CP (cu_seqlens_padded) and TE's per-sample partition of the tokens; the
+        # packed reader does not pad samples, so the split would be wrong.
+        raise ArgumentError(
+            "packed sequences (THD) with --context-parallel-size > 1 and --transformer-impl "
+            "transformer_engine are not supported yet: pass --no-pack (one padded sample per "
+            "sequence) or --transformer-impl local (block-causal mask, exact but slower)"
+        )
+
+
 def parse_and_validate(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Megatron's parse_args / validate_args / set_global_variables with the steps above.
     Raises ArgumentError (or Megatron's AssertionError/ValueError) naming what is wrong."""
@@ -237,6 +270,7 @@ def parse_and_validate(argv: Optional[Sequence[str]] = None) -> argparse.Namespa
         _check_gpu_stack(args)
     apply_fusions(args, given)
     _check_plugin_limits(args)
+    _check_context_parallel(args)
     _check_schedule(args)
     validate_args(args, {})
     set_global_variables(args)

@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.utils import get_batch_on_this_cp_rank
 from megatron.training import get_args, get_tokenizer, print_rank_0
 
 from megatron_sed.data.indexed import read_metadata
@@ -140,8 +142,10 @@ def build_datasets(args, num_samples, pack: Optional[bool] = None):
     )
 
 
-def train_valid_test_datasets_provider(train_val_test_num_samples):
-    """Megatron's dataset provider (called with the sample counts it will draw)."""
+def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None):
+    """Megatron's dataset provider (called with the sample counts it will draw). With the
+    interleaved pipeline Megatron calls it once per model chunk (`vp_stage`): every chunk
+    reads the same micro-batches, as in Megatron-LM's pretrain_gpt.py."""
 
     args = get_args()
     print_rank_0("> building SFT train, validation and test datasets ...")
@@ -155,24 +159,39 @@ def train_valid_test_datasets_provider(train_val_test_num_samples):
 train_valid_test_datasets_provider.is_distributed = True
 
 
+SEQUENCE_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
 def model_inputs(batch: dict[str, torch.Tensor], thd: bool, pack: bool = True) -> dict[str, object]:
     """tokens, position_ids, labels, loss_mask on the current device, plus the attention
     description: packed samples get THD PackedSeqParams for Transformer Engine (built from
     the host segment ids: no device sync) or a block-causal boolean mask (local spec);
     padded single samples need only the causal mask. Labels are clamped to valid ids (the
-    loss mask says which count), as Megatron's CE expects of the heads SED leaves to it."""
+    loss mask says which count), as Megatron's CE expects of the heads SED leaves to it.
+
+    With context parallelism the sequence is split as Megatron-LM's pretrain_gpt.py splits
+    it (megatron.core.utils.get_batch_on_this_cp_rank): 2 x CP chunks, rank r keeps chunks
+    r and 2CP-1-r of the tokens, labels, loss mask and positions, and the query rows of the
+    block-causal mask (its key columns stay whole: the CP attention sees every key).
+    Packed THD batches with CP are refused at argument validation
+    (megatron_sed.train.arguments)."""
 
     device = torch.device("cuda", torch.cuda.current_device())
-    out = {
-        k: batch[k].to(device, non_blocking=True) for k in ("tokens", "labels", "loss_mask", "position_ids")
-    }
+    out = {k: batch[k].to(device, non_blocking=True) for k in SEQUENCE_KEYS}
     out["labels"] = out["labels"].clamp(min=0)
     out["attention_mask"] = None
     out["packed_seq_params"] = None
     if thd:
         out["packed_seq_params"] = packed_seq_params_from_segments(batch["segment_ids"], device)
-        for k in ("tokens", "labels", "loss_mask", "position_ids"):
+        for k in SEQUENCE_KEYS:
             out[k] = out[k].reshape(1, -1)  # THD: one flattened row
     elif pack:
         out["attention_mask"] = build_block_causal_mask(batch["segment_ids"].to(device))
+    cp_group = parallel_state.get_context_parallel_group(check_initialized=False)
+    if cp_group is not None and cp_group.size() > 1:
+        if thd:
+            raise ValueError("packed THD batches with context parallelism are not supported")
+        keys = [*SEQUENCE_KEYS] + (["attention_mask"] if out["attention_mask"] is not None else [])
+        split = get_batch_on_this_cp_rank({k: out[k] for k in keys}, is_hybrid_cp=False, cp_group=cp_group)
+        out.update({k: split[k] for k in keys})
     return out

@@ -8,7 +8,7 @@ the installed megatron-core has it, so multi-token-prediction heads keep plain C
 
 loss_func returns Megatron's triple: the loss summed over supervised tokens, their
 number, and a report of [sum, count] pairs that Megatron sums over micro-batches,
-all-reduces over data parallelism and logs as sum / count: `lm loss` (the optimised
+all-reduces over data x context parallelism and logs as sum / count: `lm loss` (the optimised
 objective, CE + lambda * regulariser, as in Megatron) and the SED statistics
 (`ce loss`, `sed reg`, `sed mask rate`, `entropy`, `target prob`, `topk mass`,
 `top1 acc`; megatron_sed.ops.stats.sed_report). NaN/Inf losses are checked the way
@@ -21,6 +21,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.rerun_state_machine import get_rerun_state_machine
 from megatron.training import get_args, get_timers
 
@@ -106,8 +107,28 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, model=None):
     if stats is not None:
         report.update(sed_report(stats, loss_mask))
         tracker = sed_threshold(args, model)
+        # the tau this micro-batch ran with: report it before the iteration's last
+        # micro-batch steps the EMA (else the log mixes in the next iteration's tau)
+        report.update(tracker.report(loss_mask))
         if model is not None and model.training:
             tracker.observe(stats, loss_mask)
-        report.update(tracker.report(loss_mask))
     _check_finite(args, loss)
+    loss, num_tokens = _normalise_over_context_parallel(args, loss, num_tokens)
     return loss, num_tokens, report
+
+
+def _normalise_over_context_parallel(args, loss: torch.Tensor, num_tokens: torch.Tensor):
+    """Megatron divides each rank's loss by the token count loss_func returns and averages
+    the gradients over DP x CP: with CP that is a mean of the CP ranks' own per-token
+    means, not the micro-batch's per-token mean (the ranks hold different numbers of
+    supervised tokens). Returning the CP group's token count, and the loss times the CP
+    size, makes it exactly the single-rank mean (as Megatron-LM's pretrain_gpt.py did
+    before its loss_func returned token counts). With --calculate-per-token-loss Megatron
+    divides by the count summed over DP x CP itself: nothing to do. The logged [sum,
+    count] reports are reduced over DP x CP by Megatron and stay per rank."""
+    group = parallel_state.get_context_parallel_group(check_initialized=False)
+    if args.calculate_per_token_loss or group is None or group.size() == 1:
+        return loss, num_tokens
+    total = num_tokens.clone()
+    torch.distributed.all_reduce(total, group=group)
+    return loss * group.size(), total

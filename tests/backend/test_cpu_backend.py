@@ -55,6 +55,9 @@ def _devices(rank, world):
     dl = torch.utils.data.DataLoader(list(range(4)), batch_size=2, pin_memory=True)
     assert [b.tolist() for b in dl] == [[0, 1], [2, 3]]
     assert torch.ones(1).pin_memory().device.type == "cpu"
+    # Nor do factories (Megatron's CP slicing of RoPE: torch.tensor(..., pin_memory=True)).
+    assert torch.tensor([1, 2], device="cpu", pin_memory=True).cuda(non_blocking=True).tolist() == [1, 2]
+    assert torch.empty(2, pin_memory=True).shape == (2,)
     cpu.uninstall()
     assert not cpu.is_active()
     assert torch.cuda.is_available() is False  # this machine has no GPU

@@ -44,6 +44,8 @@ def parsed(tiny_llama, tmp_path_factory):
             "hf_tokenizer_on_byte_data",
             [*base, "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tiny_llama.hf_dir)],
         ),
+        ("cp_seq_length", [*base, "--context-parallel-size", "2", "--seq-length", "126"]),
+        ("hybrid_cp", [*base, "--context-parallel-size", "2", "--hybrid-context-parallel"]),
         ("converted", conv),
         ("converted_mismatch", [*conv, "--num-layers", "3", "--hidden-size", "32"]),
     ]
@@ -82,6 +84,8 @@ def test_cpu_defaults_and_byte_tokenizer(parsed):
         ("warmup_too_long", "--lr-warmup-iters (4) must be smaller than --lr-decay-iters (4"),
         ("hf_tokenizer_on_byte_data", "was tokenized with byte"),
         ("converted_mismatch", "--num-layers 3 (checkpoint: 2)"),
+        ("cp_seq_length", "--seq-length 126 must be a multiple of 2 x --context-parallel-size (4)"),
+        ("hybrid_cp", "--hybrid-context-parallel is not supported"),
     ],
 )
 def test_bad_flags_fail_naming_them(parsed, case, message):
@@ -111,6 +115,31 @@ def test_linear_cross_entropy_fusion_is_refused():
         _check_plugin_limits(args)
     args.loss_type = "ce"
     _check_plugin_limits(args)
+
+
+def test_packed_thd_with_context_parallelism_is_refused():
+    """Transformer Engine's THD attention with CP needs every packed sample padded to a
+    multiple of 2 x CP and TE's per-sample token partition, which the packed reader does
+    not do; TE's unfused attention has no CP: both refused (not reachable through the
+    command line on CPU, where TE itself is refused first)."""
+    import argparse
+
+    from megatron_sed.train.arguments import ArgumentError, _check_context_parallel
+
+    args = argparse.Namespace(
+        context_parallel_size=2, seq_length=128, pack=True, transformer_impl="transformer_engine"
+    )
+    with pytest.raises(ArgumentError, match="--no-pack"):
+        _check_context_parallel(args)
+    for ok in (dict(pack=False), dict(transformer_impl="local"), dict(context_parallel_size=1)):
+        _check_context_parallel(argparse.Namespace(**{**vars(args), **ok}))
+    # TE's unfused attention has no CP
+    from megatron.core.transformer.enums import AttnBackend
+
+    unfused = argparse.Namespace(**{**vars(args), "pack": False, "attention_backend": AttnBackend.unfused})
+    with pytest.raises(ArgumentError, match="--attention-backend unfused"):
+        _check_context_parallel(unfused)
+    _check_context_parallel(argparse.Namespace(**{**vars(unfused), "attention_backend": AttnBackend.auto}))
 
 
 def test_converted_checkpoint_supplies_shape_rope_scaling_and_tokenizer(parsed):

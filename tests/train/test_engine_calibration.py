@@ -92,17 +92,36 @@ def _reference(llama, recipe):
     return float(np.quantile(masses, 0.3)), len(masses)
 
 
+# (with --calculate-per-token-loss: the layout tests cover CP without it)
+EMA = [
+    "--train-iters",
+    "2",
+    "--sed-threshold-update",
+    "ema",
+    "--sed-threshold-ema",
+    "0.5",
+    "--calculate-per-token-loss",
+]
+
+
 def test_calibration_is_exact_and_the_same_at_dp1_and_dp2(tiny_llama, tmp_path):
     """tau equals a transformers float64 reference for the authors' recipe (the default) at
-    DP 1 and DP 2 and for the supervised recipe at DP 2. The DP 1 / DP 2 runs also train
-    two iterations with --calculate-per-token-loss, which normalises by the supervised
-    tokens of the whole global batch: Megatron's DDP must then not divide the gradients by
-    the DP size as well (a double division would halve DP 2's gradient norm)."""
+    DP 1 and DP 2 and for the supervised recipe at DP 2 and at CP 2. The DP 1 / DP 2 runs
+    also train two iterations with --calculate-per-token-loss, which normalises by the
+    supervised tokens of the whole global batch: Megatron's DDP must then not divide the
+    gradients by the DP size as well (a double division would halve DP 2's gradient norm).
+    The supervised runs track tau with the EMA for two iterations, with per-token loss:
+    context parallelism (each CP rank holds part of every sequence) must give the same
+    calibrated tau, the same EMA step, losses and grad norm as data parallelism over whole
+    sequences."""
     runs = {}
-    for name, n, recipe in (("dp1", 1, "authors"), ("dp2", 2, "authors"), ("dp2_sup", 2, "supervised")):
-        flags = _llama_flags(tiny_llama, "--sed-calibration", recipe)
-        if name != "dp2_sup":
-            flags += ["--train-iters", "2", "--calculate-per-token-loss"]
+    for name, n, recipe, extra in (
+        ("dp1", 1, "authors", ["--train-iters", "2", "--calculate-per-token-loss"]),
+        ("dp2", 2, "authors", ["--train-iters", "2", "--calculate-per-token-loss"]),
+        ("dp2_sup", 2, "supervised", EMA),
+        ("cp2_sup", 2, "supervised", [*EMA, "--context-parallel-size", "2"]),
+    ):
+        flags = _llama_flags(tiny_llama, "--sed-calibration", recipe, *extra)
         run = train(tmp_path, name, n, flags)
         tau, tokens, samples = _logged_tau(run.log)
         ref_tau, ref_tokens = _reference(tiny_llama, recipe)
@@ -112,6 +131,16 @@ def test_calibration_is_exact_and_the_same_at_dp1_and_dp2(tiny_llama, tmp_path):
         runs[name] = (tau, run)
     assert runs["dp1"][0] == runs["dp2"][0]
     assert runs["dp2_sup"][0] != runs["dp2"][0]  # the recipes differ (k, positions, statistic)
+    assert runs["cp2_sup"][0] == pytest.approx(runs["dp2_sup"][0], rel=1e-6)
+    ema_taus = runs["dp2_sup"][1].series("sed_threshold")
+    assert len(ema_taus) == 2 and ema_taus[1] != ema_taus[0]  # the EMA moved tau
+    worst_cp = assert_close(
+        runs["dp2_sup"][1],
+        runs["cp2_sup"][1],
+        ("sed_threshold", "lm_loss", "ce_loss", "sed_reg", "sed_mask_rate", "grad_norm"),
+        atol=1e-5,
+    )
+    print(f"EMA at CP2 vs DP2: max |diff| {worst_cp:.2e}")
     worst = assert_close(
         runs["dp1"][1], runs["dp2"][1], ("lm_loss", "ce_loss", "sed_reg", "grad_norm"), atol=1e-5
     )

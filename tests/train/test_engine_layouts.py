@@ -1,10 +1,19 @@
 """Megatron's own loop with the SED plugin on CPU: the same SED-SFT training at every
 parallel layout, and fine-tuning a converted HF Llama that keeps the loaded model.
 
-All runs start from the same weights (the tiny pretrained Llama, converted), so TP, PP
-and DP must reproduce TP=1's losses and gradient norms (tensor parallelism splits
-matmuls and the loss's vocabulary sums across ranks: the difference is fp32 summation
-order, measured |diff| ~1e-7; tolerance 1e-5)."""
+All runs start from the same weights (the tiny pretrained Llama, converted), so every
+layout must reproduce the single rank's losses, SED statistics and gradient norms (tensor
+parallelism splits matmuls and the loss's vocabulary sums across ranks, context
+parallelism the sequence: the difference is fp32 summation order, measured |diff|
+~1e-7; tolerance 1e-5). Layouts share launches where they are independent: sequence
+parallelism and selective recompute ride on TP 2, full recompute on DP 2, the interleaved
+pipeline on TP 2 x PP 2 with the distributed optimizer.
+
+The interleaved pipeline needs two model chunks per pipeline rank; the tiny model has two
+layers, so the embedding and the loss count as pipeline layers
+(--account-for-embedding-in-pipeline-split / --account-for-loss-in-pipeline-split): four
+virtual stages of one "layer" each, rank 0 running the embedding and layer 2, rank 1
+layer 1 and the loss."""
 
 from __future__ import annotations
 
@@ -55,37 +64,83 @@ def _flags(llama, *extra):
     ]
 
 
+VPP = [
+    "--account-for-embedding-in-pipeline-split",
+    "--account-for-loss-in-pipeline-split",
+    "--num-layers-per-virtual-pipeline-stage",
+    "1",
+]
+RECOMPUTE_FULL = [
+    "--recompute-granularity",
+    "full",
+    "--recompute-method",
+    "uniform",
+    "--recompute-num-layers",
+    "1",
+]
+CP2 = ["--context-parallel-size", "2"]
+TP2 = ["--tensor-model-parallel-size", "2"]
+
+# name: (ranks, flags, the single-rank run it must reproduce)
+LAYOUTS = {
+    "tp2_sp_selective_recompute": (
+        2,
+        [*TP2, "--sequence-parallel", "--recompute-granularity", "selective"],
+        "tp1",
+    ),
+    "dp2_full_recompute": (2, RECOMPUTE_FULL, "tp1"),
+    "tp2pp2vpp2_distopt": (
+        4,
+        [
+            *TP2,
+            "--pipeline-model-parallel-size",
+            "2",
+            *VPP,
+            "--use-distributed-optimizer",
+            "--overlap-grad-reduce",
+            "--overlap-param-gather",
+        ],
+        "tp1",
+    ),
+    "cp2_packed": (2, CP2, "tp1"),
+    "cp2_padded": (2, [*CP2, "--no-pack"], "tp1_padded"),
+    "cp2tp2_sp": (4, [*CP2, *TP2, "--sequence-parallel"], "tp1"),
+}
+
+
 @pytest.fixture(scope="module")
 def layouts(tiny_llama, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("layouts")
-    runs = {"tp1": train(tmp, "tp1", 1, _flags(tiny_llama))}
-    for name, n, extra in (
-        ("tp2", 2, ["--tensor-model-parallel-size", "2"]),
-        ("dp2", 2, []),
-        # pipeline parallelism: inside tp2pp2_distopt (one launch fewer for the suite)
-        (
-            "tp2pp2_distopt",
-            4,
-            [
-                "--tensor-model-parallel-size",
-                "2",
-                "--pipeline-model-parallel-size",
-                "2",
-                "--use-distributed-optimizer",
-                "--overlap-grad-reduce",
-                "--overlap-param-gather",
-            ],
-        ),
-    ):
+    runs = {
+        "tp1": train(tmp, "tp1", 1, _flags(tiny_llama)),
+        "tp1_padded": train(tmp, "tp1_padded", 1, _flags(tiny_llama, "--no-pack")),
+    }
+    for name, (n, extra, _) in LAYOUTS.items():
         runs[name] = train(tmp, name, n, _flags(tiny_llama, *extra))
     return runs
 
 
-@pytest.mark.parametrize("layout", ["tp2", "dp2", "tp2pp2_distopt"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_sed_losses_agree_across_layouts(layouts, layout):
-    worst = assert_close(layouts["tp1"], layouts[layout], KEYS, atol=1e-5)
-    assert len(layouts["tp1"].records) == ITERS
-    print(f"{layout} vs tp1: max |diff| {worst:.2e}")
+    reference = LAYOUTS[layout][2]
+    worst = assert_close(layouts[reference], layouts[layout], KEYS, atol=1e-5)
+    assert len(layouts[reference].records) == ITERS
+    # the evaluation after training (forward only, its reports reduced over DP x CP too)
+    ref_valid, valid = layouts[reference].valid, layouts[layout].valid
+    assert len(valid) == len(ref_valid) >= 1
+    for a, b in zip(ref_valid, valid):
+        for k in KEYS[:-1]:  # no grad norm in evaluation
+            assert abs(a[f"valid_{k}"] - b[f"valid_{k}"]) <= 1e-5 * max(1.0, abs(a[f"valid_{k}"])), (k, a, b)
+    print(f"{layout} vs {reference}: max |diff| {worst:.2e}")
+
+
+def test_layouts_are_what_the_flags_say(layouts):
+    """Each run used the layout it is named for (Megatron's own log lines), and packing
+    mattered: the padded stream differs from the packed one."""
+    assert "Number of virtual stages per pipeline stage: 2" in layouts["tp2pp2vpp2_distopt"].log
+    for name in ("cp2_packed", "cp2_padded", "cp2tp2_sp"):
+        assert "context-parallel size: 2" in layouts[name].log, name
+    assert layouts["tp1"].series("lm_loss") != layouts["tp1_padded"].series("lm_loss")
 
 
 def test_sed_statistics_are_live(layouts):
