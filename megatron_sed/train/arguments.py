@@ -113,7 +113,22 @@ def add_trainer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.set_defaults(eval_interval=1000)
     if cpu_backend.is_active():
         parser.set_defaults(**CPU_DEFAULTS)
+    escape_bare_percent(parser)
     return parser
+
+
+def escape_bare_percent(parser: argparse.ArgumentParser) -> None:
+    """argparse formats every help text with `help % params`; a literal '%' that is not
+    '%%' (megatron-core 0.19.2's --moe-paged-stash-buffer-size-factor-cuda has one) makes
+    --help fail. Escape the '%' of any help text that does not format."""
+    for action in parser._actions:
+        if not isinstance(action.help, str) or "%" not in action.help:
+            continue
+        params = dict(vars(action), prog=parser.prog)
+        try:
+            action.help % params
+        except (ValueError, TypeError, KeyError):
+            action.help = action.help.replace("%", "%%")
 
 
 def given_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set:
