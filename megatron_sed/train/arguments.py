@@ -33,6 +33,7 @@ from megatron_sed.model.fusions import choose_fusions
 from megatron_sed.model.specs import te_available
 from megatron_sed.train.checkpoint_args import apply_checkpoint_args
 from megatron_sed.train.data import resolve_tokenizer_args
+from megatron_sed.train.load_check import check_load_dirs
 
 PROG = "megatron-sed-train"
 
@@ -244,6 +245,7 @@ def parse_and_validate(argv: Optional[Sequence[str]] = None) -> argparse.Namespa
     validate_sed_args(args)
     if args.tokenizer_type in TOKENIZER_ALIASES:
         args.tokenizer_type = TOKENIZER_ALIASES[args.tokenizer_type]
+    check_load_dirs(args)
     apply_checkpoint_args(args, given)
     resolve_tokenizer_args(args)
     if cpu_backend.is_active():
