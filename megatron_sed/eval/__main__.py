@@ -70,7 +70,9 @@ def main(argv=None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     from megatron_sed.eval.run import evaluate  # noqa: PLC0415 (per subcommand: `report` needs neither torch nor Megatron)
+    from megatron_sed.utils import fallbacks  # noqa: PLC0415 (after megatron-core's imports)
 
+    fallbacks.report()
     try:
         result = evaluate(args)
     except (CheckpointError, PromptsFileError, ValueError) as err:
