@@ -74,6 +74,9 @@ def _foreign(root: Path, flag: str) -> str:
     names = sorted(os.listdir(root))
     shown = ", ".join(n + ("/" if (root / n).is_dir() else "") for n in names[:8])
     found = f"found {shown}{', ...' if len(names) > 8 else ''}"
+    m = _ITER.match(root.name)
+    if (root / ".metadata").is_file() and m:
+        return f"{found}: one checkpoint of a save directory; pass {flag} {root.parent} --ckpt-step {int(m.group(1))}"
     nested = [p for p in sorted(root.iterdir()) if p.is_dir() and (p / TRACKER).is_file()]
     if nested:
         return f"{found}; {nested[0]} is a save directory: did you mean {flag} {nested[0]}?"

@@ -141,6 +141,7 @@ def test_load_refuses_what_it_cannot_read(saved, tmp_path):
     assert "torch-format checkpoint" in msg and "--ckpt-convert-format torch_dist" in msg
 
     assert "does not exist" in _refused(save, step=7)
+    assert f"pass --load {save} --ckpt-step 2" in _refused(save / "iter_0000002")
 
 
 @pytest.fixture(scope="module")
