@@ -9,9 +9,13 @@ Public API::
 `reduce_sed_stats(stats, loss_mask, group)` gives the means a training log shows.
 """
 
-from megatron_sed.ops.config import KernelOptions, SEDConfig
-from megatron_sed.ops.sed_loss import SEDLoss, vocab_parallel_sed_loss
-from megatron_sed.ops.stats import STAT_FIELDS, SEDStats, reduce_sed_stats, sed_report
+from megatron_sed.utils import fallbacks as _fallbacks
+
+_fallbacks.collect()  # before anything imports megatron-core (see megatron_sed.utils.fallbacks)
+
+from megatron_sed.ops.config import KernelOptions, SEDConfig  # noqa: E402
+from megatron_sed.ops.sed_loss import SEDLoss, vocab_parallel_sed_loss  # noqa: E402
+from megatron_sed.ops.stats import STAT_FIELDS, SEDStats, reduce_sed_stats, sed_report  # noqa: E402
 
 __version__ = "0.2.0"
 

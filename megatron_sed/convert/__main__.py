@@ -14,6 +14,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from megatron_sed.convert.hf_folder import CheckpointError
 from megatron_sed.convert.hf_to_mcore import convert_hf_to_mcore
 from megatron_sed.convert.mcore_to_hf import convert_mcore_to_hf
+from megatron_sed.utils import fallbacks
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +93,7 @@ def _root_causes(e: CheckpointException):
 
 
 def main(argv=None) -> int:
+    fallbacks.report()
     args = build_parser().parse_args(argv)
     try:
         if args.command == "hf-to-mcore":

@@ -40,6 +40,7 @@ from megatron_sed.data.formats import (
 from megatron_sed.data.indexed import SFTIndexedWriter
 from megatron_sed.data.sources import Record, SourceError, check_inputs, iter_records, total_rows
 from megatron_sed.data.tokenizer import ChatFormatError, build_tokenizer
+from megatron_sed.utils import fallbacks
 
 logger = logging.getLogger("megatron_sed.data.preprocess")
 
@@ -356,6 +357,7 @@ def _raise_on_sigterm(signum, frame):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    fallbacks.report()
     args = build_parser().parse_args(argv)
     # SIGTERM (e.g. a scheduler's kill) unwinds like Ctrl-C so the temporaries are removed.
     signal.signal(signal.SIGTERM, _raise_on_sigterm)

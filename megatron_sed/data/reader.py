@@ -94,10 +94,29 @@ class SFTDataset(torch.utils.data.Dataset):
                 self.seq_length,
             )
         self.pad_id = data.pad_id
+        self._supervised: Optional[int] = None
         self._salt = zlib.crc32(name.encode())
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._epoch_starts: list[int] = [0]  # global index of each epoch's first sample
         self.num_samples = int(num_samples) if num_samples is not None else self.samples_in_epoch(0)
+
+    # -- supervision ----------------------------------------------------------------------
+    def supervised_tokens(self) -> int:
+        """Supervised labels this split yields per epoch (within --seq-length): the loss
+        mask of tokens 1..pairs of each document. Read once, in bounded chunks of the mask
+        file (one byte per token), so it costs a pass over 1/2-1/4 of the corpus size."""
+        if self._supervised is None:
+            self._supervised = count_supervised(self.data, self.doc_ids, self.pairs)
+        return self._supervised
+
+    def prompt_lengths(self, limit: int = 2000) -> np.ndarray:
+        """Tokens before the first supervised one, of (up to `limit`) documents that have one."""
+        out = []
+        for doc in self.doc_ids[:limit]:
+            hit = np.flatnonzero(self.data.get(doc)[1])
+            if hit.size:
+                out.append(int(hit[0]))
+        return np.asarray(out, dtype=np.int64)
 
     # -- epoch layout -------------------------------------------------------------------
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -167,6 +186,30 @@ class SFTDataset(torch.utils.data.Dataset):
             "position_ids": torch.from_numpy(position_ids),
             "segment_ids": torch.from_numpy(segment_ids),
         }
+
+
+_CHUNK_BYTES = 1 << 22  # mask bytes read at once when counting supervised tokens
+
+
+def count_supervised(data: SFTIndexedData, doc_ids: np.ndarray, pairs: np.ndarray) -> int:
+    """Sum over documents d of mask_d[1 : pairs_d + 1] (the supervised labels of d)."""
+    index = data.masks.index
+    order = np.argsort(doc_ids, kind="stable")
+    docs, npairs = doc_ids[order], pairs[order]
+    ptrs = np.asarray(index.sequence_pointers, dtype=np.int64)[docs]  # uint8: bytes = tokens
+    total, i = 0, 0
+    while i < len(docs):
+        j = i + 1  # docs[i:j]: a run whose byte span fits one chunk (or a single document)
+        while j < len(docs) and ptrs[j] + npairs[j] + 1 - ptrs[i] <= _CHUNK_BYTES:
+            j += 1
+        start = int(ptrs[i])
+        span = int(ptrs[j - 1] + npairs[j - 1] + 1) - start
+        region = data.masks.bin_reader.read(dtype=np.uint8, count=span, offset=start)
+        csum = np.concatenate([[0], np.cumsum(region, dtype=np.int64)])
+        lo = ptrs[i:j] - start + 1
+        total += int((csum[lo + npairs[i:j]] - csum[lo]).sum())
+        i = j
+    return total
 
 
 class BlendedSFTDataset(torch.utils.data.Dataset):

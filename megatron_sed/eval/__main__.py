@@ -33,8 +33,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=8, help="samples per prompt")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--pass-k", type=int, nargs="+", default=[1, 2, 4, 8], help="k values of pass@k (<= n)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="tokens to sample per completion (default: 128 (megatron_sed.eval.run), or fewer "
+        "when the model's maximum sequence length leaves less room after the longest prompt)",
+    )
+    p.add_argument(
+        "--pass-k",
+        type=int,
+        nargs="+",
+        default=None,
+        help="k values of pass@k, each <= --n (default: 1, 2, 4, ... up to --n)",
+    )
     p.add_argument("--seed", type=int, default=1234, help="sampling seed")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence each step")
     p.add_argument(
@@ -70,7 +82,9 @@ def main(argv=None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     from megatron_sed.eval.run import evaluate  # noqa: PLC0415 (per subcommand: `report` needs neither torch nor Megatron)
+    from megatron_sed.utils import fallbacks  # noqa: PLC0415 (after megatron-core's imports)
 
+    fallbacks.report()
     try:
         result = evaluate(args)
     except (CheckpointError, PromptsFileError, ValueError) as err:

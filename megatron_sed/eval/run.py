@@ -56,15 +56,50 @@ def _path_id(prompt, text: str, correct: bool):
     return None
 
 
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+def default_pass_k(n: int) -> list[int]:
+    """pass@k for k = 1, 2, 4, ... up to n, and n itself."""
+    ks = [1 << i for i in range(n.bit_length()) if 1 << i <= n]
+    return ks if ks[-1] == n else [*ks, n]
+
+
+def fit_max_new_tokens(requested, prompt_lengths: list[int], max_positions) -> int:
+    """--max-new-tokens: as given (the sampler refuses what does not fit), or the default
+    capped by the room the model's positions leave after the longest prompt (said once)."""
+    if requested is not None:
+        return int(requested)
+    if max_positions is None:
+        return DEFAULT_MAX_NEW_TOKENS
+    longest = max(prompt_lengths)
+    room = int(max_positions) - longest
+    if room < 1:
+        raise ValueError(
+            f"the longest prompt has {longest} tokens, the model's maximum sequence length is "
+            f"{max_positions}: no room to sample (--num-prompts, or shorter prompts)"
+        )
+    if room < DEFAULT_MAX_NEW_TOKENS:
+        print(
+            f" > --max-new-tokens {room}: the model holds {max_positions} positions and the "
+            f"longest prompt has {longest} tokens (pass --max-new-tokens to choose)",
+            flush=True,
+        )
+    return min(DEFAULT_MAX_NEW_TOKENS, room)
+
+
 def evaluate(args) -> dict:
     """Run the evaluation the parsed megatron-sed-eval flags describe; returns the JSON
     record it wrote to args.output."""
-    params = SamplingParams(args.temperature, args.top_p, args.max_new_tokens)
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
+    if args.pass_k is None:
+        args.pass_k = default_pass_k(args.n)
     bad_k = [k for k in args.pass_k if not 1 <= k <= args.n]
     if bad_k:
         raise ValueError(f"--pass-k {bad_k}: every k must lie in [1, --n={args.n}]")
+    if args.max_new_tokens is not None:
+        SamplingParams(args.temperature, args.top_p, args.max_new_tokens)  # checks the flags early
     t0 = time.time()
     with single_process_group():
         ps.initialize_model_parallel(tensor_model_parallel_size=1)
@@ -79,11 +114,17 @@ def evaluate(args) -> dict:
                 f"{len(prompts)} prompts x {args.n} samples",
                 flush=True,
             )
+            prompt_ids = [tok.encode_prompt(pr.messages) for pr in prompts]
+            max_positions = getattr(model, "max_sequence_length", None)
+            args.max_new_tokens = fit_max_new_tokens(
+                args.max_new_tokens, [len(ids) for ids in prompt_ids], max_positions
+            )
+            params = SamplingParams(args.temperature, args.top_p, args.max_new_tokens)
             sampler = Sampler(model, vocab_size=tok.vocab_size, use_kv_cache=not args.no_kv_cache)
             gen = torch.Generator().manual_seed(args.seed)
             groups, records = [], []
             for i, pr in enumerate(tqdm(prompts, desc="sampling", unit="prompt", file=sys.stderr)):
-                ids = tok.encode_prompt(pr.messages)
+                ids = prompt_ids[i]
                 samples = sampler.generate(ids, args.n, params, stop_ids=tok.stop_ids, generator=gen)
                 group = []
                 for s in samples:

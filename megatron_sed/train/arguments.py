@@ -33,6 +33,7 @@ from megatron_sed.model.fusions import choose_fusions
 from megatron_sed.model.specs import te_available
 from megatron_sed.train.checkpoint_args import apply_checkpoint_args
 from megatron_sed.train.data import resolve_tokenizer_args
+from megatron_sed.train.load_check import check_load_dirs
 
 PROG = "megatron-sed-train"
 
@@ -113,7 +114,22 @@ def add_trainer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.set_defaults(eval_interval=1000)
     if cpu_backend.is_active():
         parser.set_defaults(**CPU_DEFAULTS)
+    escape_bare_percent(parser)
     return parser
+
+
+def escape_bare_percent(parser: argparse.ArgumentParser) -> None:
+    """argparse formats every help text with `help % params`; a literal '%' that is not
+    '%%' (megatron-core 0.19.2's --moe-paged-stash-buffer-size-factor-cuda has one) makes
+    --help fail. Escape the '%' of any help text that does not format."""
+    for action in parser._actions:
+        if not isinstance(action.help, str) or "%" not in action.help:
+            continue
+        params = dict(vars(action), prog=parser.prog)
+        try:
+            action.help % params
+        except (ValueError, TypeError, KeyError):
+            action.help = action.help.replace("%", "%%")
 
 
 def given_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set:
@@ -262,6 +278,7 @@ def parse_and_validate(argv: Optional[Sequence[str]] = None) -> argparse.Namespa
     validate_sed_args(args)
     if args.tokenizer_type in TOKENIZER_ALIASES:
         args.tokenizer_type = TOKENIZER_ALIASES[args.tokenizer_type]
+    check_load_dirs(args)
     apply_checkpoint_args(args, given)
     resolve_tokenizer_args(args)
     if cpu_backend.is_active():

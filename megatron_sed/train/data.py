@@ -17,6 +17,7 @@ import os
 import tempfile
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -150,9 +151,42 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
     args = get_args()
     print_rank_0("> building SFT train, validation and test datasets ...")
     train, valid, test = build_datasets(args, train_val_test_num_samples)
+    # A split Megatron draws no sample from (--eval-iters 0: validation off) is None, as
+    # Megatron's own builders return it: its sampler refuses a dataset of length 0.
+    train, valid, test = (
+        None if n is not None and int(n) == 0 else ds
+        for ds, n in zip((train, valid, test), train_val_test_num_samples)
+    )
     if train is None and args.train_iters:
         raise ValueError("the training split is empty: check --split / --train-data-path")
+    for ds in (train, valid, test):
+        check_supervised(ds, args)
     return train, valid, test
+
+
+def check_supervised(dataset, args) -> None:
+    """Refuse a split (or a blend's component) that holds no supervised token within
+    --seq-length: it would train and validate on nothing (a loss of 0/0) and exit 0.
+    Raises ArgumentError (exit 2, no traceback); logs each split's count otherwise."""
+    for part in getattr(dataset, "datasets", [dataset] if dataset is not None else []):
+        n = part.supervised_tokens()
+        print_rank_0(f" > {part.name} split of {part.data.prefix}: {n} supervised tokens per epoch")
+        if n:
+            continue
+        prompts = part.prompt_lengths()
+        said = (
+            f"its prompts (the tokens before the first supervised one) are {prompts.min()} to "
+            f"{prompts.max()} tokens long (median {int(np.median(prompts))}), so every response "
+            f"starts past the cut: pass --seq-length (and --max-position-embeddings) larger "
+            f"than {prompts.max()} plus room for the responses"
+            if prompts.size
+            else "its documents have no supervised token at all (check the loss mask: "
+            "megatron-sed-preprocess supervises the assistant turns)"
+        )
+        raise ArgumentError(
+            f"the {part.name} split of {part.data.prefix} holds no supervised token within "
+            f"--seq-length {args.seq_length}: {said}"
+        )
 
 
 # Every rank reads its own DP rank's batches: no TP broadcast of the micro-batch.

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Optional
 
 from megatron_sed.backend import cpu as cpu_backend
+from megatron_sed.utils import fallbacks
 
 
 def _single_process_defaults() -> None:
@@ -45,16 +46,20 @@ def run(argv: Optional[Sequence[str]] = None) -> None:
     from megatron_sed.train import megatron_fixes  # noqa: PLC0415 (after the CPU backend is installed)
     from megatron_sed.train.arguments import parse_and_validate  # noqa: PLC0415 (after the CPU backend is installed)
     from megatron_sed.train.data import check_tokenizer_matches_data, train_valid_test_datasets_provider  # noqa: PLC0415 (after the CPU backend is installed)
+    from megatron_sed.train.log_lines import install_log_line_fixes  # noqa: PLC0415 (after the CPU backend is installed)
     from megatron_sed.train.metrics import install_metrics_observer  # noqa: PLC0415 (after the CPU backend is installed)
     from megatron_sed.train.model_provider import model_provider  # noqa: PLC0415 (after the CPU backend is installed)
     from megatron_sed.train.step import forward_step  # noqa: PLC0415 (after the CPU backend is installed)
     from megatron_sed.train.threshold import install_checkpoint_sync  # noqa: PLC0415 (after the CPU backend is installed)
 
+    if int(os.environ.get("RANK", "0")) == 0:
+        fallbacks.report()  # after megatron-core's imports: one line for their CPU warnings
     args = parse_and_validate(argv)
     check_tokenizer_matches_data(args)
     if args.rank == args.world_size - 1:
         install_metrics_observer(args.metrics_file)
     megatron_fixes.apply(args)
+    install_log_line_fixes()
     install_checkpoint_sync()  # the EMA's device-side tau reaches the checkpoint's args
     pretrain(
         pretrain_cfg_container_from_args(args),

@@ -114,7 +114,7 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, model=None):
             tracker.observe(stats, loss_mask)
     _check_finite(args, loss)
     loss, num_tokens = _normalise_over_context_parallel(args, loss, num_tokens)
-    return loss, num_tokens, report
+    return loss, num_tokens, {k: _floor_count(v) for k, v in report.items()}
 
 
 def _normalise_over_context_parallel(args, loss: torch.Tensor, num_tokens: torch.Tensor):
@@ -132,3 +132,17 @@ def _normalise_over_context_parallel(args, loss: torch.Tensor, num_tokens: torch
     total = num_tokens.clone()
     torch.distributed.all_reduce(total, group=group)
     return loss * group.size(), total
+
+
+# Megatron logs each [sum, count] pair as sum / count over the global batch (and over the
+# validation iterations): a batch without a supervised token would log 0 / 0 = NaN. A
+# count of 0 is reported as 2^-100 instead: such a batch logs 0, a real NaN in the sum
+# still shows, and any count >= 1 is unchanged (2^-100 vanishes in float32 next to 1).
+_EMPTY_COUNT = 2.0**-100
+
+
+def _floor_count(pair: torch.Tensor) -> torch.Tensor:
+    if pair.numel() != 2:
+        return pair
+    total, count = pair.view(-1).unbind()
+    return torch.stack([total, torch.where(count == 0, torch.full_like(count, _EMPTY_COUNT), count)])

@@ -222,3 +222,30 @@ def test_bad_prompts(save_dir, tmp_path, capsys):
         capsys,
         "--pass-k [4]",
     )
+
+
+def test_eval_defaults_fit_n_and_the_model(save_dir, prompts, tmp_path, capsys):
+    """Without --pass-k / --max-new-tokens: pass@k for the k that fit --n (1, 2 and n=3;
+    the old default [1, 2, 4, 8] was refused for n < 8), and new tokens capped by the
+    room the model's 192 positions leave after the longest prompt (said once; the old 128
+    overflowed it)."""
+    from megatron_sed.data.formats import resolve_system_prompt
+    from megatron_sed.data.tokenizer import build_tokenizer
+    from megatron_sed.eval.prompts import load_prompts
+    from megatron_sed.eval.run import DEFAULT_MAX_NEW_TOKENS, default_pass_k
+
+    assert default_pass_k(1) == [1] and default_pass_k(4) == [1, 2, 4] and default_pass_k(6) == [1, 2, 4, 6]
+    out = tmp_path / "defaults.json"
+    main(["--load", str(save_dir), "--prompts", str(prompts), "--n", "3", "--output", str(out)])
+    res = json.loads(out.read_text())
+    assert {"pass@1", "pass@2", "pass@3"} <= set(res["metrics"]) and "pass@4" not in res["metrics"]
+    tok = build_tokenizer("byte", None, None)  # what the checkpoint trained with
+    longest = max(
+        len(tok.encode_prompt(p.messages))
+        for p in load_prompts(str(prompts), None, resolve_system_prompt("math"))
+    )
+    room = SEQ - longest
+    assert 0 < room < DEFAULT_MAX_NEW_TOKENS  # the case this test is about
+    assert res["sampling"]["max_new_tokens"] == room
+    said = capsys.readouterr().out
+    assert said.count(f"--max-new-tokens {room}: the model holds {SEQ} positions") == 1, said

@@ -115,7 +115,7 @@ def train(
             "megatron_sed.train",
         ]
     cmd = [*launch, *flags, "--metrics-file", str(metrics)]
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}))
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     res = subprocess.run(cmd, cwd=out, env=full_env, capture_output=True, text=True, timeout=timeout)
     log = res.stdout + res.stderr
     (out / "log.txt").write_text(log)
