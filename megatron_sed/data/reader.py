@@ -283,9 +283,10 @@ def packed_seq_params_from_segments(segment_ids: torch.Tensor, device=None):
     """THD ``PackedSeqParams`` for a ``[b, s]`` batch flattened to ``b*s`` tokens.
 
     ``cu_seqlens_q/kv`` (int32) are the cumulative real lengths of the packed samples, row
-    after row (`packed_lengths`); ``cu_seqlens_q/kv_padded`` include each sample's own
-    padding, so a sample starts at its padded offset (what context parallelism partitions
-    and Megatron's THD RoPE indexes); ``max_seqlen`` is the longest padded sample.
+    after row (`packed_lengths`); ``cu_seqlens_q/kv_padded`` (None without sample padding)
+    include each sample's own padding, so a sample starts at its padded offset (what
+    context parallelism partitions and Megatron's THD RoPE indexes); ``max_seqlen`` is
+    the longest padded sample.
     ``pad_between_seqs`` is decided here, on the host: left unset, Transformer Engine
     decides it by comparing the device tensors (a device-to-host sync per layer).
     Pass the host (CPU) segment ids and the target ``device``: the lengths are read on the
@@ -297,8 +298,11 @@ def packed_seq_params_from_segments(segment_ids: torch.Tensor, device=None):
 
 
 def packed_seq_params_from_lengths(real: list[int], padded: list[int], device) -> PackedSeqParams:
-    """`packed_seq_params_from_segments` from the host lengths of `packed_lengths`."""
-    cu, cu_padded = _cumulative(real, device), _cumulative(padded, device)
+    """`packed_seq_params_from_segments` from the host lengths of `packed_lengths`.
+    Without sample padding the ``*_padded`` fields stay None (they would equal
+    ``cu_seqlens``), as Megatron-LM's own SFT batches have them."""
+    cu = _cumulative(real, device)
+    cu_padded = _cumulative(padded, device) if padded != real else None
     return PackedSeqParams(
         qkv_format="thd",
         cu_seqlens_q=cu,

@@ -238,7 +238,8 @@ def test_samples_padded_to_a_multiple_for_context_parallelism(corpus):
 def test_packed_seq_params_with_sample_padding():
     """cu_seqlens count each sample's real tokens, cu_seqlens_padded its padding too (row
     0: samples of 3 + 1 and 4 tokens, end padding of 4; row 1: 6 + 2, end padding 4);
-    max_seqlen is the longest padded sample; pad_between_seqs as TE would infer it."""
+    max_seqlen is the longest padded sample; pad_between_seqs as TE would infer it. Without
+    sample padding the padded fields stay None, as in Megatron-LM's SFT batches."""
     seg = torch.tensor(
         [
             [0, 0, 0, -2, 1, 1, 1, 1, -1, -1, -1, -1],
@@ -251,5 +252,5 @@ def test_packed_seq_params_with_sample_padding():
     assert p.cu_seqlens_q_padded.dtype == torch.int32
     assert p.max_seqlen_q == p.max_seqlen_kv == 8 and p.pad_between_seqs is True
     unpadded = packed_seq_params_from_segments(torch.tensor([[0, 0, 1, 1, 1, -1]]))
-    assert unpadded.cu_seqlens_q.tolist() == unpadded.cu_seqlens_q_padded.tolist() == [0, 2, 5, 6]
-    assert unpadded.pad_between_seqs is False
+    assert unpadded.cu_seqlens_q.tolist() == [0, 2, 5, 6]
+    assert unpadded.cu_seqlens_q_padded is None and unpadded.pad_between_seqs is False
