@@ -10,7 +10,8 @@ Sections (rows of one table: section | check | result | value | detail):
               (out of place and in place), bf16 and fp32, local vocab 50257 / 131072 /
               19008, top_k 1 / 2 / 8, ignored rows; a TP=2 emulation with
               vocab_start > 0; bf16 gradient ulps vs the correctly rounded value; one
-              case with tokens x vocab > 2^31 (benchmarks/gpu_check_loss.py).
+              case with tokens x vocab > 2^31 (benchmarks/gpu_check_loss.py); the
+              trainer's THD context-parallel split vs TE's thd_get_partitioned_indices.
 2. timing   - CUDA events, median: Megatron's unfused / native fused CE, TE's
               parallel_cross_entropy and Liger's CE where they import, torch and Triton
               SED at 8192 and 16384 tokens x 131072 bf16; GB/s against the 3-pass floor
@@ -84,6 +85,7 @@ def expected_rows(args) -> list[tuple[str, str]]:
         rows.append(("kernels", "bf16 gradient ulps"))
         rows += [("kernels", f"{dtype} TP=2 vocab_start>0") for dtype in ("fp32", "bf16")]
         rows.append(("kernels", "tokens x vocab > 2^31"))
+        rows.append(("kernels", "THD CP split = TE's"))
     if "timing" in args.sections:
         rows.append(("timing", "copy bandwidth"))
         for t in sz["tokens"]:
@@ -206,6 +208,9 @@ def section_kernels(args, device, rows: list[Row]) -> None:
     )
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    import gpu_check_runtime as R
+
+    rows.append(Row("kernels", "THD CP split = TE's", *R.thd_partition_check(device)))
 
 
 def section_timing(args, device, rows: list[Row]) -> None:

@@ -78,16 +78,23 @@ def _rank_and_size(group) -> tuple[int, int]:
 
 
 def heldout_batches(
-    dataset, num_steps: int, micro_batch_size: int, dp_rank: int, dp_size: int
+    dataset, num_steps: int, micro_batch_size: int, dp_rank: int, dp_size: int, num_samples=None
 ) -> Iterator[dict]:
     """This DP rank's micro-batches of `dataset`, in Megatron's order: at step i, rows
     i*dp*mbs + dp_rank*mbs + [0, mbs), collated like Megatron's DataLoader does. Rows past
-    the end wrap around (the caller masks them out): every rank runs every step."""
+    the end wrap around: every rank runs every step. Rows from `num_samples` on get a zero
+    loss mask, so they count for no layout (the THD layout flattens the rows and context
+    parallelism splits them: the loss mask is what travels with every token)."""
 
     n = len(dataset)
     for i in range(num_steps):
         first = i * dp_size * micro_batch_size + dp_rank * micro_batch_size
         items = [dataset[j % n] for j in range(first, first + micro_batch_size)]
+        if num_samples is not None:
+            items = [
+                it if first + r < num_samples else {**it, "loss_mask": torch.zeros_like(it["loss_mask"])}
+                for r, it in enumerate(items)
+            ]
         # Keys a dataset fills with None (e.g. no attention mask) stay None, as get_batch expects.
         yield {k: None if items[0][k] is None else default_collate([it[k] for it in items]) for k in items[0]}
 
@@ -139,7 +146,11 @@ def calibrate_with_forward_step(
             "(e.g. 98,2,0) or --valid-data-path, lower --sed-calibration-samples, or pass "
             "--sed-threshold"
         )
-    batches = heldout_batches(dataset, num_steps, mbs, dp_rank, dp_size) if dataset is not None else None
+    batches = (
+        heldout_batches(dataset, num_steps, mbs, dp_rank, dp_size, num_samples)
+        if dataset is not None
+        else None
+    )
 
     recipe = recipe_from_args(args)
     mask_kind = recipe.mask
@@ -149,7 +160,7 @@ def calibrate_with_forward_step(
     for m in chunks:
         m.eval()
     try:
-        for step in range(num_steps):
+        for _ in range(num_steps):
             with torch.no_grad():
                 _, loss_fn = forward_step(batches, model)
             loss_mask = loss_fn.args[0]  # forward_step returns partial(loss_func, loss_mask, ...)
@@ -158,11 +169,7 @@ def calibrate_with_forward_step(
                 raise RuntimeError("--sed-mask-ratio: the model did not compute SED during calibration")
             values = stats[mask_kind]  # [s, b]
             s, b = values.shape
-            keep = loss_mask.reshape(b, s).t().bool()
-            if b == mbs:  # drop rows past --sed-calibration-samples (not for packed THD batches)
-                first = step * dp_size * mbs + dp_rank * mbs
-                rows = torch.arange(first, first + b, device=keep.device) < num_samples
-                keep = keep & rows.view(1, b)
+            keep = loss_mask.reshape(b, s).t().bool()  # rows past num_samples: all False
             local.append(values[keep].float().reshape(-1))
     finally:
         for m, mode in zip(chunks, was_training):

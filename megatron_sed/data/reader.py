@@ -8,11 +8,20 @@ Sample ``i`` of a dataset is a dict of 1-D tensors of length ``seq_length``:
   document of ``L`` tokens contributes ``L - 1`` (input, label) pairs.
 * ``loss_mask`` (float32): 1 exactly where ``labels != -100``.
 * ``position_ids`` (int64): restart at 0 at each packed sample (0 on padding).
-* ``segment_ids`` (int64): index of the packed sample within the sequence, -1 on padding.
+* ``segment_ids`` (int64): index of the packed sample within the sequence, -1 on the
+  padding that ends the sequence, -2 on a sample's own padding (below).
+
+With ``pad_multiple`` > 1 (context parallelism: 2 x CP, as Megatron-LM's SFT dataset pads
+its packed samples) every sample is followed by padding up to a multiple of
+``pad_multiple`` tokens (pad id, label -100, loss mask 0, positions continuing), and
+packing counts the padded lengths. The padding sits after the sample's last token, so
+under causal attention no real token sees it; context parallelism can then cut each
+sample into 2 x CP equal chunks (Transformer Engine's THD partition).
 
 ``build_block_causal_mask`` turns ``segment_ids`` into Megatron's boolean attention mask
 (True = masked out) for CPU attention; ``packed_seq_params_from_segments`` into THD
-``PackedSeqParams`` (``cu_seqlens``) for Transformer Engine on GPU.
+``PackedSeqParams`` (``cu_seqlens`` of the real tokens, ``cu_seqlens_padded`` with each
+sample's padding) for Transformer Engine on GPU.
 
 Determinism: epoch ``e`` visits the documents in a permutation that is a function of
 ``(seed, e)`` only, packed greedily in that order; samples are numbered across epochs, so
@@ -36,6 +45,13 @@ from megatron_sed.data.indexed import SFTIndexedData, tokenizer_compatible
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+END_PADDING = -1  # segment id of the padding that fills the sequence after its last sample
+SAMPLE_PADDING = -2  # segment id of a sample's own padding (to a multiple of pad_multiple)
+
+
+def padded_length(n, multiple: int):
+    """``n`` rounded up to a multiple of ``multiple`` (ints or numpy arrays)."""
+    return -(-n // multiple) * multiple
 
 
 def _greedy_pack(lengths: np.ndarray, capacity: int) -> np.ndarray:
@@ -55,7 +71,8 @@ class SFTDataset(torch.utils.data.Dataset):
     """Packed (``pack=True``) or one-sample-per-sequence padded SFT samples from one corpus.
 
     ``doc_ids``: the documents of this split. ``num_samples``: the dataset length (any
-    number; epochs are added as needed); default one epoch.
+    number; epochs are added as needed); default one epoch. ``pad_multiple``: each
+    sample is padded to a multiple of it (``seq_length`` must be one).
     """
 
     def __init__(
@@ -68,9 +85,15 @@ class SFTDataset(torch.utils.data.Dataset):
         shuffle: bool = True,
         num_samples: Optional[int] = None,
         name: str = "train",
+        pad_multiple: int = 1,
     ) -> None:
         if seq_length < 1:
             raise ValueError(f"--seq-length must be >= 1, got {seq_length}")
+        if pad_multiple < 1 or seq_length % pad_multiple:
+            raise ValueError(
+                f"--seq-length {seq_length} must be a multiple of the sample padding {pad_multiple}"
+            )
+        self.pad_multiple = int(pad_multiple)
         self.data, self.seq_length, self.seed = data, int(seq_length), int(seed)
         self.pack, self.shuffle, self.name = pack, shuffle, name
         # True: a document's last token is an input position too (its label ignored), as
@@ -128,7 +151,8 @@ class SFTDataset(torch.utils.data.Dataset):
             else:
                 order = np.arange(len(self.doc_ids))
             if self.pack:
-                bounds = _greedy_pack(self.pairs[order], self.seq_length)
+                spans = padded_length(self.pairs[order], self.pad_multiple)
+                bounds = _greedy_pack(spans, self.seq_length)
             else:
                 bounds = np.arange(len(order) + 1, dtype=np.int64)
             if len(self._epochs) >= 2:  # bounded memory: keep the two latest epochs
@@ -165,7 +189,7 @@ class SFTDataset(torch.utils.data.Dataset):
         labels = np.full(s, IGNORE_INDEX, dtype=np.int64)
         loss_mask = np.zeros(s, dtype=np.float32)
         position_ids = np.zeros(s, dtype=np.int64)
-        segment_ids = np.full(s, -1, dtype=np.int64)
+        segment_ids = np.full(s, END_PADDING, dtype=np.int64)
         off = 0
         for seg, doc in enumerate(self.documents_of(idx)):
             ids, mask = self.data.get(doc)
@@ -179,6 +203,10 @@ class SFTDataset(torch.utils.data.Dataset):
             position_ids[off : off + n] = np.arange(n)
             segment_ids[off : off + n] = seg
             off += n
+            end = min(padded_length(off, self.pad_multiple), s)  # off was a multiple
+            position_ids[off:end] = np.arange(n, n + end - off)
+            segment_ids[off:end] = SAMPLE_PADDING
+            off = end
         return {
             "tokens": torch.from_numpy(tokens),
             "labels": torch.from_numpy(labels),
@@ -254,7 +282,8 @@ def build_block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     """Boolean mask ``[b, 1, s, s]`` (True = do NOT attend, Megatron's convention).
 
     Query ``q`` may attend key ``k`` iff ``k <= q`` and both lie in the same packed sample.
-    Padding (segment -1) attends causally to padding only, so no softmax row is empty.
+    Padding (segment -1, or -2: samples' own padding) attends causally to padding of its
+    kind only, so no softmax row is empty; no real token ever sees padding.
     """
     if segment_ids.dim() == 1:
         segment_ids = segment_ids.unsqueeze(0)
@@ -264,41 +293,69 @@ def build_block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return ~(same & causal).unsqueeze(1)
 
 
-def segment_lengths(segment_ids: torch.Tensor) -> list[int]:
-    """Lengths of the runs of equal ids along the flattened batch (each row's padding tail is a run)."""
+def packed_lengths(segment_ids: torch.Tensor) -> tuple[list[int], list[int]]:
+    """(real, padded) lengths of the THD sequences of a ``[b, s]`` batch flattened to
+    ``b*s`` tokens, row after row: each packed sample (its own padding, segment -2, counts
+    in its padded length only) and each row's end padding (one more sequence, all real:
+    its outputs are unsupervised)."""
+    real: list[int] = []
+    padded: list[int] = []
     flat = segment_ids.reshape(segment_ids.shape[0] if segment_ids.dim() > 1 else 1, -1)
-    lengths: list[int] = []
     for row in flat.tolist():
-        run = 1
-        for a, b in zip(row, row[1:]):
-            if a == b:
-                run += 1
+        start = 0
+        for j in range(1, len(row) + 1):
+            if j < len(row) and row[j] == row[start]:
+                continue
+            n = j - start
+            if row[start] == SAMPLE_PADDING and padded:
+                padded[-1] += n
             else:
-                lengths.append(run)
-                run = 1
-        lengths.append(run)
-    return lengths
+                real.append(n)
+                padded.append(n)
+            start = j
+    return real, padded
+
+
+def _cumulative(lengths: list[int], device) -> torch.Tensor:
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0)
+    return cu.to(device)
 
 
 def packed_seq_params_from_segments(segment_ids: torch.Tensor, device=None):
     """THD ``PackedSeqParams`` for a ``[b, s]`` batch flattened to ``b*s`` tokens.
 
-    ``cu_seqlens`` (int32) are the cumulative lengths of the packed samples, row after
-    row; each row's padding tail counts as one more sequence (its outputs are unsupervised).
+    ``cu_seqlens_q/kv`` (int32) are the cumulative real lengths of the packed samples, row
+    after row (`packed_lengths`); ``cu_seqlens_q/kv_padded`` (None without sample padding)
+    include each sample's own padding, so a sample starts at its padded offset (what
+    context parallelism partitions and Megatron's THD RoPE indexes); ``max_seqlen`` is
+    the longest padded sample.
+    ``pad_between_seqs`` is decided here, on the host: left unset, Transformer Engine
+    decides it by comparing the device tensors (a device-to-host sync per layer).
     Pass the host (CPU) segment ids and the target ``device``: the lengths are read on the
     host, so device-resident ids would cost a device-to-host sync per micro-batch.
     """
 
-    lengths = segment_lengths(segment_ids)
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0)
-    cu = cu.to(device if device is not None else segment_ids.device)
+    real, padded = packed_lengths(segment_ids)
+    return packed_seq_params_from_lengths(real, padded, device if device is not None else segment_ids.device)
+
+
+def packed_seq_params_from_lengths(real: list[int], padded: list[int], device) -> PackedSeqParams:
+    """`packed_seq_params_from_segments` from the host lengths of `packed_lengths`.
+    Without sample padding the ``*_padded`` fields stay None (they would equal
+    ``cu_seqlens``), as Megatron-LM's own SFT batches have them."""
+    cu = _cumulative(real, device)
+    cu_padded = _cumulative(padded, device) if padded != real else None
     return PackedSeqParams(
         qkv_format="thd",
         cu_seqlens_q=cu,
         cu_seqlens_kv=cu,
-        max_seqlen_q=max(lengths),
-        max_seqlen_kv=max(lengths),
+        cu_seqlens_q_padded=cu_padded,
+        cu_seqlens_kv_padded=cu_padded,
+        max_seqlen_q=max(padded),
+        max_seqlen_kv=max(padded),
+        # TE's rule: padding before the last sequence's end (cu_seqlens[:-1] differ)
+        pad_between_seqs=real[:-1] != padded[:-1],
     )
 
 
@@ -352,8 +409,11 @@ def _open(prefixes: Sequence[str]) -> list[SFTIndexedData]:
     return [SFTIndexedData(p) for p in prefixes]
 
 
-def _assemble(parts, weights, seq_length, seed, pack, shuffle, num_samples, name):
-    dsets = [SFTDataset(c, ids, seq_length, seed, pack=pack, shuffle=shuffle, name=name) for c, ids in parts]
+def _assemble(parts, weights, seq_length, seed, pack, shuffle, num_samples, name, pad_multiple=1):
+    dsets = [
+        SFTDataset(c, ids, seq_length, seed, pack=pack, shuffle=shuffle, name=name, pad_multiple=pad_multiple)
+        for c, ids in parts
+    ]
     if not dsets:
         return None
     if len(dsets) == 1:
@@ -379,6 +439,7 @@ def build_sft_datasets(
     train_samples: Optional[int] = None,
     valid_samples: Optional[int] = None,
     test_samples: Optional[int] = None,
+    pad_multiple: int = 1,
 ):
     """(train, valid, test) datasets; a split with no documents is None.
 
@@ -386,6 +447,7 @@ def build_sft_datasets(
     as Megatron). ``train/valid/test_data_paths`` (``--train-data-path`` ...) replace the
     corresponding share entirely (that share of ``split`` is then ignored). Training
     samples are reshuffled every epoch; validation and test are read in corpus order. ``*_samples``: dataset lengths (default: one epoch / one pass of a blend).
+    ``pad_multiple``: every sample padded to a multiple of it (`SFTDataset`).
     """
     fractions = parse_split(split)
     explicit = [train_data_paths, valid_data_paths, test_data_paths]
@@ -421,14 +483,17 @@ def build_sft_datasets(
     counts = (train_samples, valid_samples, test_samples)
     out = []
     for k in range(3):
-        ds = _assemble(parts[k], weights[k], seq_length, seed, pack, k == 0, counts[k], names[k])
+        ds = _assemble(
+            parts[k], weights[k], seq_length, seed, pack, k == 0, counts[k], names[k], pad_multiple
+        )
         out.append(ds)
         if ds is not None:
             logger.info(
-                " > %s SFT dataset: %d samples of %d tokens (%s)",
+                " > %s SFT dataset: %d samples of %d tokens (%s%s)",
                 names[k],
                 len(ds),
                 seq_length,
                 "packed" if pack else "padded",
+                f", each sample padded to a multiple of {pad_multiple}" if pad_multiple > 1 else "",
             )
     return tuple(out)

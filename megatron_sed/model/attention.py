@@ -7,23 +7,31 @@ softmax with CUDA kernels, so it cannot run on CPU. `SDPACoreAttention` is a dro
 "masked out", Megatron's convention) and the same [sq, b, np*hn] output. It has no
 parameters, so swapping it in leaves the state-dict names of the local spec unchanged.
 
-Packed sequences on CPU are expressed as a block-diagonal mask (see
-`megatron_sed.data.reader.build_block_causal_mask`); THD `PackedSeqParams` are Transformer Engine's business.
+Packed sequences come either as a block-diagonal mask (see
+`megatron_sed.data.reader.build_block_causal_mask`) or, as Transformer Engine takes them,
+in THD form: [t, h, d] tokens with `PackedSeqParams` (`cu_seqlens_q_padded`, else
+`cu_seqlens_q`, says where each sample starts); a query then attends causally within its
+sample. A sample's own padding (between `cu_seqlens_q` and the padded end) sits after its
+real tokens, so no real query sees it; padding queries attend their sample's tokens (TE
+returns zeros there instead: both are unsupervised and feed no real token).
 
 Context parallelism (a CPU stand-in for Transformer Engine's CP attention): each CP rank
-holds Megatron's load-balanced chunks r and 2CP-1-r of every sequence
-(megatron.core.utils.get_batch_on_this_cp_rank). The keys and values of the whole
-sequence are all-gathered over the CP group (backward: the gradients are reduce-scattered
-back, so each rank gets the sum of every rank's contribution to its chunks), put back in
-sequence order, and the local queries attend to them under the global causal mask (or the
-block-causal mask, whose query rows the batch split already cut to this rank's chunks).
-It is exact, not efficient: no ring overlap, no a2a / p2p variants, O(S) keys per rank.
+holds Megatron's load-balanced chunks r and 2CP-1-r, of every sequence (padded samples,
+megatron.core.utils.get_batch_on_this_cp_rank) or of every packed THD sample
+(Transformer Engine's thd_get_partitioned_indices); megatron_sed.model.context_parallel
+gives the global index of each rank's tokens in either layout. The keys and values of the
+whole sequence are all-gathered over the CP group (backward: the gradients are
+reduce-scattered back, so each rank gets the sum of every rank's contribution to its
+tokens), put back in sequence order, and the local queries, at their global indices,
+attend to them under the global causal (or per-sample causal) mask. It is exact, not
+efficient: no ring overlap, no a2a / p2p variants, O(S) keys per rank.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from functools import partial
 from typing import Optional
 
 import torch
@@ -34,6 +42,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 from torch import Tensor
+
+from megatron_sed.model.context_parallel import cp_chunk_positions, thd_partition_indices
 
 
 class SDPACoreAttention(MegatronModule):
@@ -85,18 +95,30 @@ class SDPACoreAttention(MegatronModule):
         attention_bias: Optional[Tensor] = None,
         packed_seq_params=None,
     ) -> Tensor:
-        if packed_seq_params is not None:
-            raise ValueError(
-                "SDPACoreAttention takes packed samples as a block-diagonal attention mask, "
-                "not PackedSeqParams (THD needs --transformer-impl transformer_engine)"
-            )
         if attention_bias is not None:
             raise ValueError("SDPACoreAttention does not support attention_bias")
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         causal = mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
-        cp_positions = None
-        if self.cp_group is not None and self.cp_group.size() > 1:
-            key, value, cp_positions = _gather_cp_keys_values(key, value, self.cp_group)
+        thd = packed_seq_params is not None
+        if thd:  # [t, h, d] -> [t, 1, h, d]: one flattened row
+            if packed_seq_params.qkv_format != "thd" or attention_mask is not None:
+                raise ValueError("SDPACoreAttention takes PackedSeqParams in THD form, without a mask")
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        cp = self.cp_group.size() if self.cp_group is not None else 1
+        s_local = key.shape[0]
+        total = s_local * cp
+        if thd:
+            cu = packed_seq_params.cu_seqlens_q_padded
+            cu = (packed_seq_params.cu_seqlens_q if cu is None else cu).to(key.device)
+            partition = partial(thd_partition_indices, cu, total, cp)
+        else:
+            partition = partial(cp_chunk_positions, s_local, cp, device=key.device)
+        q_pos = None  # global index of each local query (None: 0..s-1, no CP)
+        if cp > 1:
+            if s_local % 2:
+                raise ValueError(f"context parallelism needs an even local sequence length, got {s_local}")
+            key, value = _gather_cp_keys_values(key, value, self.cp_group, partition)
+            q_pos = partition(self.cp_group.rank())
         sq, b, np_, hn = query.shape
         sk = key.shape[0]
         rep = self.heads_per_partition // self.groups_per_partition
@@ -109,14 +131,18 @@ class SDPACoreAttention(MegatronModule):
         v = value.permute(1, 2, 0, 3)
 
         sdpa_mask = None
-        if attention_mask is not None or cp_positions is not None:
+        if attention_mask is not None or q_pos is not None or thd:
             masked = attention_mask.to(torch.bool) if attention_mask is not None else None
+            k_pos = torch.arange(sk, device=q.device)
+            if q_pos is None:  # no CP: the last sq positions (bottom-right aligned)
+                q_pos = k_pos[sk - sq :]
             if causal:
-                if cp_positions is not None:  # local queries at their global positions
-                    future = cp_positions.view(-1, 1) < torch.arange(sk, device=q.device).view(1, -1)
-                else:
-                    future = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu_(sk - sq + 1)
+                future = q_pos.view(-1, 1) < k_pos.view(1, -1)
                 masked = future if masked is None else masked | future
+            if thd:  # keys of other samples
+                sample = torch.searchsorted(cu.to(torch.int64), k_pos, right=True)
+                other = sample[q_pos].view(-1, 1) != sample.view(1, -1)
+                masked = other if masked is None else masked | other
             if masked is not None:
                 sdpa_mask = ~masked  # SDPA: True = may attend
             causal = False
@@ -143,36 +169,19 @@ class SDPACoreAttention(MegatronModule):
                     )
                 else:
                     ctx = _attention_with_dropout(q, k, v, sdpa_mask, causal, self.softmax_scale, dropout_p)
-        # [b, n, sq, d] -> [sq, b, n*d]
+        # [b, n, sq, d] -> [sq, b, n*d] (THD: [t, 1, n*d], which Megatron reshapes as it does TE's)
         return ctx.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
 
 
-def cp_chunk_positions(seq_len_local: int, cp_size: int, cp_rank: int, device=None) -> Tensor:
-    """Global sequence positions of a CP rank's tokens: Megatron's load-balanced layout
-    splits a sequence into 2 x CP chunks and gives rank r chunks r and 2CP-1-r."""
-    c = seq_len_local // 2
-    first = torch.arange(cp_rank * c, (cp_rank + 1) * c, device=device)
-    second = torch.arange((2 * cp_size - 1 - cp_rank) * c, (2 * cp_size - cp_rank) * c, device=device)
-    return torch.cat([first, second])
-
-
-def _gather_cp_keys_values(key: Tensor, value: Tensor, group) -> tuple[Tensor, Tensor, Tensor]:
+def _gather_cp_keys_values(key: Tensor, value: Tensor, group, partition) -> tuple[Tensor, Tensor]:
     """All-gather [s/cp, b, ng, hn] keys and values over the CP group (backward:
-    reduce-scatter of their gradients) and reorder them to sequence order; returns them
-    with the global positions of this rank's queries."""
-    size, rank = group.size(), group.rank()
-    s_local = key.shape[0]
-    if s_local % 2:
-        raise ValueError(f"context parallelism needs an even local sequence length, got {s_local}")
-    gathered_pos = torch.cat([cp_chunk_positions(s_local, size, r, key.device) for r in range(size)])
+    reduce-scatter of their gradients) and reorder them to sequence order;
+    `partition(rank)` gives the global indices of a rank's tokens."""
+    gathered_pos = torch.cat([partition(r) for r in range(group.size())])
     order = torch.argsort(gathered_pos)  # gathered (rank-major) -> sequence order
     key = gather_from_sequence_parallel_region(key, tensor_parallel_output_grad=True, group=group)
     value = gather_from_sequence_parallel_region(value, tensor_parallel_output_grad=True, group=group)
-    return (
-        key.index_select(0, order),
-        value.index_select(0, order),
-        cp_chunk_positions(s_local, size, rank, key.device),
-    )
+    return key.index_select(0, order), value.index_select(0, order)
 
 
 def _attention_with_dropout(q, k, v, allowed: Optional[Tensor], causal: bool, scale: float, p: float):

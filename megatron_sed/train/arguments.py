@@ -88,6 +88,15 @@ def add_trainer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         "per sequence (packing resets positions and blocks attention across samples).",
     )
     g.add_argument(
+        "--sft-pad-granularity",
+        type=int,
+        default=None,
+        help="Pad every SFT sample (loss mask 0) to a multiple of this many tokens. Default: "
+        "2 x --context-parallel-size when it is > 1, as Megatron-LM's SFT dataset (context "
+        "parallelism cuts each packed sample into 2 x CP chunks), else no padding. Give it "
+        "at CP 1 to reproduce a CP run's packing.",
+    )
+    g.add_argument(
         "--synthetic-num-problems",
         type=int,
         default=400,
@@ -252,14 +261,23 @@ def _check_context_parallel(args) -> None:
             "--attention-backend unfused has no context parallelism in Transformer Engine: "
             "use flash, fused or auto with --context-parallel-size > 1"
         )
-    if args.pack and args.transformer_impl == "transformer_engine":
-        # TE's THD attention with CP needs every packed sample padded to a multiple of
-        # 2 x CP (cu_seqlens_padded) and TE's per-sample partition of the tokens; the
-        # packed reader does not pad samples, so the split would be wrong.
+    pad = getattr(args, "sft_pad_granularity", None)
+    if pad is not None and pad % (2 * cp):
         raise ArgumentError(
-            "packed sequences (THD) with --context-parallel-size > 1 and --transformer-impl "
-            "transformer_engine are not supported yet: pass --no-pack (one padded sample per "
-            "sequence) or --transformer-impl local (block-causal mask, exact but slower)"
+            f"--sft-pad-granularity {pad} must be a multiple of 2 x --context-parallel-size "
+            f"({2 * cp}): context parallelism cuts every packed sample into 2 x CP chunks"
+        )
+
+
+def _check_sample_padding(args) -> None:
+    """--sft-pad-granularity: a positive divisor of --seq-length (a sample as long as the
+    sequence must still fit once padded)."""
+    pad = getattr(args, "sft_pad_granularity", None)
+    if pad is None:
+        return
+    if pad < 1 or (args.seq_length is not None and args.seq_length % pad):
+        raise ArgumentError(
+            f"--sft-pad-granularity {pad} must be a positive divisor of --seq-length {args.seq_length}"
         )
 
 
@@ -288,6 +306,7 @@ def parse_and_validate(argv: Optional[Sequence[str]] = None) -> argparse.Namespa
     apply_fusions(args, given)
     _check_plugin_limits(args)
     _check_context_parallel(args)
+    _check_sample_padding(args)
     _check_schedule(args)
     validate_args(args, {})
     set_global_variables(args)

@@ -12,6 +12,7 @@ Every rank builds and reads its data-parallel rank's batches itself (the provide
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import tempfile
@@ -29,11 +30,13 @@ from megatron_sed.data.preprocess import preprocess_rows
 from megatron_sed.data.reader import (
     build_block_causal_mask,
     build_sft_datasets,
-    packed_seq_params_from_segments,
+    packed_lengths,
+    packed_seq_params_from_lengths,
     parse_data_paths,
 )
 from megatron_sed.data.synthetic import make_synthetic_math
 from megatron_sed.flags import ArgumentError
+from megatron_sed.model.context_parallel import check_thd_partition, thd_partition_indices
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +143,7 @@ def build_datasets(args, num_samples, pack: Optional[bool] = None):
         train_samples=train_n,
         valid_samples=valid_n,
         test_samples=test_n,
+        pad_multiple=sample_pad_multiple(args),
     )
 
 
@@ -196,36 +200,59 @@ train_valid_test_datasets_provider.is_distributed = True
 SEQUENCE_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 
+def sample_pad_multiple(args) -> int:
+    """Each SFT sample is padded to a multiple of this: --sft-pad-granularity, else
+    2 x --context-parallel-size when CP > 1 (Megatron-LM's SFT dataset's rule: context
+    parallelism cuts every packed sample into 2 x CP chunks), else 1."""
+    given = getattr(args, "sft_pad_granularity", None)
+    if given is not None:
+        return given
+    cp = getattr(args, "context_parallel_size", 1)
+    return 2 * cp if cp > 1 else 1
+
+
 def model_inputs(batch: dict[str, torch.Tensor], thd: bool, pack: bool = True) -> dict[str, object]:
     """tokens, position_ids, labels, loss_mask on the current device, plus the attention
-    description: packed samples get THD PackedSeqParams for Transformer Engine (built from
-    the host segment ids: no device sync) or a block-causal boolean mask (local spec);
-    padded single samples need only the causal mask. Labels are clamped to valid ids (the
-    loss mask says which count), as Megatron's CE expects of the heads SED leaves to it.
+    description: packed samples get THD PackedSeqParams (built from the host segment ids:
+    no device sync) or a block-causal boolean mask (local spec without CP); padded single
+    samples need only the causal mask. Labels are clamped to valid ids (the loss mask says
+    which count), as Megatron's CE expects of the heads SED leaves to it.
 
-    With context parallelism the sequence is split as Megatron-LM's pretrain_gpt.py splits
-    it (megatron.core.utils.get_batch_on_this_cp_rank): 2 x CP chunks, rank r keeps chunks
-    r and 2CP-1-r of the tokens, labels, loss mask and positions, and the query rows of the
-    block-causal mask (its key columns stay whole: the CP attention sees every key).
-    Packed THD batches with CP are refused at argument validation
-    (megatron_sed.train.arguments)."""
+    With context parallelism the tokens, labels, loss mask and positions are split as
+    Megatron-LM's pretrain_gpt.py splits them (megatron.core.utils.get_batch_on_this_cp_rank):
+    padded samples into 2 x CP chunks of the sequence, rank r keeping chunks r and 2CP-1-r;
+    packed THD batches per sample (each padded to a multiple of 2 x CP by the reader),
+    rank r keeping chunks r and 2CP-1-r of every sample, Transformer Engine's
+    thd_get_partitioned_indices layout (megatron_sed.model.context_parallel computes it on
+    the host, in torch, so the CPU backend runs the same split; Megatron's own per-document
+    split calls TE's CUDA kernel)."""
 
     device = torch.device("cuda", torch.cuda.current_device())
     out = {k: batch[k].to(device, non_blocking=True) for k in SEQUENCE_KEYS}
     out["labels"] = out["labels"].clamp(min=0)
     out["attention_mask"] = None
     out["packed_seq_params"] = None
+    cp_group = parallel_state.get_context_parallel_group(check_initialized=False)
+    cp = cp_group.size() if cp_group is not None else 1
     if thd:
-        out["packed_seq_params"] = packed_seq_params_from_segments(batch["segment_ids"], device)
+        real, padded = packed_lengths(batch["segment_ids"])  # host ids: no device sync
+        out["packed_seq_params"] = packed_seq_params_from_lengths(real, padded, device)
         for k in SEQUENCE_KEYS:
             out[k] = out[k].reshape(1, -1)  # THD: one flattened row
+        if cp > 1:
+            cu_padded = [0, *itertools.accumulate(padded)]
+            check_thd_partition(cu_padded, batch["segment_ids"].numel(), cp)
+            index = thd_partition_indices(torch.tensor(cu_padded), cu_padded[-1], cp, cp_group.rank())
+            index = index.to(device, non_blocking=True)
+            for k in SEQUENCE_KEYS:
+                out[k] = out[k].index_select(1, index)
     elif pack:
+        if cp > 1:
+            raise ValueError("packed samples with context parallelism take the THD layout")
         out["attention_mask"] = build_block_causal_mask(batch["segment_ids"].to(device))
-    cp_group = parallel_state.get_context_parallel_group(check_initialized=False)
-    if cp_group is not None and cp_group.size() > 1:
-        if thd:
-            raise ValueError("packed THD batches with context parallelism are not supported")
-        keys = [*SEQUENCE_KEYS] + (["attention_mask"] if out["attention_mask"] is not None else [])
-        split = get_batch_on_this_cp_rank({k: out[k] for k in keys}, is_hybrid_cp=False, cp_group=cp_group)
-        out.update({k: split[k] for k in keys})
+    elif cp > 1:
+        split = get_batch_on_this_cp_rank(
+            {k: out[k] for k in SEQUENCE_KEYS}, is_hybrid_cp=False, cp_group=cp_group
+        )
+        out.update({k: split[k] for k in SEQUENCE_KEYS})
     return out

@@ -33,7 +33,12 @@ from megatron_sed.train.threshold import sed_threshold
 
 
 def _uses_thd(args) -> bool:
-    return bool(args.pack) and args.transformer_impl == "transformer_engine"
+    """Packed samples take the THD layout with Transformer Engine, and with context
+    parallelism on the local spec too (its CP attention takes THD: the same per-sample
+    split as on GPU); otherwise the local spec gets a block-causal mask."""
+    return bool(args.pack) and (
+        args.transformer_impl == "transformer_engine" or args.context_parallel_size > 1
+    )
 
 
 def _run_model(model, batch, cfg):

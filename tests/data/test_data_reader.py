@@ -7,6 +7,7 @@ import torch
 from megatron_sed.data.indexed import SFTIndexedWriter
 from megatron_sed.data.reader import (
     IGNORE_INDEX,
+    SAMPLE_PADDING,
     BlendedSFTDataset,
     build_block_causal_mask,
     build_sft_datasets,
@@ -197,3 +198,59 @@ def test_splits_blends_and_separate_files(tmp_path):
         build_sft_datasets(None, "100,0,0", seq_length=24, seed=0)
     with pytest.raises(FileNotFoundError, match="not a preprocessed SFT corpus"):
         build_sft_datasets([str(tmp_path / "nope")], "100,0,0", seq_length=24, seed=0)
+
+
+def test_samples_padded_to_a_multiple_for_context_parallelism(corpus):
+    """pad_multiple 4 (CP 2): every packed sample starts at a multiple of 4 and is followed
+    by padding (segment -2: pad id, label -100, loss mask 0, positions continuing) up to the
+    next one; the real tokens are the documents' as without padding; packing counts the
+    padded lengths."""
+    prefix, docs = corpus
+    train, _, _ = build_sft_datasets([prefix], "100,0,0", seq_length=32, seed=0, pad_multiple=4)
+    plain, _, _ = build_sft_datasets([prefix], "100,0,0", seq_length=32, seed=0)
+    assert len(train) > len(plain)  # padded samples take more room
+    padded_any = False
+    for i in range(len(train)):
+        sample = train[i]
+        seg = sample["segment_ids"]
+        off = 0
+        for k, d in enumerate(train.documents_of(i)):
+            ids, mask = docs[d]
+            n = len(ids) - 1
+            end = -(-(off + n) // 4) * 4
+            assert seg[off : off + n].tolist() == [k] * n
+            assert sample["tokens"][off : off + n].tolist() == ids[:n].tolist()
+            lab = np.where(mask[1:] == 1, ids[1:], IGNORE_INDEX)
+            assert sample["labels"][off : off + n].tolist() == lab.tolist()
+            assert sample["position_ids"][off:end].tolist() == list(range(end - off))
+            pad = slice(off + n, end)
+            assert seg[pad].tolist() == [SAMPLE_PADDING] * (end - off - n)
+            assert sample["tokens"][pad].eq(0).all() and sample["labels"][pad].eq(IGNORE_INDEX).all()
+            assert sample["loss_mask"][pad].eq(0).all()
+            padded_any |= end > off + n
+            off = end
+        assert seg[off:].eq(-1).all() and sample["loss_mask"][off:].eq(0).all()
+    assert padded_any
+    with pytest.raises(ValueError, match="must be a multiple of the sample padding 5"):
+        build_sft_datasets([prefix], "100,0,0", seq_length=32, seed=0, pad_multiple=5)
+
+
+def test_packed_seq_params_with_sample_padding():
+    """cu_seqlens count each sample's real tokens, cu_seqlens_padded its padding too (row
+    0: samples of 3 + 1 and 4 tokens, end padding of 4; row 1: 6 + 2, end padding 4);
+    max_seqlen is the longest padded sample; pad_between_seqs as TE would infer it. Without
+    sample padding the padded fields stay None, as in Megatron-LM's SFT batches."""
+    seg = torch.tensor(
+        [
+            [0, 0, 0, -2, 1, 1, 1, 1, -1, -1, -1, -1],
+            [0, 0, 0, 0, 0, 0, -2, -2, -1, -1, -1, -1],
+        ]
+    )
+    p = packed_seq_params_from_segments(seg)
+    assert p.cu_seqlens_q.tolist() == p.cu_seqlens_kv.tolist() == [0, 3, 7, 11, 17, 21]
+    assert p.cu_seqlens_q_padded.tolist() == p.cu_seqlens_kv_padded.tolist() == [0, 4, 8, 12, 20, 24]
+    assert p.cu_seqlens_q_padded.dtype == torch.int32
+    assert p.max_seqlen_q == p.max_seqlen_kv == 8 and p.pad_between_seqs is True
+    unpadded = packed_seq_params_from_segments(torch.tensor([[0, 0, 1, 1, 1, -1]]))
+    assert unpadded.cu_seqlens_q.tolist() == [0, 2, 5, 6]
+    assert unpadded.cu_seqlens_q_padded is None and unpadded.pad_between_seqs is False

@@ -46,6 +46,8 @@ def parsed(tiny_llama, tmp_path_factory):
         ),
         ("cp_seq_length", [*base, "--context-parallel-size", "2", "--seq-length", "126"]),
         ("hybrid_cp", [*base, "--context-parallel-size", "2", "--hybrid-context-parallel"]),
+        ("cp_sample_padding", [*base, "--context-parallel-size", "2", "--sft-pad-granularity", "6"]),
+        ("sample_padding_seq_length", [*base, "--sft-pad-granularity", "5"]),
         ("converted", conv),
         ("converted_mismatch", [*conv, "--num-layers", "3", "--hidden-size", "32"]),
     ]
@@ -86,6 +88,14 @@ def test_cpu_defaults_and_byte_tokenizer(parsed):
         ("converted_mismatch", "--num-layers 3 (checkpoint: 2)"),
         ("cp_seq_length", "--seq-length 126 must be a multiple of 2 x --context-parallel-size (4)"),
         ("hybrid_cp", "--hybrid-context-parallel is not supported"),
+        (
+            "cp_sample_padding",
+            "--sft-pad-granularity 6 must be a multiple of 2 x --context-parallel-size (4)",
+        ),
+        (
+            "sample_padding_seq_length",
+            "--sft-pad-granularity 5 must be a positive divisor of --seq-length 128",
+        ),
     ],
 )
 def test_bad_flags_fail_naming_them(parsed, case, message):
@@ -117,22 +127,24 @@ def test_linear_cross_entropy_fusion_is_refused():
     _check_plugin_limits(args)
 
 
-def test_packed_thd_with_context_parallelism_is_refused():
-    """Transformer Engine's THD attention with CP needs every packed sample padded to a
-    multiple of 2 x CP and TE's per-sample token partition, which the packed reader does
-    not do; TE's unfused attention has no CP: both refused (not reachable through the
-    command line on CPU, where TE itself is refused first)."""
+def test_packed_thd_with_context_parallelism_runs_and_unfused_te_is_refused():
+    """Packed THD batches with CP on Transformer Engine are accepted (each sample padded to
+    a multiple of 2 x CP, TE's per-sample split: megatron_sed.train.data.model_inputs);
+    TE's unfused attention has no CP: refused (not reachable through the command line on
+    CPU, where TE itself is refused first)."""
     import argparse
 
     from megatron_sed.train.arguments import ArgumentError, _check_context_parallel
+    from megatron_sed.train.data import sample_pad_multiple
 
     args = argparse.Namespace(
         context_parallel_size=2, seq_length=128, pack=True, transformer_impl="transformer_engine"
     )
-    with pytest.raises(ArgumentError, match="--no-pack"):
-        _check_context_parallel(args)
-    for ok in (dict(pack=False), dict(transformer_impl="local"), dict(context_parallel_size=1)):
+    for ok in (dict(), dict(pack=False), dict(transformer_impl="local"), dict(context_parallel_size=1)):
         _check_context_parallel(argparse.Namespace(**{**vars(args), **ok}))
+    assert sample_pad_multiple(args) == 4  # Megatron-LM's SFT rule: 2 x CP
+    assert sample_pad_multiple(argparse.Namespace(context_parallel_size=1, sft_pad_granularity=None)) == 1
+    assert sample_pad_multiple(argparse.Namespace(context_parallel_size=2, sft_pad_granularity=8)) == 8
     # TE's unfused attention has no CP
     from megatron.core.transformer.enums import AttnBackend
 

@@ -111,14 +111,15 @@ def test_calibration_is_exact_and_the_same_at_dp1_and_dp2(tiny_llama, tmp_path):
     supervised tokens of the whole global batch: Megatron's DDP must then not divide the
     gradients by the DP size as well (a double division would halve DP 2's gradient norm).
     The supervised runs track tau with the EMA for two iterations, with per-token loss:
-    context parallelism (each CP rank holds part of every sequence) must give the same
-    calibrated tau, the same EMA step, losses and grad norm as data parallelism over whole
-    sequences."""
+    context parallelism (each CP rank holds part of every sample: THD, per-sample split)
+    must give the same calibrated tau, the same EMA step, losses and grad norm as data
+    parallelism over whole sequences (packed with the same per-sample padding)."""
     runs = {}
     for name, n, recipe, extra in (
         ("dp1", 1, "authors", ["--train-iters", "2", "--calculate-per-token-loss"]),
         ("dp2", 2, "authors", ["--train-iters", "2", "--calculate-per-token-loss"]),
-        ("dp2_sup", 2, "supervised", EMA),
+        # packed + CP 2 pads each sample to a multiple of 4: DP 2 packs the same way
+        ("dp2_sup", 2, "supervised", [*EMA, "--sft-pad-granularity", "4"]),
         ("cp2_sup", 2, "supervised", [*EMA, "--context-parallel-size", "2"]),
     ):
         flags = _llama_flags(tiny_llama, "--sed-calibration", recipe, *extra)

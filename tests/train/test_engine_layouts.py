@@ -9,6 +9,13 @@ parallelism the sequence: the difference is fp32 summation order, measured |diff
 parallelism and selective recompute ride on TP 2, full recompute on DP 2, the interleaved
 pipeline on TP 2 x PP 2 with the distributed optimizer.
 
+Packed samples with context parallelism take the THD layout, as on a GPU with Transformer
+Engine: the reader pads each sample to a multiple of 2 x CP, every CP rank keeps chunks r
+and 2CP-1-r of each sample (TE's thd_get_partitioned_indices layout), RoPE is Megatron's
+THD RoPE and the local CP attention masks per sample. Their reference is the single rank
+with the same padding (--sft-pad-granularity 4) and the block-causal mask: no THD, no
+split.
+
 The interleaved pipeline needs two model chunks per pipeline rank; the tiny model has two
 layers, so the embedding and the loss count as pipeline layers
 (--account-for-embedding-in-pipeline-split / --account-for-loss-in-pipeline-split): four
@@ -102,9 +109,11 @@ LAYOUTS = {
         ],
         "tp1",
     ),
-    "cp2_packed": (2, CP2, "tp1"),
+    # packed + CP: each sample padded to a multiple of 2 x CP (the reader's default at
+    # CP 2), THD per-sample split; the single rank packs with the same padding
+    "cp2_packed": (2, CP2, "tp1_pad4"),
     "cp2_padded": (2, [*CP2, "--no-pack"], "tp1_padded"),
-    "cp2tp2_sp": (4, [*CP2, *TP2, "--sequence-parallel"], "tp1"),
+    "cp2tp2_sp": (4, [*CP2, *TP2, "--sequence-parallel"], "tp1_pad4"),
 }
 
 
@@ -114,6 +123,8 @@ def layouts(tiny_llama, tmp_path_factory):
     runs = {
         "tp1": train(tmp, "tp1", 1, _flags(tiny_llama)),
         "tp1_padded": train(tmp, "tp1_padded", 1, _flags(tiny_llama, "--no-pack")),
+        # block-causal mask over samples padded as at CP 2 (no THD, no split)
+        "tp1_pad4": train(tmp, "tp1_pad4", 1, _flags(tiny_llama, "--sft-pad-granularity", "4")),
     }
     for name, (n, extra, _) in LAYOUTS.items():
         runs[name] = train(tmp, name, n, _flags(tiny_llama, *extra))
@@ -136,11 +147,18 @@ def test_sed_losses_agree_across_layouts(layouts, layout):
 
 def test_layouts_are_what_the_flags_say(layouts):
     """Each run used the layout it is named for (Megatron's own log lines), and packing
-    mattered: the padded stream differs from the packed one."""
+    mattered: the padded stream differs from the packed one, and padding each packed
+    sample to a multiple of 4 (CP 2's default, --sft-pad-granularity 4 at CP 1) packs
+    differently again."""
     assert "Number of virtual stages per pipeline stage: 2" in layouts["tp2pp2vpp2_distopt"].log
     for name in ("cp2_packed", "cp2_padded", "cp2tp2_sp"):
         assert "context-parallel size: 2" in layouts[name].log, name
     assert layouts["tp1"].series("lm_loss") != layouts["tp1_padded"].series("lm_loss")
+    padded_samples = "(packed, each sample padded to a multiple of 4)"
+    for name in ("tp1_pad4", "cp2_packed", "cp2tp2_sp"):
+        assert padded_samples in layouts[name].log, name
+    assert padded_samples not in layouts["tp1"].log
+    assert layouts["tp1"].series("lm_loss") != layouts["tp1_pad4"].series("lm_loss")
 
 
 def test_sed_statistics_are_live(layouts):
