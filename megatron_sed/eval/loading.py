@@ -48,6 +48,8 @@ def eval_args(ckpt_args: argparse.Namespace) -> argparse.Namespace:
     a = copy.copy(ckpt_args)
     a.tensor_model_parallel_size = 1
     a.pipeline_model_parallel_size = 1
+    a.expert_model_parallel_size = 1
+    a.expert_tensor_parallel_size = 1
     a.sequence_parallel = False
     a.hidden_dropout = 0.0
     a.attention_dropout = 0.0

@@ -48,7 +48,23 @@ MODEL_SHAPE_ARGS = (
     "add_bias_linear",
     "add_qkv_bias",
     "qk_layernorm",
+    "qk_l2_norm",
     "untie_embeddings_and_output_weights",
+    # mixture of experts: which layers, how many experts, how tokens are routed
+    "num_experts",
+    "moe_layer_freq",
+    "moe_ffn_hidden_size",
+    "moe_shared_expert_intermediate_size",
+    "moe_shared_expert_gate",
+    "moe_router_topk",
+    "moe_router_score_function",
+    "moe_router_pre_softmax",
+    "moe_router_topk_scaling_factor",
+    "moe_router_num_groups",
+    "moe_router_group_topk",
+    "moe_router_enable_expert_bias",
+    # multi-token prediction heads
+    "mtp_num_layers",
 )
 TOKENIZER_ARGS = ("tokenizer_type", "tokenizer_model", "vocab_size", "sft_tokenizer_type")
 

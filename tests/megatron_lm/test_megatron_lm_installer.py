@@ -116,10 +116,10 @@ def _worker(rank, world_size):
     model = _build_model()
     wrapped = _Wrapper(model)
     assert megatron_lm.install_sed_loss(wrapped, args) == 1
-    method = model.compute_language_model_loss
+    method = model.forward
     assert megatron_lm.install_sed_loss(wrapped, args) == 1
     assert megatron_lm.install_sed_loss([wrapped], args) == 1
-    assert model.compute_language_model_loss is method, "re-installing must not wrap twice"
+    assert model.forward is method, "re-installing must not wrap twice"
 
     out = wrapped(tokens, positions, None, labels=tokens)  # [b, s]
     assert out.shape == (BATCH, SEQ)
@@ -145,7 +145,7 @@ def _worker(rank, world_size):
     # --- --loss-type ce: nothing installed, Megatron's own CE, no SED keys.
     ce_model = _build_model()
     assert megatron_lm.install_sed_loss(ce_model, _args("--loss-type", "ce")) == 0
-    assert "compute_language_model_loss" not in ce_model.__dict__
+    assert "forward" not in ce_model.__dict__ and "compute_language_model_loss" not in ce_model.__dict__
     ce_out = ce_model(tokens, positions, None, labels=tokens)
     torch.testing.assert_close(ce_out.double(), ref["ce"], rtol=1e-5, atol=1e-5)
     assert megatron_lm.add_sed_report({}, loss_mask, ce_model) == {}
@@ -155,28 +155,32 @@ def _worker(rank, world_size):
     megatron_lm.install_sed_loss(zero, _args("--loss-type", "sed", "--sed-coef", "0"))
     torch.testing.assert_close(zero(tokens, positions, None, labels=tokens), ce_out, rtol=0, atol=1e-6)
 
-    # --- install_loss_override (the trainer's path on megatron-core without GPTModel's
-    # output_processor hook): the config is re-set on every call, so a moving threshold
-    # (the EMA tracker) takes effect at the next forward, and nothing wraps twice.
+    # --- the route megatron-sed-train takes (attach_sed: output_processor where
+    # megatron-core has it, the compute_language_model_loss override otherwise): the
+    # context is per forward, so a moving threshold (the EMA tracker) takes effect at the
+    # next forward, its stats come back with it, and a forward without one is Megatron's CE.
+    from megatron_sed.model.sed_route import SEDLossContext, attach_sed
+
     over = _build_model()
     over.load_state_dict(model.state_dict())
     over_wrapped = _Wrapper(over)
     cfg = sed_config_from_args(args)
-    megatron_lm.install_loss_override(over_wrapped, cfg)
-    method = over.compute_language_model_loss
-    torch.testing.assert_close(over_wrapped(tokens, positions, None, labels=tokens), out, rtol=0, atol=0)
-    megatron_lm.add_sed_report({}, loss_mask, over_wrapped)  # consume this forward's stats
+    ctx = SEDLossContext(cfg)
+    got = over_wrapped(tokens, positions, None, labels=tokens, **attach_sed(over_wrapped, ctx))
+    torch.testing.assert_close(got, out, rtol=0, atol=0)
+    assert ctx.stats is not None
     srt_all = srt.tolist()
     tau2 = float((srt_all[mid // 2 - 1] + srt_all[mid // 2]) / 2)  # about a quarter masked
-    megatron_lm.install_loss_override(over_wrapped, dataclasses.replace(cfg, threshold=tau2))
-    assert over.compute_language_model_loss is method
-    out2 = over_wrapped(tokens, positions, None, labels=tokens)
+    ctx2 = SEDLossContext(dataclasses.replace(cfg, threshold=tau2))
+    out2 = over_wrapped(tokens, positions, None, labels=tokens, **attach_sed(over_wrapped, ctx2))
     ref2 = _reference(logits64, tokens, tau2, coef)
     assert ref2["mask"].sum() < ref["mask"].sum()
     torch.testing.assert_close(out2.double(), ref2["loss"], rtol=1e-5, atol=1e-5)
-    report = megatron_lm.add_sed_report({}, loss_mask.view(-1), over_wrapped)
-    want = (ref2["mask"] * loss_mask.double()).sum()
-    torch.testing.assert_close(report["sed mask rate"][0].double(), want, rtol=0, atol=0)
+    want = ref2["mask"].t() * loss_mask.t().double()
+    torch.testing.assert_close((ctx2.stats["mask"].double() * loss_mask.t().double()).sum(), want.sum())
+    torch.testing.assert_close(
+        over_wrapped(tokens, positions, None, labels=tokens), ce_out, rtol=0, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
