@@ -46,6 +46,9 @@ def parsed(tiny_llama, tmp_path_factory):
         ),
         ("converted", conv),
         ("converted_mismatch", [*conv, "--num-layers", "3", "--hidden-size", "32"]),
+        ("converted_dense_moe_flag", [*conv, "--num-experts", "4"]),
+        ("mla", [*base, "--multi-latent-attention"]),
+        ("sliding_window_local", [*base, "--window-size", "32,0"]),
     ]
     spec = tmp / "cases.json"
     spec.write_text(json.dumps(cases))
@@ -82,6 +85,9 @@ def test_cpu_defaults_and_byte_tokenizer(parsed):
         ("warmup_too_long", "--lr-warmup-iters (4) must be smaller than --lr-decay-iters (4"),
         ("hf_tokenizer_on_byte_data", "was tokenized with byte"),
         ("converted_mismatch", "--num-layers 3 (checkpoint: 2)"),
+        ("converted_dense_moe_flag", "--num-experts 4 (checkpoint: None)"),
+        ("mla", "--multi-latent-attention (multi-latent attention (MLA)) is not supported"),
+        ("sliding_window_local", "--window-size (sliding-window attention) is not supported on the local"),
     ],
 )
 def test_bad_flags_fail_naming_them(parsed, case, message):
