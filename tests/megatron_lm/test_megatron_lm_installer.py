@@ -218,3 +218,50 @@ def test_install_refuses_a_model_without_gptmodel():
     args = add_sed_args(argparse.ArgumentParser()).parse_args(["--loss-type", "sed"])
     with pytest.raises(TypeError, match="GPTModel"):
         megatron_lm.install_sed_loss(torch.nn.Linear(2, 2), args)
+
+
+def _mtp_worker(rank, world_size):
+    """The patched path with multi-token prediction: the MTP head's loss (what Megatron
+    tracks and logs as `mtp_1 loss`) is Megatron's CE whether the main head computes CE
+    or SED; on megatron-core without output_processor the combination is refused."""
+    from megatron_sed.backend import cpu as cpu_backend
+
+    cpu_backend.install()  # Megatron's MTP loss tracker lives on the "GPU"
+    from megatron.core import parallel_state
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    from megatron_sed.model import build_gpt_model
+    from megatron_sed.model.loss_hook import supports_output_processor
+    from tests.helpers.model_args import tiny_model_args
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world_size)
+    margs = tiny_model_args(tensor_model_parallel_size=world_size, padded_vocab_size=256, mtp_num_layers=1)
+    torch.manual_seed(3)
+    ce_model = build_gpt_model(margs)
+    sed_model = build_gpt_model(margs)
+    sed_model.load_state_dict(ce_model.state_dict())
+    args = _args("--loss-type", "sed", "--sed-threshold", "0.9", "--sed-coef", "1.0")
+    args.mtp_num_layers = 1
+    if not supports_output_processor():
+        with pytest.raises(ValueError, match="--mtp-num-layers"):
+            megatron_lm.install_sed_loss(sed_model, args)
+        return
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, 250, (2, 32), generator=g)
+    pos = torch.arange(32).repeat(2, 1)
+    ones = torch.ones(2, 32)
+
+    def mtp_loss(model):
+        MTPLossLoggingHelper.clean_metrics_in_tracker()
+        out = model(tokens, pos, None, labels=tokens, loss_mask=ones)
+        return out, MTPLossLoggingHelper.tracker["loss_values"].clone()
+
+    ce_out, ce_mtp = mtp_loss(ce_model)
+    assert megatron_lm.install_sed_loss(sed_model, args) == 1
+    sed_out, sed_mtp = mtp_loss(sed_model)
+    assert (sed_out - ce_out).mean() > 1e-2  # the main head computes SED ...
+    torch.testing.assert_close(sed_mtp, ce_mtp, rtol=0, atol=1e-6)  # ... the MTP head CE
+
+
+def test_mtp_heads_keep_megatron_ce_in_the_patched_path():
+    run_distributed(_mtp_worker, 1)
