@@ -74,7 +74,7 @@ def model_step(device):
     from gpu_loss_bench import init_megatron_tp1
 
     from megatron_sed.model import build_gpt_model
-    from megatron_sed.model.loss_hook import pop_sed_stats
+    from megatron_sed.model.sed_route import SEDLossContext, attach_sed
     from megatron_sed.ops.stats import sed_report
     from tests.helpers.model_args import tiny_model_args
 
@@ -85,17 +85,19 @@ def model_step(device):
     )
     if device.type == "cuda":
         args.bf16 = True
-    model = build_gpt_model(args, sed_config=SEDConfig(coef=1.0, top_k=2, threshold=0.9)).to(device)
+    model = build_gpt_model(args).to(device)
+    cfg = SEDConfig(coef=1.0, top_k=2, threshold=0.9)
     tokens = torch.randint(0, 500, (2, 64), device=device)
     pos = torch.arange(64, device=device).repeat(2, 1)
     labels = torch.roll(tokens, -1, dims=1)
     loss_mask = torch.ones(2, 64, device=device)
-    model(tokens, pos, None, labels=labels)  # warm-up (first-call allocations, lazy inits)
-    pop_sed_stats()
+    # warm-up (first-call allocations, lazy inits)
+    model(tokens, pos, None, labels=labels, **attach_sed(model, SEDLossContext(cfg)))
     with no_host_sync(device):
-        per_token = model(tokens, pos, None, labels=labels)
+        ctx = SEDLossContext(cfg)
+        per_token = model(tokens, pos, None, labels=labels, **attach_sed(model, ctx))
         loss = (per_token.float() * loss_mask).sum() / loss_mask.sum()
-        sed_report(pop_sed_stats(), loss_mask)
+        sed_report(ctx.take_stats(), loss_mask)
         loss.backward()
 
 

@@ -160,6 +160,15 @@ def _validate_sed_args(args: argparse.Namespace) -> None:
             f"--sed-mask-ratio calibrates a threshold, but --sed-mask "
             f"{args.sed_mask} has none: use --sed-mask topk_mass or entropy"
         )
+    if getattr(args, "loss_type", "ce") == "sed" and getattr(args, "mtp_num_layers", None):
+        from megatron_sed.model.loss_hook import supports_output_processor  # noqa: PLC0415 (imports megatron-core)
+
+        if not supports_output_processor():
+            raise ValueError(
+                "--mtp-num-layers with --loss-type sed needs megatron-core >= 0.18 (GPTModel's "
+                "output_processor hook, which keeps Megatron's CE for the MTP heads while the "
+                "main head computes SED): upgrade megatron-core or drop --mtp-num-layers"
+            )
     recipe = getattr(args, "sed_calibration", "supervised")
     if recipe not in RECIPES:
         raise ValueError(f"--sed-calibration must be one of {', '.join(RECIPES)}, got {recipe!r}")

@@ -25,7 +25,7 @@ from torch.utils.data import default_collate
 
 from megatron_sed.calibration.quantile import QUANTILE_SIDE, fraction_below, gather_variable_length
 from megatron_sed.calibration.recipes import recipe_from_args
-from megatron_sed.model.loss_hook import pop_sed_stats
+from megatron_sed.model.sed_route import last_sed_context
 
 
 @dataclass
@@ -164,7 +164,10 @@ def calibrate_with_forward_step(
             with torch.no_grad():
                 _, loss_fn = forward_step(batches, model)
             loss_mask = loss_fn.args[0]  # forward_step returns partial(loss_func, loss_mask, ...)
-            stats = pop_sed_stats()
+            # the forward's SED context: handed to megatron-sed-train's loss_func, or the
+            # model's latest (Megatron-LM's pretrain_gpt.py)
+            ctx = (getattr(loss_fn, "keywords", None) or {}).get("sed") or last_sed_context(model)
+            stats = ctx.take_stats() if ctx is not None else None
             if stats is None:
                 raise RuntimeError("--sed-mask-ratio: the model did not compute SED during calibration")
             values = stats[mask_kind]  # [s, b]

@@ -62,9 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--model-type",
         default=None,
-        choices=["llama", "qwen2"],
+        choices=["llama", "qwen2", "qwen3", "qwen3_moe"],
         help="HF architecture for checkpoints without metadata (Megatron-LM's); "
-        "default: qwen2 if the checkpoint has QKV biases, else llama",
+        "default: qwen3_moe with experts, qwen3 with QK-norm, qwen2 with QKV biases, else llama",
     )
     b.add_argument(
         "--vocab-size",

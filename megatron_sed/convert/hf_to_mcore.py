@@ -1,4 +1,4 @@
-"""HF Llama / Qwen2 folder -> Megatron-Core dist checkpoint (torch_dist), streamed.
+"""HF Llama / Qwen2 / Qwen3 / Qwen3-MoE folder -> Megatron-Core dist checkpoint (torch_dist), streamed.
 
 Nothing is materialised up front: the sharded state dict holds `meta` tensors (shape
 and dtype only) and a planner builds each tensor from the memory-mapped safetensors
@@ -31,7 +31,7 @@ from megatron_sed.checkpointing.layout import (
 from megatron_sed.checkpointing.process_group import single_process_group
 from megatron_sed.checkpointing.torch_dist_sync import SyncTorchDistSaveStrategy
 from megatron_sed.convert.hf_folder import CheckpointError, HFModelFolder
-from megatron_sed.convert.mapping import expected_hf_shapes, param_maps
+from megatron_sed.convert.mapping import EXPERT_KEY, expected_hf_shapes, param_maps
 from megatron_sed.convert.shape import ModelShape, megatron_args, shape_from_hf_config
 from megatron_sed.utils.files import atomic_output_dir
 
@@ -92,7 +92,7 @@ def _lazy_planner_factory(
             idx = write_item.index
             if write_item.tensor_data is None:  # a ShardedObject (bytes)
                 return super().resolve_data(write_item)
-            make = producers.get((idx.fqn, int(idx.offset[0]) if len(idx.offset) else 0))
+            make = producers.get((idx.fqn, tuple(int(o) for o in idx.offset)))
             if make is None:
                 return super().resolve_data(write_item)
             t = make()
@@ -110,30 +110,51 @@ def _build_state_dict(hf: HFModelFolder, shape: ModelShape, dtype: torch.dtype):
     num_layers = shape.num_layers
     for pm in param_maps(shape):
         layers = range(num_layers) if pm.layered else [None]
+        experts = range(pm.experts) if pm.experts else [None]
         for layer in layers:
-            names = pm.hf(layer)
-            meta = torch.empty(pm.shape, dtype=dtype, device="meta")
-            if pm.layered:
-                st = ShardedTensor.from_rank_offsets(
-                    pm.key, meta, (0, layer, num_layers), replica_id=0, prepend_axis_num=1
-                )
-                name = f"{pm.key}.{layer}"
-            else:
-                st = ShardedTensor.from_rank_offsets(pm.key, meta, replica_id=0)
-                name = pm.key
+            for expert in experts:
+                names = pm.hf(layer, expert)
+                meta = torch.empty(pm.shape, dtype=dtype, device="meta")
+                if pm.experts:
+                    st = ShardedTensor.from_rank_offsets(
+                        pm.key,
+                        meta,
+                        (0, layer, num_layers),
+                        (1, expert, pm.experts),
+                        replica_id=0,
+                        prepend_axis_num=2,
+                    )
+                    name, lead = f"{pm.key}.{layer}.{expert}", (layer, expert)
+                elif pm.layered:
+                    st = ShardedTensor.from_rank_offsets(
+                        pm.key, meta, (0, layer, num_layers), replica_id=0, prepend_axis_num=1
+                    )
+                    name, lead = f"{pm.key}.{layer}", (layer,)
+                else:
+                    st = ShardedTensor.from_rank_offsets(pm.key, meta, replica_id=0)
+                    name, lead = pm.key, ()
 
-            def make(pm=pm, names=names):
-                return pm.to_mcore([hf.get(n) for n in names]).to(dtype)
+                def make(pm=pm, names=names):
+                    return pm.to_mcore([hf.get(n) for n in names]).to(dtype)
 
-            sharded[name] = st
-            producers[(pm.key, layer or 0)] = make
+                sharded[name] = st
+                producers[(pm.key, lead + (0,) * len(pm.shape))] = make
     # `_extra_state` of every linear (None for Megatron's own layers; TE keeps FP8 scaling
     # state there) as GPTModel saves it: Megatron-LM's strict loading asks for them.
     # TE's core_attention has one too; keys a model does not ask for are ignored.
-    for module in EXTRA_STATE_MODULES:
+    modules = EXTRA_STATE_MODULES if not shape.num_experts else EXTRA_STATE_MODULES[:3]
+    for module in modules:
         key = f"decoder.layers.{module}._extra_state"
         for layer in range(num_layers):
             sharded[f"{key}.{layer}"] = ShardedObject(key, None, (num_layers,), (layer,), replica_id=0)
+    for module in ("linear_fc1", "linear_fc2") if shape.num_experts else ():
+        key = f"{EXPERT_KEY}{module}._extra_state"
+        n = shape.num_experts
+        for layer in range(num_layers):
+            for e in range(n):
+                sharded[f"{key}.{layer}.{e}"] = ShardedObject(
+                    key, None, (num_layers, n), (layer, e), replica_id=0
+                )
     return sharded, producers
 
 

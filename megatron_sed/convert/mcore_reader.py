@@ -72,7 +72,8 @@ class MCoreModelReader:
                 want = list(pm.shape)
                 if pm.key == FC1 and self.split_fc1:  # fc1 halves
                     want[0] //= 2
-                want = tuple([num_layers] + want if (pm.layered and not self.per_layer) else want)
+                lead = [num_layers, pm.experts] if pm.experts else [num_layers]
+                want = tuple(lead + want if (pm.layered and not self.per_layer) else want)
                 if key not in self.shapes:
                     problems.append(f"missing tensor {key} (expected shape {list(want)})")
                     continue
@@ -86,6 +87,11 @@ class MCoreModelReader:
                         f"tensor {key} has shape {list(got)}, the model "
                         f"({self.shape.model_type}, {num_layers} layers) needs {list(want)}"
                     )
+        if self.per_layer and any(pm.experts for pm in self.maps):
+            problems.append(
+                "per-layer keys (singleton_local_shards) with MoE experts are not supported: "
+                "save the checkpoint without --ckpt-... singleton shards"
+            )
         if self.per_layer and _per_layer(self.maps[1].key, num_layers) in self.shapes:
             problems.append(f"checkpoint has more than the model's {num_layers} layers")
         if self.shape.tie_embeddings and "output_layer.weight" in self.shapes:
@@ -108,7 +114,7 @@ class MCoreModelReader:
         for pm in maps:
             for key in self._stored_keys(pm, layer):
                 shape = self.shapes[key][0]
-                if stacked:
+                if stacked:  # this layer's slice (all its experts for expert tensors)
                     reqs[key] = ((layer,) + (0,) * (len(shape) - 1), (1,) + tuple(shape[1:]))
                 else:
                     rows = self.shape.vocab_size if key in VOCAB_KEYS else shape[0]
@@ -125,4 +131,5 @@ class MCoreModelReader:
         return self._read(None, [pm for pm in self.maps if not pm.layered])
 
     def layer_tensors(self, layer: int) -> dict[str, torch.Tensor]:
+        """One layer's tensors; expert tensors as [num_experts, ...]."""
         return self._read(layer, [pm for pm in self.maps if pm.layered])

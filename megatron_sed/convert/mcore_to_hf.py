@@ -50,7 +50,24 @@ def shape_from_megatron_args(args, model_type: str, vocab_size: int) -> ModelSha
     if g("add_bias_linear", False):
         problems.append("linear biases are on (no --disable-bias-linear)")
     if problems:
-        raise CheckpointError("the checkpoint's model is not Llama/Qwen2-shaped: " + "; ".join(problems))
+        raise CheckpointError("the checkpoint's model is not Llama/Qwen-shaped: " + "; ".join(problems))
+    experts = g("num_experts")
+    if experts:
+        for name, want in (("moe_layer_freq", 1), ("moe_shared_expert_intermediate_size", None)):
+            if g(name, want) != want:
+                problems.append(f"--{name.replace('_', '-')} is {g(name)!r} (Qwen3-MoE: {want!r})")
+        if g("moe_router_score_function", "softmax") != "softmax" or g("moe_router_topk_scaling_factor"):
+            problems.append("the router is not a plain softmax top-k router")
+        if problems:
+            raise CheckpointError("the checkpoint's MoE is not Qwen3-MoE-shaped: " + "; ".join(problems))
+    moe = {}
+    if experts:
+        moe = dict(
+            num_experts=int(experts),
+            moe_ffn_hidden_size=int(g("moe_ffn_hidden_size") or g("ffn_hidden_size")),
+            moe_router_topk=int(g("moe_router_topk", 2)),
+            norm_topk_prob=not g("moe_router_pre_softmax", False),
+        )
     heads = g("num_attention_heads")
     return ModelShape(
         model_type=model_type,
@@ -68,7 +85,19 @@ def shape_from_megatron_args(args, model_type: str, vocab_size: int) -> ModelSha
         add_qkv_bias=bool(g("add_qkv_bias", False)),
         rope_scaling_factor=float(g("rope_scaling_factor", 8.0)) if g("use_rope_scaling") else None,
         rotary_seq_len_interpolation_factor=g("rotary_seq_len_interpolation_factor"),
+        qk_layernorm=bool(g("qk_layernorm", False)),
+        **moe,
     )
+
+
+def infer_model_type(args) -> str:
+    """The HF family whose naming fits a Megatron model: Qwen3-MoE (experts), Qwen3 (QK-norm),
+    Qwen2 (q/k/v biases), else Llama."""
+    if getattr(args, "num_experts", None):
+        return "qwen3_moe"
+    if getattr(args, "qk_layernorm", False):
+        return "qwen3"
+    return "qwen2" if getattr(args, "add_qkv_bias", False) else "llama"
 
 
 def hf_config_from_shape(shape: ModelShape) -> dict:
@@ -101,6 +130,17 @@ def hf_config_from_shape(shape: ModelShape) -> dict:
         rope_theta=shape.rotary_base,
         rope_scaling=rope,
     )
+    if shape.model_type in ("qwen3", "qwen3_moe"):
+        kwargs.update(attention_bias=False, use_sliding_window=False)
+    if shape.num_experts:
+        kwargs.update(
+            num_experts=shape.num_experts,
+            moe_intermediate_size=shape.moe_ffn_hidden_size,
+            num_experts_per_tok=shape.moe_router_topk,
+            norm_topk_prob=shape.norm_topk_prob,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        )
     cfg = AutoConfig.for_model(shape.model_type, **kwargs).to_dict()
     cfg["architectures"] = [ARCHITECTURES[shape.model_type]]
     if shape_from_hf_config(cfg) != shape:  # the round trip must be exact
@@ -151,7 +191,7 @@ def resolve_source(
             "--reference (the converted checkpoint or the original HF folder)"
         )
     if model_type is None:
-        model_type = "qwen2" if getattr(args, "add_qkv_bias", False) else "llama"
+        model_type = infer_model_type(args)
 
     rows = TorchDistReader(ckpt).tensor_shapes()["embedding.word_embeddings.weight"][0][0]
     shape = shape_from_megatron_args(args, model_type, vocab_size or rows)
@@ -236,8 +276,9 @@ def convert_mcore_to_hf(
         def emit(tensors: dict[str, torch.Tensor], layer: Optional[int]) -> None:
             for key, t in tensors.items():
                 pm = maps[key]
-                for name, part in zip(pm.hf(layer), pm.to_hf(t)):
-                    writer.add(name, part.to(torch_dtype).clone())
+                for expert, part_t in enumerate(t) if pm.experts else [(None, t)]:
+                    for name, part in zip(pm.hf(layer, expert), pm.to_hf(part_t)):
+                        writer.add(name, part.to(torch_dtype).clone())
 
         glob = model.global_tensors()
         emit({"embedding.word_embeddings.weight": glob["embedding.word_embeddings.weight"]}, None)

@@ -1,4 +1,4 @@
-"""Model shape: HF Llama / Qwen2 config.json <-> Megatron-LM argument values.
+"""Model shape: HF Llama / Qwen2 / Qwen3 / Qwen3-MoE config.json <-> Megatron-LM argument values.
 
 `ModelShape` is what the converted checkpoint's metadata records, what the trainer
 reads (or checks its flags against), and what the HF config is rebuilt from on export.
@@ -14,7 +14,13 @@ from typing import Optional
 
 from megatron_sed.convert.hf_folder import CheckpointError
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+}
+QK_NORM_MODELS = ("qwen3", "qwen3_moe")  # RMSNorm on each head's q and k before RoPE
 
 # Megatron-Core's llama3 RoPE scaling hard-codes these (rotary_pos_embedding._apply_scaling).
 _MCORE_LLAMA3_ROPE = {
@@ -26,7 +32,7 @@ _MCORE_LLAMA3_ROPE = {
 
 @dataclass
 class ModelShape:
-    model_type: str  # "llama" | "qwen2"
+    model_type: str  # a key of ARCHITECTURES
     num_layers: int
     hidden_size: int
     ffn_hidden_size: int
@@ -41,6 +47,15 @@ class ModelShape:
     add_qkv_bias: bool
     rope_scaling_factor: Optional[float] = None  # llama3-style scaling (Llama 3.1 / 3.2)
     rotary_seq_len_interpolation_factor: Optional[float] = None  # HF "linear" scaling
+    qk_layernorm: bool = False  # Qwen3: q_norm / k_norm
+    # mixture of experts (Qwen3-MoE): every layer's MLP is `num_experts` SwiGLU experts of
+    # `moe_ffn_hidden_size`, `moe_router_topk` per token; norm_topk_prob renormalises the
+    # chosen experts' softmax probabilities (Megatron: softmax over the top-k logits,
+    # its default) or not (Megatron: --moe-router-pre-softmax).
+    num_experts: Optional[int] = None
+    moe_ffn_hidden_size: Optional[int] = None
+    moe_router_topk: Optional[int] = None
+    norm_topk_prob: bool = True
 
     @property
     def qkv_rows(self) -> int:
@@ -95,10 +110,13 @@ def shape_from_hf_config(cfg: dict) -> ModelShape:
         raise CheckpointError(f"config.json hidden_act={act!r}: only silu (SwiGLU) is supported")
     if cfg.get("mlp_bias"):
         raise CheckpointError("config.json mlp_bias=true is not supported")
-    if model_type == "llama" and cfg.get("attention_bias"):
-        raise CheckpointError("config.json attention_bias=true (Llama with q/k/v/o biases) is not supported")
-    if model_type == "qwen2" and cfg.get("use_sliding_window"):
+    if model_type != "qwen2" and cfg.get("attention_bias"):
+        raise CheckpointError(
+            f"config.json attention_bias=true ({model_type} with q/k/v/o biases) is not supported"
+        )
+    if cfg.get("use_sliding_window"):
         raise CheckpointError("config.json use_sliding_window=true is not supported")
+    moe = _moe_fields(cfg) if model_type == "qwen3_moe" else {}
     heads = cfg["num_attention_heads"]
     hidden = cfg["hidden_size"]
     factor, linear = _rope_scaling(cfg)
@@ -118,6 +136,31 @@ def shape_from_hf_config(cfg: dict) -> ModelShape:
         add_qkv_bias=model_type == "qwen2",
         rope_scaling_factor=factor,
         rotary_seq_len_interpolation_factor=linear,
+        qk_layernorm=model_type in QK_NORM_MODELS,
+        **moe,
+    )
+
+
+def _moe_fields(cfg: dict) -> dict:
+    """The MoE part of a Qwen3-MoE config.json; only every-layer-sparse models (what
+    Megatron's --moe-layer-freq 1 builds) without shared experts."""
+    step = cfg.get("decoder_sparse_step", 1)
+    if step != 1:
+        raise CheckpointError(
+            f"config.json decoder_sparse_step={step}: only 1 (every layer MoE) is supported"
+        )
+    if cfg.get("mlp_only_layers"):
+        raise CheckpointError(
+            f"config.json mlp_only_layers={cfg['mlp_only_layers']}: dense layers in a MoE model are not supported"
+        )
+    experts = cfg.get("num_experts") or cfg.get("num_local_experts")
+    if not experts:
+        raise CheckpointError("config.json has no num_experts")
+    return dict(
+        num_experts=int(experts),
+        moe_ffn_hidden_size=int(cfg["moe_intermediate_size"]),
+        moe_router_topk=int(cfg["num_experts_per_tok"]),
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
     )
 
 
@@ -145,7 +188,27 @@ def megatron_args(shape: ModelShape) -> dict:
         add_bias_linear=False,
         add_qkv_bias=shape.add_qkv_bias,
         untie_embeddings_and_output_weights=not shape.tie_embeddings,
+        qk_layernorm=shape.qk_layernorm,
+        num_experts=shape.num_experts,  # None: dense (so --num-experts on a dense model is caught)
+        mtp_num_layers=None,
+        **_moe_args(shape),
         padded_vocab_size=shape.vocab_size,  # the embedding's rows
         tokenizer_type="HuggingFaceTokenizer",  # shipped in OUT/hf (see checkpointing.layout)
         sft_tokenizer_type="hf",
+    )
+
+
+def _moe_args(shape: ModelShape) -> dict:
+    if shape.num_experts is None:
+        return {}
+    return dict(
+        moe_layer_freq=1,
+        moe_ffn_hidden_size=shape.moe_ffn_hidden_size,
+        moe_router_topk=shape.moe_router_topk,
+        moe_router_score_function="softmax",
+        # HF softmax over all experts then top-k; renormalised (norm_topk_prob) equals
+        # Megatron's softmax over the top-k logits, unrenormalised its pre-softmax router.
+        moe_router_pre_softmax=not shape.norm_topk_prob,
+        moe_router_topk_scaling_factor=None,
+        moe_shared_expert_intermediate_size=None,
     )

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from megatron.core import dist_checkpointing
 
+from megatron_sed.backend import cpu as cpu_backend
 from megatron_sed.checkpointing import layout
 from megatron_sed.checkpointing.layout import CheckpointError, resolve_dist_ckpt_dir
 from megatron_sed.model import build_gpt_model, te_available
@@ -48,6 +49,8 @@ def eval_args(ckpt_args: argparse.Namespace) -> argparse.Namespace:
     a = copy.copy(ckpt_args)
     a.tensor_model_parallel_size = 1
     a.pipeline_model_parallel_size = 1
+    a.expert_model_parallel_size = 1
+    a.expert_tensor_parallel_size = 1
     a.sequence_parallel = False
     a.hidden_dropout = 0.0
     a.attention_dropout = 0.0
@@ -69,6 +72,10 @@ def load_model(load: str, iteration: int | None = None):
     args = eval_args(common["args"])
     if not getattr(args, "padded_vocab_size", None) and not getattr(args, "vocab_size", None):
         raise CheckpointError(f"{ckpt_dir}: the checkpoint's args hold no vocab size")
+    if getattr(args, "num_experts", None) and not cpu_backend.gpu_present():
+        # MoE layers go through Megatron's token dispatchers and router, which allocate on
+        # torch.cuda.current_device(): without a GPU they need the CPU backend, as in training.
+        cpu_backend.install()
     try:
         model = build_gpt_model(args)
     except Exception as err:  # noqa: BLE001

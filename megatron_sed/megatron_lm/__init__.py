@@ -7,8 +7,12 @@ The patches in patches/megatron-lm/ add three calls to `pretrain_gpt.py`:
    checks them right after parsing, so a bad value fails like any Megatron flag.
 2. `install_sed_loss(model, args, forward_step, datasets_provider)` in `forward_step`:
    with `--loss-type sed` it makes every Megatron-Core `GPTModel` in `model` compute SED
-   on its vocab-parallel `[s, b, V/tp]` logits (an instance override of
-   `compute_language_model_loss`, the method GPTModel calls once it has the logits).
+   on its vocab-parallel `[s, b, V/tp]` logits by the route megatron-sed-train uses
+   (megatron_sed.model.sed_route: GPTModel's `output_processor` hook where megatron-core
+   has it, so the multi-token-prediction heads keep Megatron's CE; the
+   `compute_language_model_loss` override before). pretrain_gpt.py calls the model
+   without extra arguments, so an instance override of the GPTModel's `forward` adds
+   them, with a fresh per-forward context.
    Idempotent and cheap after the first call; logs once; a no-op for `--loss-type ce`.
    The first call resolves tau (megatron_sed.megatron_lm.calibration): --sed-threshold,
    the resumed checkpoint's, or calibrated with `--sed-mask-ratio` on held-out data
@@ -27,18 +31,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import types
 from collections.abc import Callable, Iterable
 from typing import Optional
 
 import torch
-from megatron.core.models.common.language_module.language_module import LanguageModule
 
 from megatron_sed.calibration.recipes import recipe_from_args
 from megatron_sed.flags import add_sed_args, sed_config_from_args, validate_sed_args
 from megatron_sed.megatron_lm.calibration import resolve_sed_threshold
-from megatron_sed.model.loss_hook import pop_sed_stats, sed_language_model_loss
-from megatron_sed.ops.config import SEDConfig
+from megatron_sed.model.sed_route import (
+    forward_config,
+    language_modules,
+    last_sed_context,
+    set_forward_config,
+)
 from megatron_sed.ops.stats import STAT_FIELDS, sed_report
 from megatron_sed.utils.log import print_rank_0
 
@@ -47,7 +53,6 @@ __all__ = [
     "add_sed_args",
     "add_sed_report",
     "extra_args_provider",
-    "install_loss_override",
     "install_sed_loss",
     "validate_megatron_lm_sed_args",
 ]
@@ -56,9 +61,8 @@ __all__ = [
 # `lm loss` stays Megatron's own key for the optimised objective (ce + reg under SED).
 REPORT_KEYS = {f.report_key: f.name for f in STAT_FIELDS}
 
-# Attribute names set on the models (prefixed so they never clash with Megatron's).
-_CFG_ATTR = "_megatron_sed_cfg"
-_TARGETS_ATTR = "_megatron_sed_targets"
+# Set on the outer model once SED is installed (prefixed so it never clashes with Megatron's).
+_INSTALLED_ATTR = "_megatron_sed_installed"
 
 _logged = False
 
@@ -117,37 +121,6 @@ def _check_after_parsing(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------- installer
 
 
-def _language_modules(model) -> list[torch.nn.Module]:
-    """Every Megatron-Core LanguageModule (GPTModel, ...) inside `model`: a module, a
-    wrapper (DDP, Float16Module) or a list of virtual-pipeline chunks."""
-
-    chunks = model if isinstance(model, (list, tuple)) else [model]
-    found = []
-    for chunk in chunks:
-        found.extend(m for m in chunk.modules() if isinstance(m, LanguageModule))
-    return found
-
-
-def _tp_group_of(module):
-    group = getattr(module, "tp_group", None)  # Megatron-Core >= 0.17
-    if group is None:
-        pgs = getattr(module, "pg_collection", None)
-        group = getattr(pgs, "tp", None) if pgs is not None else None
-    return group  # None: the op falls back to parallel_state's TP group
-
-
-def _sed_compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor):
-    """Replacement for LanguageModule.compute_language_model_loss: the trainer's hook
-    (megatron_sed.model.loss_hook), i.e. SED on the [s, b, V/tp] logits straight from
-    the output layer, [b, s] losses out, per-token stats stashed for `add_sed_report`.
-    With multi-token prediction the MTP heads call this first and the main head last,
-    so the stats left in the stash are the main head's."""
-
-    return sed_language_model_loss(
-        self, labels, logits, getattr(self, _CFG_ATTR), tp_group=_tp_group_of(self)
-    )
-
-
 def install_sed_loss(
     model,
     args: argparse.Namespace,
@@ -167,12 +140,12 @@ def install_sed_loss(
     if getattr(args, "loss_type", "ce") != "sed":
         return 0
     outer = model if not isinstance(model, (list, tuple)) else None
-    if outer is not None and _TARGETS_ATTR in outer.__dict__:
-        return len(outer.__dict__[_TARGETS_ATTR])
+    if outer is not None and _INSTALLED_ATTR in outer.__dict__:
+        return len(language_modules(outer))
     if _calibrating:  # forward_step -> install_sed_loss while the first call calibrates
         return len(_targets(model))
     validate_megatron_lm_sed_args(args)
-    targets = _language_modules(model)
+    targets = language_modules(model)
     if not targets:
         raise TypeError(
             "install_sed_loss: found no Megatron-Core LanguageModule (GPTModel) in the "
@@ -183,12 +156,12 @@ def install_sed_loss(
     calibration_cfg = sed_config_from_args(args)
     if getattr(args, "sed_mask_ratio", None) is not None:
         calibration_cfg = dataclasses.replace(calibration_cfg, top_k=recipe_from_args(args).top_k)
-    _set_config(targets, calibration_cfg)
+    set_forward_config(model, calibration_cfg)
     if outer is not None:
-        object.__setattr__(outer, _TARGETS_ATTR, targets)
+        object.__setattr__(outer, _INSTALLED_ATTR, True)
     state = _resolve_threshold(model, args, forward_step, datasets_provider)
-    _set_config(targets, sed_config_from_args(args, threshold=state.tau))
-    cfg = getattr(targets[0], _CFG_ATTR)
+    cfg = sed_config_from_args(args, threshold=state.tau)
+    set_forward_config(model, cfg)
     if not _logged:
         _logged = True
         fusion = getattr(getattr(targets[0], "config", None), "cross_entropy_loss_fusion", False)
@@ -213,40 +186,13 @@ def _resolve_threshold(model, args, forward_step, datasets_provider):
         _calibrating = False
 
 
-def install_loss_override(model, cfg: SEDConfig) -> None:
-    """Make the GPTModel(s) in `model` compute SED with `cfg` through an instance override
-    of compute_language_model_loss (megatron-sed-train on megatron-core without
-    GPTModel's output_processor hook). Cheap to call on every forward: the modules are
-    found once."""
-    outer = model if not isinstance(model, (list, tuple)) else None
-    targets = outer.__dict__.get(_TARGETS_ATTR) if outer is not None else None
-    if targets is None:
-        targets = _language_modules(model)
-        if outer is not None:
-            object.__setattr__(outer, _TARGETS_ATTR, targets)
-    _set_config(targets, cfg)
-
-
-def _set_config(targets, cfg: SEDConfig) -> None:
-    for module in targets:
-        object.__setattr__(module, _CFG_ATTR, cfg)
-        if "compute_language_model_loss" not in module.__dict__:
-            object.__setattr__(
-                module,
-                "compute_language_model_loss",
-                types.MethodType(_sed_compute_language_model_loss, module),
-            )
-
-
 # ---------------------------------------------------------------------------- report
 
 
 def _targets(model) -> Iterable[torch.nn.Module]:
     if model is None:
         return []
-    if not isinstance(model, (list, tuple)) and _TARGETS_ATTR in model.__dict__:
-        return model.__dict__[_TARGETS_ATTR]
-    return [m for m in _language_modules(model) if _CFG_ATTR in m.__dict__]
+    return [m for m in language_modules(model) if forward_config(m) is not None]
 
 
 def add_sed_report(report: dict, loss_mask: torch.Tensor, model) -> dict:
@@ -255,7 +201,8 @@ def add_sed_report(report: dict, loss_mask: torch.Tensor, model) -> dict:
 
     if not _targets(model):
         return report
-    stats = pop_sed_stats()  # Megatron calls loss_func right after each forward
+    ctx = last_sed_context(model)  # Megatron calls loss_func right after each forward
+    stats = ctx.take_stats() if ctx is not None else None
     if stats is not None:
         report.update(sed_report(stats, loss_mask))
     return report

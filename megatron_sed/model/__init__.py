@@ -3,16 +3,19 @@
 API (stable; used by the trainer, the Megatron-LM glue, converters and eval):
 
     from megatron_sed.model import build_gpt_model, transformer_config_from_args
-    model = build_gpt_model(args, sed_config=cfg)   # parallel_state must be initialised
+    model = build_gpt_model(args)      # parallel_state must be initialised
     #   args: Megatron-named namespace (megatron_sed.train.arguments.parse_args) with
     #   num_layers, hidden_size, ffn_hidden_size, num_attention_heads, group_query_attention,
     #   num_query_groups, normalization, swiglu, disable_bias_linear, seq_length,
     #   max_position_embeddings, position_embedding_type, rotary_base,
     #   untie_embeddings_and_output_weights, tensor/pipeline_model_parallel_size,
     #   sequence_parallel, bf16/fp16, transformer_impl, padded_vocab_size (or vocab_size).
-    #   Returns SEDGPTModel (a GPTModel). cfg None -> Megatron's plain CE.
-    loss = model(tokens, position_ids, attention_mask, labels=labels)   # [b, s] per token
-    stats = pop_sed_stats()            # [s, b] tensors of that forward (SED hook only)
+    #   (and --num-experts / --moe-*, --mtp-num-layers, --qk-layernorm: what Megatron's own
+    #   provider builds). Returns SEDGPTModel (a GPTModel); its loss is Megatron's CE.
+    ctx = SEDLossContext(cfg)                                           # one per forward
+    loss = model(tokens, position_ids, attention_mask, labels=labels,
+                 **attach_sed(model, ctx))                              # [b, s] SED per token
+    stats = ctx.stats                  # [s, b] tensors of that forward (main head)
     logits = model(tokens, position_ids, attention_mask)                # [b, s, V/tp]
 
     attention_mask: bool [b, 1, s, s], True = masked out (Megatron's convention), or None
@@ -37,10 +40,11 @@ sharded keys of input_layernorm/pre_mlp_layernorm are mapped to the TE names
 Megatron-Core's local spec does, so local and TE checkpoints are interchangeable.
 "transformer_engine" = Megatron-Core's TE spec (GPU; FP8 via --fp8-format).
 
-Loss hook (megatron_sed.model.loss_hook): sed_language_model_loss(model, labels, logits,
-sed_config) is the body of compute_language_model_loss; stash_sed_stats/pop_sed_stats;
-masked_token_loss(loss, loss_mask) -> (sum, count) like Megatron's loss_func;
-sed_output_processor: the same for GPTModel's output_processor hook.
+SED route (megatron_sed.model.sed_route): attach_sed(model, ctx) -> the forward's kwargs
+(GPTModel's output_processor where megatron-core has it, an instance override of
+compute_language_model_loss before); the Megatron-LM glue uses the same route.
+Loss hook (megatron_sed.model.loss_hook): sed_output_processor, sed_language_model_loss;
+masked_token_loss(loss, loss_mask) -> (sum, count) like Megatron's loss_func.
 """
 
 from megatron_sed.model.attention import SDPACoreAttention
@@ -50,12 +54,8 @@ from megatron_sed.model.config import (
     transformer_config_from_args,
 )
 from megatron_sed.model.gpt import SEDGPTModel, build_gpt_model, decoder_spec
-from megatron_sed.model.loss_hook import (
-    masked_token_loss,
-    pop_sed_stats,
-    sed_language_model_loss,
-    stash_sed_stats,
-)
+from megatron_sed.model.loss_hook import masked_token_loss, sed_language_model_loss
+from megatron_sed.model.sed_route import SEDLossContext, attach_sed, last_sed_context
 from megatron_sed.model.specs import (
     TRANSFORMER_IMPLS,
     default_transformer_impl,
@@ -67,18 +67,19 @@ from megatron_sed.model.specs import (
 __all__ = [
     "SDPACoreAttention",
     "SEDGPTModel",
+    "SEDLossContext",
     "TRANSFORMER_IMPLS",
+    "attach_sed",
     "build_gpt_model",
     "decoder_spec",
     "default_transformer_impl",
     "get_layer_spec",
     "get_local_layer_spec",
+    "last_sed_context",
     "masked_token_loss",
     "padded_vocab_size",
     "params_dtype_from_args",
-    "pop_sed_stats",
     "sed_language_model_loss",
-    "stash_sed_stats",
     "te_available",
     "transformer_config_from_args",
 ]

@@ -33,6 +33,26 @@ def params_dtype_from_args(args) -> torch.dtype:
     return torch.float32
 
 
+# TransformerConfig fields that describe the network beyond the dense GPT shape, copied
+# under the same names as Megatron's core_transformer_config_from_args copies them: QK-norm,
+# mixture of experts (--num-experts -> num_moe_experts, --moe-*) and multi-token
+# prediction (--mtp-*). A field the namespace lacks keeps TransformerConfig's default.
+_ARCH_PREFIXES = ("moe_", "mtp_")
+_ARCH_FIELDS = ("qk_layernorm", "qk_l2_norm", "expert_model_parallel_size", "expert_tensor_parallel_size")
+
+
+def architecture_fields(args: argparse.Namespace) -> dict:
+    """QK-norm, MoE and MTP fields of the TransformerConfig described by `args`."""
+    out = {
+        name: getattr(args, name)
+        for name in _FIELDS
+        if (name.startswith(_ARCH_PREFIXES) or name in _ARCH_FIELDS) and hasattr(args, name)
+    }
+    out["num_moe_experts"] = getattr(args, "num_experts", None)
+    out["qk_layernorm"] = bool(out.get("qk_layernorm", False))
+    return out
+
+
 def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
     """The TransformerConfig described by Megatron-LM-named arguments (`args` as parsed by
     megatron_sed.train.arguments, or any namespace with the same fields)."""
@@ -83,6 +103,7 @@ def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
         cross_entropy_loss_fusion=False,
         deallocate_pipeline_outputs=on_gpu,
     )
+    kwargs.update(architecture_fields(args))
     fp8 = getattr(args, "fp8_format", None)
     if fp8 is not None:
         # Validated earlier (needs Transformer Engine); here only the wiring.

@@ -8,16 +8,15 @@ from typing import Optional
 import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-from megatron.core.transformer import TransformerConfig
-from megatron.core.transformer.transformer_block import (
-    TransformerBlockSubmodules,
-    get_num_layers_to_build,
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_decoder_block_spec,
+    get_gpt_decoder_layer_specs,
+    get_gpt_mtp_block_spec,
 )
+from megatron.core.transformer import TransformerConfig
 
 from megatron_sed.model.config import padded_vocab_size, transformer_config_from_args
-from megatron_sed.model.loss_hook import sed_language_model_loss
-from megatron_sed.model.specs import TorchNorm, default_transformer_impl, get_layer_spec
+from megatron_sed.model.specs import TRANSFORMER_IMPLS, default_transformer_impl, get_te_layer_spec, localize
 
 
 class CPURotaryEmbedding(RotaryEmbedding):
@@ -36,43 +35,57 @@ class CPURotaryEmbedding(RotaryEmbedding):
 
 
 class SEDGPTModel(GPTModel):
-    """GPTModel whose language-model loss is the vocab-parallel SED loss.
+    """Megatron's GPTModel, with a RotaryEmbedding that also runs without a GPU.
 
-    With `sed_config=None` it is exactly Megatron's GPTModel (CE via
-    vocab_parallel_cross_entropy). `sed_config` may be swapped at any time (e.g. after
-    threshold calibration): `model.sed_config = cfg`."""
+    The loss stays Megatron's: SED enters through megatron_sed.model.sed_route
+    (`attach_sed(model, SEDLossContext(cfg))` before a forward), the same route the
+    Megatron-LM patch uses for Megatron-LM's own GPTModel."""
 
-    def __init__(self, *args, sed_config=None, **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.sed_config = sed_config
         if type(getattr(self, "rotary_pos_emb", None)) is RotaryEmbedding:
             self.rotary_pos_emb.__class__ = CPURotaryEmbedding  # same state, CPU-safe get_emb
 
-    def compute_language_model_loss(self, labels, logits):
-        if self.sed_config is None:
-            return super().compute_language_model_loss(labels, logits)
-        return sed_language_model_loss(self, labels, logits, self.sed_config)
-
 
 def decoder_spec(config: TransformerConfig, transformer_impl: str, vp_stage=None):
-    """The decoder block spec: per-layer spec from megatron_sed.model.specs and the final
-    norm of the same family."""
-    layer = get_layer_spec(transformer_impl, normalization=config.normalization)
+    """The decoder block spec Megatron's own provider builds for `config` (dense or MoE
+    layers per --moe-layer-freq, QK-norm, this pipeline stage's layers and the final
+    norm), with the local spec's CPU substitutions (megatron_sed.model.specs.localize)."""
+    if transformer_impl not in TRANSFORMER_IMPLS:
+        raise ValueError(f"--transformer-impl must be one of {TRANSFORMER_IMPLS}, got {transformer_impl!r}")
     if transformer_impl == "transformer_engine":
-        return get_gpt_decoder_block_spec(
-            config,
-            use_transformer_engine=True,
-            normalization=config.normalization,
-            vp_stage=vp_stage,
-        )
-    n = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=TorchNorm)
+        get_te_layer_spec()  # says what is missing when TE does not import
+    use_te = transformer_impl == "transformer_engine"
+    spec = get_gpt_decoder_block_spec(
+        config,
+        use_transformer_engine=use_te,
+        normalization=config.normalization,
+        qk_l2_norm=config.qk_l2_norm,
+        vp_stage=vp_stage,
+    )
+    return spec if use_te else localize(spec)
+
+
+def mtp_spec(config: TransformerConfig, transformer_impl: str, vp_stage=None):
+    """The multi-token-prediction block spec for --mtp-num-layers (None without it, or on a
+    pipeline stage that holds no MTP layer), built as Megatron's provider builds it: MTP
+    layers shaped like the decoder's last layer."""
+    if not config.mtp_num_layers:
+        return None
+    use_te = transformer_impl == "transformer_engine"
+    last = get_gpt_decoder_layer_specs(
+        config,
+        use_transformer_engine=use_te,
+        normalization=config.normalization,
+        qk_l2_norm=config.qk_l2_norm,
+    )[-1]
+    spec = get_gpt_mtp_block_spec(config, last, use_transformer_engine=use_te, vp_stage=vp_stage)
+    return spec if (use_te or spec is None) else localize(spec)
 
 
 def build_gpt_model(
     args: argparse.Namespace,
     config: Optional[TransformerConfig] = None,
-    sed_config=None,
     pre_process: bool = True,
     post_process: bool = True,
     vp_stage: Optional[int] = None,
@@ -84,9 +97,9 @@ def build_gpt_model(
     args.padded_vocab_size (or vocab_size + --make-vocab-size-divisible-by),
     seq_length / max_position_embeddings, position_embedding_type, rotary_base,
     rotary_percent, untie_embeddings_and_output_weights, transformer_impl;
-    the TransformerConfig fields via transformer_config_from_args unless `config` given.
-    `sed_config` (a megatron_sed.SEDConfig) turns on the SED loss hook; None keeps
-    Megatron's CE."""
+    the TransformerConfig fields via transformer_config_from_args unless `config` given
+    (MoE, MTP and QK-norm included). The loss is Megatron's CE unless a forward is
+    routed through SED (megatron_sed.model.sed_route.attach_sed)."""
     if config is None:
         config = transformer_config_from_args(args)
     impl = getattr(args, "transformer_impl", None) or default_transformer_impl()
@@ -98,6 +111,7 @@ def build_gpt_model(
     return SEDGPTModel(
         config=config,
         transformer_layer_spec=decoder_spec(config, impl, vp_stage=vp_stage),
+        mtp_block_spec=mtp_spec(config, impl, vp_stage=vp_stage),
         vocab_size=vocab,
         max_sequence_length=getattr(args, "max_position_embeddings", None) or args.seq_length,
         pre_process=pre_process,
@@ -114,5 +128,4 @@ def build_gpt_model(
         seq_len_interpolation_factor=getattr(args, "rotary_seq_len_interpolation_factor", None),
         vp_stage=vp_stage,
         pg_collection=pg_collection,
-        sed_config=sed_config,
     )

@@ -1,48 +1,32 @@
 """The SED loss inside Megatron-Core's language-model loss path.
 
-`GPTModel.forward(..., labels=...)` ends in `compute_language_model_loss(labels, logits)`
-with logits [s, b, V/tp] (vocab-parallel) and labels [b, s], and returns the per-token
-loss [b, s]; Megatron's `loss_func` then applies the loss mask. `sed_language_model_loss`
-is a drop-in body for that method: it runs `vocab_parallel_sed_loss` directly on the
-[s, b, V/tp] logits (only the small [b, s] labels/loss are transposed, as Megatron does),
-and stashes the per-token statistics so the loss function can reduce them with the
-loss mask. Megatron-LM glue reuses it by patching `compute_language_model_loss`.
-
-Stats stash: Megatron's schedules call the loss function right after each micro-batch's
-forward, so one slot is enough: the hook `stash_sed_stats(stats)`, the loss function
-`pop_sed_stats()`.
+`GPTModel.forward(..., labels=...)` ends in the main head's loss: GPTModel's
+`output_processor` hook (megatron-core >= 0.18; `sed_output_processor`) or its
+`compute_language_model_loss(labels, logits)` (older; `sed_language_model_loss` is a
+drop-in body). Either way the vocab-parallel SED loss runs on the [s, b, V/tp] logits
+(only the small [b, s] labels / loss are transposed, as Megatron does) and returns the
+per-token loss [b, s]; Megatron's `loss_func` then applies the loss mask. The per-token
+statistics go to the forward's context (megatron_sed.model.sed_route.SEDLossContext,
+`context.record(stats)`), which the loss function reads. Which hook is used, and how the
+context reaches the model, is decided in one place: megatron_sed.model.sed_route.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from typing import Optional
 
 import torch
 from megatron.core.models.gpt import GPTModel
 from torch import Tensor
 
 from megatron_sed import vocab_parallel_sed_loss
-from megatron_sed.ops.stats import SEDStats
-
-_STASH: dict[str, Optional[SEDStats]] = {"stats": None}
 
 
-def stash_sed_stats(stats: SEDStats) -> None:
-    """Keep the per-token stats ([s, b] tensors) of the latest forward."""
-    _STASH["stats"] = stats
-
-
-def pop_sed_stats() -> Optional[SEDStats]:
-    """The stats of the latest forward with labels (None when there were none), cleared."""
-    stats, _STASH["stats"] = _STASH["stats"], None
-    return stats
-
-
-def sed_language_model_loss(model, labels: Tensor, logits: Tensor, sed_config, tp_group=None) -> Tensor:
+def sed_language_model_loss(model, labels: Tensor, logits: Tensor, context, tp_group=None) -> Tensor:
     """Per-token SED loss [b, s] (fp32; 0 at ignored labels) from vocab-parallel logits
-    [s, b, V/tp] and labels [b, s]. Stats are stashed (see module doc).
+    [s, b, V/tp] and labels [b, s], with `context.config`; the statistics go to
+    `context.record`.
 
     `model` supplies the TP group (`model.pg_collection.tp`) when `tp_group` is None."""
 
@@ -50,8 +34,8 @@ def sed_language_model_loss(model, labels: Tensor, logits: Tensor, sed_config, t
         pgc = getattr(model, "pg_collection", None)
         tp_group = getattr(pgc, "tp", None) if pgc is not None else None
     target = labels.transpose(0, 1).contiguous()  # [b, s] -> [s, b]; small
-    loss, stats = vocab_parallel_sed_loss(logits, target, sed_config, tp_group=tp_group)
-    stash_sed_stats(stats.detach())
+    loss, stats = vocab_parallel_sed_loss(logits, target, context.config, tp_group=tp_group)
+    context.record(stats)
     return loss.transpose(0, 1).contiguous()  # [s, b] -> [b, s], like Megatron
 
 
@@ -75,7 +59,7 @@ def sed_output_processor(
     scale_logits=None,
     **_,
 ):
-    """GPTModel's `output_processor` for SED (context: the SEDConfig): the output layer's
+    """GPTModel's `output_processor` for SED (context: the forward's SEDLossContext): the output layer's
     vocab-parallel [s, b, V/tp] logits, then the SED loss [b, s] when labels are given (the
     logits [b, s, V/tp] otherwise), exactly as GPTModel's own post-processing does for CE."""
     logits, _ = output_layer(hidden_states, weight=output_weight, runtime_gather_output=runtime_gather_output)

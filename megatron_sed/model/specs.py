@@ -13,6 +13,8 @@ Megatron-LM's local models see the same names. Only two modules are swapped:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
@@ -75,24 +77,32 @@ class TorchNorm:
 
 
 def _swap(spec, old, new):
-    """Recursively replace submodule class `old` by `new` in a ModuleSpec tree."""
+    """Recursively replace submodule class `old` by `new` in a spec tree: ModuleSpecs,
+    submodule dataclasses, lists of layer specs and the `functools.partial` builders
+    that megatron-core >= 0.19 uses for MLP / MoE submodules."""
     if spec is old:
         return new
     if isinstance(spec, ModuleSpec):
         spec.module = _swap(spec.module, old, new)
         if spec.submodules is not None:
-            _swap(spec.submodules, old, new)
+            spec.submodules = _swap(spec.submodules, old, new)
         return spec
-    if hasattr(spec, "__dataclass_fields__"):
+    if isinstance(spec, list):
+        return [_swap(s, old, new) for s in spec]
+    if isinstance(spec, functools.partial):
+        kw = {k: _swap(v, old, new) for k, v in spec.keywords.items()}
+        return functools.partial(_swap(spec.func, old, new), *spec.args, **kw)
+    if hasattr(spec, "__dataclass_fields__") and not isinstance(spec, type):
         for name in spec.__dataclass_fields__:
             setattr(spec, name, _swap(getattr(spec, name), old, new))
     return spec
 
 
-def get_local_layer_spec(normalization: str = "LayerNorm", qk_layernorm: bool = False) -> ModuleSpec:
-    """Megatron-Core's local GPT layer spec with SDPA core attention and SP-capable norms."""
-
-    spec = get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm)
+def localize(spec):
+    """The CPU-capable substitutions of the local spec, applied to any spec tree built by
+    megatron-core's local-spec functions (a layer spec, a decoder block spec, an MTP
+    block spec): core attention -> SDPACoreAttention, norms -> TorchNorm (apex's fused
+    norm kept on GPU only)."""
     spec = _swap(spec, DotProductAttention, SDPACoreAttention)
     spec = _swap(spec, WrappedTorchNorm, TorchNorm)
     try:  # with apex installed the local spec uses FusedLayerNorm; keep it on GPU only
@@ -103,6 +113,12 @@ def get_local_layer_spec(normalization: str = "LayerNorm", qk_layernorm: bool = 
     except Exception:  # noqa: BLE001
         pass
     return spec
+
+
+def get_local_layer_spec(normalization: str = "LayerNorm", qk_layernorm: bool = False) -> ModuleSpec:
+    """Megatron-Core's local GPT layer spec with SDPA core attention and SP-capable norms."""
+
+    return localize(get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm))
 
 
 def get_te_layer_spec(qk_layernorm: bool = False) -> ModuleSpec:

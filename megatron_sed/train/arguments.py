@@ -31,6 +31,7 @@ from megatron_sed.backend import cpu as cpu_backend
 from megatron_sed.flags import ArgumentError, add_sed_args, validate_sed_args
 from megatron_sed.model.fusions import choose_fusions
 from megatron_sed.model.specs import te_available
+from megatron_sed.model.support import check_model_flags
 from megatron_sed.train.checkpoint_args import apply_checkpoint_args
 from megatron_sed.train.data import resolve_tokenizer_args
 from megatron_sed.train.load_check import check_load_dirs
@@ -307,6 +308,7 @@ def parse_and_validate(argv: Optional[Sequence[str]] = None) -> argparse.Namespa
     _check_plugin_limits(args)
     _check_context_parallel(args)
     _check_sample_padding(args)
+    check_model_flags(args)
     _check_schedule(args)
     validate_args(args, {})
     set_global_variables(args)

@@ -48,7 +48,23 @@ MODEL_SHAPE_ARGS = (
     "add_bias_linear",
     "add_qkv_bias",
     "qk_layernorm",
+    "qk_l2_norm",
     "untie_embeddings_and_output_weights",
+    # mixture of experts: which layers, how many experts, how tokens are routed
+    "num_experts",
+    "moe_layer_freq",
+    "moe_ffn_hidden_size",
+    "moe_shared_expert_intermediate_size",
+    "moe_shared_expert_gate",
+    "moe_router_topk",
+    "moe_router_score_function",
+    "moe_router_pre_softmax",
+    "moe_router_topk_scaling_factor",
+    "moe_router_num_groups",
+    "moe_router_group_topk",
+    "moe_router_enable_expert_bias",
+    # multi-token prediction heads
+    "mtp_num_layers",
 )
 TOKENIZER_ARGS = ("tokenizer_type", "tokenizer_model", "vocab_size", "sft_tokenizer_type")
 
@@ -83,6 +99,25 @@ def _flag(dest: str) -> str:
     )
 
 
+def _check_optimizer_resharding(args, saved, src) -> None:
+    """Megatron keeps expert parameters in a separate optimizer only at expert-parallel
+    size > 1, so it cannot load the optimizer state of an EP 1 checkpoint at EP > 1 (or
+    back); it would fail deep inside load_state_dict. Say so, with the way out."""
+    before = getattr(saved, "expert_model_parallel_size", None)
+    after = getattr(args, "expert_model_parallel_size", 1)
+    if not getattr(saved, "num_experts", None) or before is None:
+        return
+    if getattr(args, "no_load_optim", False) or getattr(args, "finetune", False):
+        return
+    if (before > 1) != (after > 1):
+        raise ValueError(
+            f"the checkpoint in {src} was saved at --expert-model-parallel-size {before}: Megatron "
+            f"cannot load its optimizer state at --expert-model-parallel-size {after} (expert "
+            "parameters have their own optimizer only when experts are split): keep the expert-"
+            "parallel size, or pass --no-load-optim (the weights reshard; Adam's moments restart)"
+        )
+
+
 def apply_checkpoint_args(args: argparse.Namespace, given: set) -> Optional[argparse.Namespace]:
     """Fill / check the model shape, vocabulary and tokenizer from the checkpoint to load
     (see the module doc). Returns the checkpoint's args, or None without a checkpoint."""
@@ -104,6 +139,7 @@ def apply_checkpoint_args(args: argparse.Namespace, given: set) -> Optional[argp
                 mismatches.append(f"{_flag(dest)} {getattr(args, dest, None)!r} (checkpoint: {value!r})")
         else:
             setattr(args, dest, value)
+    _check_optimizer_resharding(args, saved, src)
     if mismatches:
         raise ValueError(
             f"the checkpoint in {src} was saved with another model shape than the "

@@ -1,10 +1,13 @@
 """Megatron's model_provider: a Megatron-Core GPTModel built from Megatron's parsed args.
 
 The TransformerConfig is Megatron's own (`core_transformer_config_from_args`), so every
-Megatron-LM model, precision and recompute flag means what it means there. The layer spec
-is Megatron-Core's Transformer Engine spec with `--transformer-impl transformer_engine`
-(FP8 through `--fp8-format`), and megatron-sed's local spec (Megatron-Core's local layers
-with torch SDPA attention, see megatron_sed.model.specs) with `--transformer-impl local`.
+Megatron-LM model, precision and recompute flag means what it means there. The specs are
+the ones Megatron's own GPT provider builds from that config (megatron_sed.model.gpt:
+the decoder block with dense or MoE layers and QK-norm, the MTP block): Megatron-Core's
+Transformer Engine spec with `--transformer-impl transformer_engine` (FP8 through
+`--fp8-format`), its local spec with torch SDPA attention and torch norms (see
+megatron_sed.model.specs) with `--transformer-impl local`. Model flags it cannot honour
+are refused at argument validation (megatron_sed.model.support).
 The SED loss is not part of the model: forward_step hands it to GPTModel per call
 (megatron_sed.train.step).
 """

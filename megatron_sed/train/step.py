@@ -1,10 +1,11 @@
 """forward_step and loss_func for Megatron's training loop (its schedule interface).
 
 forward_step(data_iterator, model) reads this data-parallel rank's micro-batch, runs the
-GPTModel with SED on its [s, b, V/tp] logits (GPTModel's `output_processor` hook where
-the installed megatron-core has it, so multi-token-prediction heads keep plain CE; the
-`compute_language_model_loss` override otherwise) and returns the per-token loss with
-`partial(loss_func, loss_mask)`.
+GPTModel with SED on its [s, b, V/tp] logits (megatron_sed.model.sed_route: GPTModel's
+`output_processor` hook where the installed megatron-core has it, so multi-token-
+prediction heads keep Megatron's CE; the `compute_language_model_loss` override
+otherwise) and returns the per-token loss with `partial(loss_func, loss_mask, sed=ctx)`:
+the micro-batch's SEDLossContext carries its statistics to loss_func.
 
 loss_func returns Megatron's triple: the loss summed over supervised tokens, their
 number, and a report of [sum, count] pairs that Megatron sums over micro-batches,
@@ -25,8 +26,7 @@ from megatron.core import parallel_state
 from megatron.core.rerun_state_machine import get_rerun_state_machine
 from megatron.training import get_args, get_timers
 
-from megatron_sed.megatron_lm import install_loss_override
-from megatron_sed.model.loss_hook import pop_sed_stats, sed_output_processor, supports_output_processor
+from megatron_sed.model.sed_route import SEDLossContext, attach_sed
 from megatron_sed.ops.stats import sed_report
 from megatron_sed.train.data import model_inputs
 from megatron_sed.train.threshold import sed_threshold
@@ -41,15 +41,10 @@ def _uses_thd(args) -> bool:
     )
 
 
-def _run_model(model, batch, cfg):
+def _run_model(model, batch, ctx):
 
-    kwargs = {}
-    if cfg is None:  # --loss-type ce --no-sed-stats: GPTModel's own (Megatron's) CE
-        pass
-    elif supports_output_processor():
-        kwargs = dict(output_processor=sed_output_processor, output_processor_context=cfg)
-    else:  # older megatron-core: replace the language-model loss of the GPTModel(s)
-        install_loss_override(model, cfg)
+    # ctx None (--loss-type ce --no-sed-stats): GPTModel's own (Megatron's) CE
+    kwargs = attach_sed(model, ctx) if ctx is not None else {}
     return model(
         batch["tokens"],
         batch["position_ids"],
@@ -75,8 +70,9 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
     timers("batch-generator", log_level=2).start()
     batch = model_inputs(next(data_iterator), thd=_uses_thd(args), pack=args.pack)
     timers("batch-generator").stop()
-    output = _run_model(model, batch, cfg)
-    return output, partial(loss_func, batch["loss_mask"], model=model)
+    ctx = None if cfg is None else SEDLossContext(cfg)
+    output = _run_model(model, batch, ctx)
+    return output, partial(loss_func, batch["loss_mask"], model=model, sed=ctx)
 
 
 def _check_finite(args, loss: torch.Tensor) -> None:
@@ -100,7 +96,7 @@ def _check_finite(args, loss: torch.Tensor) -> None:
     )
 
 
-def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, model=None):
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, model=None, sed=None):
 
     args = get_args()
     losses = output_tensor.view(-1).float()
@@ -108,7 +104,7 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, model=None):
     loss = torch.sum(losses * mask)
     num_tokens = mask.sum().clone().detach().to(torch.int)
     report = {"lm loss": torch.cat([loss.clone().detach().view(1), num_tokens.view(1).float()])}
-    stats = pop_sed_stats()
+    stats = sed.take_stats() if sed is not None else None
     if stats is not None:
         report.update(sed_report(stats, loss_mask))
         tracker = sed_threshold(args, model)

@@ -91,7 +91,7 @@ class _Model(torch.nn.Module):
 def _forward_step(tp_group, top_k, data_iterator, model):
     """Megatron's forward_step contract with the SED loss on the batch's logits."""
     from megatron_sed import SEDConfig, vocab_parallel_sed_loss
-    from megatron_sed.model.loss_hook import stash_sed_stats
+    from megatron_sed.model.sed_route import SEDLossContext
 
     batch = next(data_iterator)
     model.calls += 1
@@ -99,8 +99,9 @@ def _forward_step(tp_group, top_k, data_iterator, model):
     logits = batch["logits"].transpose(0, 1).contiguous()  # [s, b, V/tp]
     cfg = SEDConfig(coef=1.0, top_k=top_k, threshold=0.5)
     loss, stats = vocab_parallel_sed_loss(logits, batch["labels"].t().contiguous(), cfg, tp_group=tp_group)
-    stash_sed_stats(stats)
-    return loss.t(), partial(lambda loss_mask, out: None, batch["loss_mask"])
+    ctx = SEDLossContext(cfg)
+    ctx.record(stats)  # as the model's loss hook does; loss_func gets it with the loss
+    return loss.t(), partial(lambda loss_mask, out, sed=None: None, batch["loss_mask"], sed=ctx)
 
 
 def _args(**over):

@@ -1,9 +1,10 @@
-"""HF Llama / Qwen2 <-> Megatron-Core checkpoint conversion, checked against transformers.
+"""HF Llama / Qwen2 / Qwen3 / Qwen3-MoE <-> Megatron-Core checkpoint conversion, checked
+against transformers.
 
 Tiny random models are built from configs (no downloads), saved with save_pretrained,
 converted with the CLI, loaded into our GPTModel (megatron_sed.model) through
-dist_checkpointing at TP 1 and TP 2 over gloo, and their logits compared with the HF
-model's in fp32. Exporting back must reproduce every HF weight exactly, also from a
+dist_checkpointing at TP 1 and TP 2 (and expert-parallel 2 for the MoE) over gloo, and
+their logits compared with the HF model's in fp32. Exporting back must reproduce every HF weight exactly, also from a
 checkpoint re-saved by the TP=2 model in Megatron-LM's way (no converter metadata).
 """
 
@@ -19,8 +20,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from megatron_sed.convert.shape import ARCHITECTURES
 from tests.helpers.dist import run_distributed
-from tests.helpers.hf import tiny_llama_config
+from tests.helpers.hf import randomise_norms, tiny_llama_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -50,15 +52,36 @@ def _qwen2(tmp: Path) -> Path:
     return _save(transformers.Qwen2ForCausalLM, cfg, tmp / "qwen2")
 
 
+def _qwen3(tmp: Path) -> Path:
+    """Dense Qwen3: QK-norm, head_dim 32 (not hidden / heads = 16), tied embeddings."""
+    cfg = transformers.Qwen3Config(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        rope_theta=1000000.0,
+        initializer_range=0.1,
+    )
+    return _save(transformers.Qwen3ForCausalLM, cfg, tmp / "qwen3")
+
+
 def _save(cls, cfg, path: Path) -> Path:
     torch.manual_seed(0)
     model = cls(cfg).eval()
-    with torch.no_grad():  # HF inits norms to 1 and biases to 0: randomise them too
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith(".bias"):
-                p.add_(0.2 * torch.randn_like(p))
+    randomise_norms(model)
     model.save_pretrained(path)
     return path
+
+
+# (tensor-parallel, expert-parallel) layouts each model is loaded at
+LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1)}
+MOE_LAYOUTS = {**LAYOUTS, "ep2": (1, 2)}
 
 
 def _hf_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
@@ -77,19 +100,26 @@ def _load_worker(rank, world_size, cases, result_dir):
     TP=2 also re-save the model like Megatron-LM does (for the export test)."""
     from megatron.core import dist_checkpointing, parallel_state
 
+    from megatron_sed.backend import cpu as cpu_backend
     from megatron_sed.checkpointing import SyncTorchDistSaveStrategy
     from megatron_sed.model import build_gpt_model
 
     for name, ckpt_root in cases:
         meta = json.loads((Path(ckpt_root) / "megatron_sed_model.json").read_text())
         margs = meta["megatron_args"]
+        if margs.get("num_experts"):  # Megatron's MoE dispatchers allocate on the "GPU"
+            cpu_backend.install()
         vocab = margs["padded_vocab_size"]  # the HF embedding's rows
         tokens = _tokens(vocab)
-        for tp in (1, 2):
-            parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+        layouts = MOE_LAYOUTS if margs.get("num_experts") else LAYOUTS
+        for label, (tp, ep) in layouts.items():
+            parallel_state.initialize_model_parallel(
+                tensor_model_parallel_size=tp, expert_model_parallel_size=ep
+            )
             args = argparse.Namespace(
                 **margs,
                 tensor_model_parallel_size=tp,
+                expert_model_parallel_size=ep,
                 pipeline_model_parallel_size=1,
                 seq_length=SEQ,
                 transformer_impl="local",
@@ -111,8 +141,8 @@ def _load_worker(rank, world_size, cases, result_dir):
                 )
                 logits = torch.cat(parts, dim=-1)
             if rank == 0:
-                torch.save(logits[..., :vocab].clone(), os.path.join(result_dir, f"{name}_tp{tp}.pt"))
-            if tp == 2:
+                torch.save(logits[..., :vocab].clone(), os.path.join(result_dir, f"{name}_{label}.pt"))
+            if label == "tp2":
                 # What Megatron-LM writes: the model's sharded state dict + args in
                 # common.pt; fc1 in the "singleton" _w/_v layout for Qwen2 to cover it.
                 out = os.path.join(result_dir, f"{name}_mlm", "iter_0000007")
@@ -132,17 +162,20 @@ def _load_worker(rank, world_size, cases, result_dir):
                 }
                 dist_checkpointing.save(sd, out, sharded_strategy=SyncTorchDistSaveStrategy())
             parallel_state.destroy_model_parallel()
+        cpu_backend.uninstall()
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """Both tiny models saved, converted with the CLI, loaded at TP 1/2 in one gloo world."""
+def converted(tmp_path_factory, tiny_qwen3_moe):
+    """The tiny models saved, converted with the CLI, loaded at TP 1/2 (MoE: and EP 2) in
+    one gloo world. The Qwen3-MoE is the session's (shared with the engine tests)."""
     from megatron_sed.convert.__main__ import main
 
     tmp = tmp_path_factory.mktemp("convert")
+    shutil.copytree(tiny_qwen3_moe.hf_dir, tmp / "qwen3_moe")
     cases = []
-    for name, make in (("llama", _llama), ("qwen2", _qwen2)):
-        hf_dir = make(tmp)
+    for name, make in (("llama", _llama), ("qwen2", _qwen2), ("qwen3", _qwen3), ("qwen3_moe", None)):
+        hf_dir = make(tmp) if make else tmp / name
         (hf_dir / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')
         out = tmp / f"{name}_mcore"
         assert main(["hf-to-mcore", "--hf", str(hf_dir), "--out", str(out), "--no-progress"]) == 0
@@ -153,19 +186,48 @@ def converted(tmp_path_factory):
     return tmp, results
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2"])
+NAMES = ["llama", "qwen2", "qwen3", "qwen3_moe"]
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_logits_match_hf_at_tp1_and_tp2(converted, name):
     tmp, results = converted
     hf_dir = tmp / name
     vocab = json.loads((hf_dir / "config.json").read_text())["vocab_size"]
     ref = _hf_logits(hf_dir, _tokens(vocab))
-    for tp in (1, 2):
-        ours = torch.load(results / f"{name}_tp{tp}.pt")
+    for label in MOE_LAYOUTS if name == "qwen3_moe" else LAYOUTS:
+        ours = torch.load(results / f"{name}_{label}.pt")
         diff = (ours - ref).abs().max().item()
         print(
-            f"{name} TP={tp}: max |logit diff| vs HF = {diff:.2e} (logit scale {ref.abs().max().item():.2f})"
+            f"{name} {label}: max |logit diff| vs HF = {diff:.2e} (logit scale {ref.abs().max().item():.2f})"
         )
-        assert diff < LOGIT_TOL, f"{name} TP={tp}: max |diff| {diff}"
+        assert diff < LOGIT_TOL, f"{name} {label}: max |diff| {diff}"
+
+
+def test_qwen3_features_are_exercised(converted):
+    """QK-norm and the experts' routing must change the logits by far more than LOGIT_TOL,
+    otherwise the comparison above could not catch them being dropped: the same weights
+    without q_norm / k_norm, and with the other routing (norm_topk_prob flipped)."""
+    tmp, results = converted
+    for name, key, value in (("qwen3", "qk", None), ("qwen3_moe", "norm_topk_prob", False)):
+        cfg = json.loads((tmp / name / "config.json").read_text())
+        variant = tmp / f"{name}_variant"
+        shutil.copytree(tmp / name, variant)
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp / name, dtype=torch.float32)
+        if key == "qk":
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n.endswith(("q_norm.weight", "k_norm.weight")):
+                        p.fill_(1.0)
+        else:
+            model.config.norm_topk_prob = value
+            for layer in model.model.layers:
+                layer.mlp.gate.norm_topk_prob = value
+        model.save_pretrained(variant)
+        ours = torch.load(results / f"{name}_tp1.pt")
+        gap = (ours - _hf_logits(variant, _tokens(cfg["vocab_size"]))).abs().max().item()
+        print(f"{name}: max |logit diff| vs the variant without {key} = {gap:.2e}")
+        assert gap > 100 * LOGIT_TOL
 
 
 def test_llama3_rope_scaling_is_exercised(converted):
@@ -195,7 +257,7 @@ def _hf_weights(folder: Path) -> dict:
     return out
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2"])
+@pytest.mark.parametrize("name", NAMES)
 def test_export_roundtrip_is_exact(converted, name):
     from megatron_sed.convert.__main__ import main
 
@@ -228,7 +290,7 @@ def test_export_roundtrip_is_exact(converted, name):
     assert torch.equal(_hf_logits(back, tokens), _hf_logits(tmp / name, tokens))
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2"])
+@pytest.mark.parametrize("name", NAMES)
 def test_export_megatron_lm_style_checkpoint(converted, name):
     """A checkpoint saved by the TP=2 model with Megatron args in common.pt and no
     converter metadata (as Megatron-LM writes it) exports to the original weights."""
@@ -259,4 +321,4 @@ def test_export_megatron_lm_style_checkpoint(converted, name):
     for k in orig:
         assert torch.equal(orig[k], got[k]), k
     cfg = json.loads((back / "config.json").read_text())
-    assert cfg["architectures"] == [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[name]]
+    assert cfg["architectures"] == [ARCHITECTURES[name]]

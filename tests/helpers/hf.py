@@ -161,3 +161,71 @@ def hf_reference_ce(hf_dir: Path, samples, dtype=None) -> float:
 
 def read_json(path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def tiny_qwen3_moe_config(vocab_size: int):
+    """A 2-layer Qwen3-MoE config: QK-norm, head_dim 24 (not hidden / heads = 16), GQA,
+    4 experts of which 2 per token with renormalised probabilities, untied head."""
+    import transformers
+
+    return transformers.Qwen3MoeConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        num_experts=4,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        rope_theta=1000000.0,
+        initializer_range=0.1,
+    )
+
+
+def randomise_norms(model) -> None:
+    """HF inits norms to 1 and biases to 0: randomise them too, so a dropped or misplaced
+    norm (q_norm / k_norm included) changes the logits."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.add_(0.2 * torch.randn_like(p))
+
+
+@dataclass
+class TinyQwen3Moe:
+    hf_dir: Path  # HF folder: config, safetensors (per-expert tensors), tokenizer
+    converted: Path  # megatron-sed-convert hf-to-mcore output
+    data: str  # SFT data prefix tokenized with the model's tokenizer
+
+
+def build_tiny_qwen3_moe(root: Path, seed: int = 0) -> TinyQwen3Moe:
+    """The tokenizer, a random tiny Qwen3-MoE, its conversion and preprocessed SFT data."""
+    import torch
+    import transformers
+
+    from megatron_sed.convert import convert_hf_to_mcore
+    from megatron_sed.data.preprocess import preprocess_rows
+    from megatron_sed.data.synthetic import make_synthetic_math
+
+    root = Path(root)
+    hf_dir = root / "qwen3_moe"
+    build_local_hf_tokenizer(hf_dir)
+    tok = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+    torch.manual_seed(seed)
+    model = transformers.Qwen3MoeForCausalLM(tiny_qwen3_moe_config(len(tok))).eval()
+    randomise_norms(model)
+    model.save_pretrained(str(hf_dir))
+    converted = root / "qwen3_moe_mcore"
+    convert_hf_to_mcore(hf_dir, converted, progress=False)
+    rows = make_synthetic_math(80, seed=seed + 1, split="train")
+    prefix = str(root / "sft")
+    preprocess_rows(rows, prefix, tokenizer_type="hf", tokenizer_model=str(hf_dir))
+    return TinyQwen3Moe(hf_dir=hf_dir, converted=converted, data=prefix)

@@ -187,7 +187,7 @@ def _save_checkpoint(root, args, iteration):
 def _worker(rank, world_size, tp, save):
     from megatron.core import parallel_state as ps
 
-    from megatron_sed.model.loss_hook import pop_sed_stats
+    from megatron_sed.model.sed_route import forward_config
 
     ps.initialize_model_parallel(tensor_model_parallel_size=tp)
     dp = world_size // tp
@@ -207,12 +207,11 @@ def _worker(rank, world_size, tp, save):
     state = args.sed_threshold_state  # what Megatron saves with the checkpoint's args
     assert state["source"] == "calibrated"
     assert state["tau"] == pytest.approx(want_tau, abs=2e-6), (state["tau"], want_tau)
-    assert getattr(model, megatron_lm._CFG_ATTR).threshold == state["tau"]
+    assert forward_config(model).threshold == state["tau"]
     assert model.training, "calibration must leave the model in train mode"
     record = state["calibration"]
     assert record["num_tokens"] == want_tokens and record["num_samples"] == NUM_SAMPLES
     assert record["top_k"] == 2 and 0.25 < record["fraction_below"] < 0.35
-    pop_sed_stats()
 
     # --- resume: the tau of the checkpoint's args is reused, nothing is calibrated on the
     # half-trained model (a checkpoint as Megatron-LM saves one: args in its common state)
@@ -249,7 +248,7 @@ def _worker(rank, world_size, tp, save):
     mlm4 = _PretrainGPT(explicit)
     model4 = _build_model()
     megatron_lm.install_sed_loss(model4, explicit, mlm4.forward_step, mlm4.provider)
-    assert mlm4.requests == [] and getattr(model4, megatron_lm._CFG_ATTR).threshold == 0.8
+    assert mlm4.requests == [] and forward_config(model4).threshold == 0.8
 
     # --- too few held-out samples: every rank raises (no rank left in a collective)
     short = _args(save / "s")

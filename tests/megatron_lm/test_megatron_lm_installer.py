@@ -116,10 +116,10 @@ def _worker(rank, world_size):
     model = _build_model()
     wrapped = _Wrapper(model)
     assert megatron_lm.install_sed_loss(wrapped, args) == 1
-    method = model.compute_language_model_loss
+    method = model.forward
     assert megatron_lm.install_sed_loss(wrapped, args) == 1
     assert megatron_lm.install_sed_loss([wrapped], args) == 1
-    assert model.compute_language_model_loss is method, "re-installing must not wrap twice"
+    assert model.forward is method, "re-installing must not wrap twice"
 
     out = wrapped(tokens, positions, None, labels=tokens)  # [b, s]
     assert out.shape == (BATCH, SEQ)
@@ -145,7 +145,7 @@ def _worker(rank, world_size):
     # --- --loss-type ce: nothing installed, Megatron's own CE, no SED keys.
     ce_model = _build_model()
     assert megatron_lm.install_sed_loss(ce_model, _args("--loss-type", "ce")) == 0
-    assert "compute_language_model_loss" not in ce_model.__dict__
+    assert "forward" not in ce_model.__dict__ and "compute_language_model_loss" not in ce_model.__dict__
     ce_out = ce_model(tokens, positions, None, labels=tokens)
     torch.testing.assert_close(ce_out.double(), ref["ce"], rtol=1e-5, atol=1e-5)
     assert megatron_lm.add_sed_report({}, loss_mask, ce_model) == {}
@@ -155,28 +155,32 @@ def _worker(rank, world_size):
     megatron_lm.install_sed_loss(zero, _args("--loss-type", "sed", "--sed-coef", "0"))
     torch.testing.assert_close(zero(tokens, positions, None, labels=tokens), ce_out, rtol=0, atol=1e-6)
 
-    # --- install_loss_override (the trainer's path on megatron-core without GPTModel's
-    # output_processor hook): the config is re-set on every call, so a moving threshold
-    # (the EMA tracker) takes effect at the next forward, and nothing wraps twice.
+    # --- the route megatron-sed-train takes (attach_sed: output_processor where
+    # megatron-core has it, the compute_language_model_loss override otherwise): the
+    # context is per forward, so a moving threshold (the EMA tracker) takes effect at the
+    # next forward, its stats come back with it, and a forward without one is Megatron's CE.
+    from megatron_sed.model.sed_route import SEDLossContext, attach_sed
+
     over = _build_model()
     over.load_state_dict(model.state_dict())
     over_wrapped = _Wrapper(over)
     cfg = sed_config_from_args(args)
-    megatron_lm.install_loss_override(over_wrapped, cfg)
-    method = over.compute_language_model_loss
-    torch.testing.assert_close(over_wrapped(tokens, positions, None, labels=tokens), out, rtol=0, atol=0)
-    megatron_lm.add_sed_report({}, loss_mask, over_wrapped)  # consume this forward's stats
+    ctx = SEDLossContext(cfg)
+    got = over_wrapped(tokens, positions, None, labels=tokens, **attach_sed(over_wrapped, ctx))
+    torch.testing.assert_close(got, out, rtol=0, atol=0)
+    assert ctx.stats is not None
     srt_all = srt.tolist()
     tau2 = float((srt_all[mid // 2 - 1] + srt_all[mid // 2]) / 2)  # about a quarter masked
-    megatron_lm.install_loss_override(over_wrapped, dataclasses.replace(cfg, threshold=tau2))
-    assert over.compute_language_model_loss is method
-    out2 = over_wrapped(tokens, positions, None, labels=tokens)
+    ctx2 = SEDLossContext(dataclasses.replace(cfg, threshold=tau2))
+    out2 = over_wrapped(tokens, positions, None, labels=tokens, **attach_sed(over_wrapped, ctx2))
     ref2 = _reference(logits64, tokens, tau2, coef)
     assert ref2["mask"].sum() < ref["mask"].sum()
     torch.testing.assert_close(out2.double(), ref2["loss"], rtol=1e-5, atol=1e-5)
-    report = megatron_lm.add_sed_report({}, loss_mask.view(-1), over_wrapped)
-    want = (ref2["mask"] * loss_mask.double()).sum()
-    torch.testing.assert_close(report["sed mask rate"][0].double(), want, rtol=0, atol=0)
+    want = ref2["mask"].t() * loss_mask.t().double()
+    torch.testing.assert_close((ctx2.stats["mask"].double() * loss_mask.t().double()).sum(), want.sum())
+    torch.testing.assert_close(
+        over_wrapped(tokens, positions, None, labels=tokens), ce_out, rtol=0, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
@@ -214,3 +218,50 @@ def test_install_refuses_a_model_without_gptmodel():
     args = add_sed_args(argparse.ArgumentParser()).parse_args(["--loss-type", "sed"])
     with pytest.raises(TypeError, match="GPTModel"):
         megatron_lm.install_sed_loss(torch.nn.Linear(2, 2), args)
+
+
+def _mtp_worker(rank, world_size):
+    """The patched path with multi-token prediction: the MTP head's loss (what Megatron
+    tracks and logs as `mtp_1 loss`) is Megatron's CE whether the main head computes CE
+    or SED; on megatron-core without output_processor the combination is refused."""
+    from megatron_sed.backend import cpu as cpu_backend
+
+    cpu_backend.install()  # Megatron's MTP loss tracker lives on the "GPU"
+    from megatron.core import parallel_state
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    from megatron_sed.model import build_gpt_model
+    from megatron_sed.model.loss_hook import supports_output_processor
+    from tests.helpers.model_args import tiny_model_args
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world_size)
+    margs = tiny_model_args(tensor_model_parallel_size=world_size, padded_vocab_size=256, mtp_num_layers=1)
+    torch.manual_seed(3)
+    ce_model = build_gpt_model(margs)
+    sed_model = build_gpt_model(margs)
+    sed_model.load_state_dict(ce_model.state_dict())
+    args = _args("--loss-type", "sed", "--sed-threshold", "0.9", "--sed-coef", "1.0")
+    args.mtp_num_layers = 1
+    if not supports_output_processor():
+        with pytest.raises(ValueError, match="--mtp-num-layers"):
+            megatron_lm.install_sed_loss(sed_model, args)
+        return
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, 250, (2, 32), generator=g)
+    pos = torch.arange(32).repeat(2, 1)
+    ones = torch.ones(2, 32)
+
+    def mtp_loss(model):
+        MTPLossLoggingHelper.clean_metrics_in_tracker()
+        out = model(tokens, pos, None, labels=tokens, loss_mask=ones)
+        return out, MTPLossLoggingHelper.tracker["loss_values"].clone()
+
+    ce_out, ce_mtp = mtp_loss(ce_model)
+    assert megatron_lm.install_sed_loss(sed_model, args) == 1
+    sed_out, sed_mtp = mtp_loss(sed_model)
+    assert (sed_out - ce_out).mean() > 1e-2  # the main head computes SED ...
+    torch.testing.assert_close(sed_mtp, ce_mtp, rtol=0, atol=1e-6)  # ... the MTP head CE
+
+
+def test_mtp_heads_keep_megatron_ce_in_the_patched_path():
+    run_distributed(_mtp_worker, 1)

@@ -17,7 +17,7 @@ def tiny_args(**over):
     return tiny_model_args(**over)
 
 
-def _build(tp, sed_config=None, **over):
+def _build(tp, **over):
     from megatron.core import parallel_state as ps
 
     from megatron_sed.model import build_gpt_model
@@ -25,9 +25,7 @@ def _build(tp, sed_config=None, **over):
     ps.initialize_model_parallel(tensor_model_parallel_size=tp)
     torch.manual_seed(1234)
     # Same padded vocab at TP 1 and 2 (Megatron pads to divisible_by * tp).
-    return build_gpt_model(
-        tiny_args(tensor_model_parallel_size=tp, padded_vocab_size=256, **over), sed_config=sed_config
-    )
+    return build_gpt_model(tiny_args(tensor_model_parallel_size=tp, padded_vocab_size=256, **over))
 
 
 def _inputs():
@@ -64,7 +62,7 @@ def _tp_worker(rank, world, out_dir):
     from megatron.core import parallel_state as ps
 
     from megatron_sed import SEDConfig
-    from megatron_sed.model import pop_sed_stats
+    from megatron_sed.model import SEDLossContext, attach_sed
 
     out = {}
     tokens, pos = _inputs()
@@ -76,15 +74,16 @@ def _tp_worker(rank, world, out_dir):
             out[name] = _gather_vocab(model(tokens, pos, None))
         ps.destroy_model_parallel()
     cfg = SEDConfig(coef=1.0, top_k=2, threshold=0.999, mask="topk_mass")
-    model = _build(world, sed_config=cfg)
-    loss = model(tokens, pos, None, labels=labels)
-    stats = pop_sed_stats()
-    assert stats is not None and pop_sed_stats() is None
+    model = _build(world)
+    ctx = SEDLossContext(cfg)
+    loss = model(tokens, pos, None, labels=labels, **attach_sed(model, ctx))
+    stats = ctx.take_stats()
+    assert stats is not None and ctx.take_stats() is None
     loss.sum().backward()  # the hook is differentiable end to end
     assert model.decoder.layers[0].self_attention.linear_qkv.weight.grad.abs().sum() > 0
     with torch.no_grad():
         out["hook_logits"] = _gather_vocab(model(tokens, pos, None)).double()
-        model.sed_config = None  # Megatron's own CE path (vocab_parallel_cross_entropy)
+        # no SED attached: Megatron's own CE path (vocab_parallel_cross_entropy)
         out["megatron_ce"] = model(tokens, pos, None, labels=labels.clamp(min=0))
     out.update(hook_loss=loss.detach(), labels=labels, entropy=stats["entropy"])
     if world == 1:

@@ -50,6 +50,9 @@ def parsed(tiny_llama, tmp_path_factory):
         ("sample_padding_seq_length", [*base, "--sft-pad-granularity", "5"]),
         ("converted", conv),
         ("converted_mismatch", [*conv, "--num-layers", "3", "--hidden-size", "32"]),
+        ("converted_dense_moe_flag", [*conv, "--num-experts", "4"]),
+        ("mla", [*base, "--multi-latent-attention"]),
+        ("sliding_window_local", [*base, "--window-size", "32,0"]),
     ]
     spec = tmp / "cases.json"
     spec.write_text(json.dumps(cases))
@@ -96,6 +99,9 @@ def test_cpu_defaults_and_byte_tokenizer(parsed):
             "sample_padding_seq_length",
             "--sft-pad-granularity 5 must be a positive divisor of --seq-length 128",
         ),
+        ("converted_dense_moe_flag", "--num-experts 4 (checkpoint: None)"),
+        ("mla", "--multi-latent-attention (multi-latent attention (MLA)) is not supported"),
+        ("sliding_window_local", "--window-size (sliding-window attention) is not supported on the local"),
     ],
 )
 def test_bad_flags_fail_naming_them(parsed, case, message):
