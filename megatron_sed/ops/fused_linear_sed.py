@@ -48,8 +48,8 @@ from megatron_sed.ops.torch_sed import VocabParallelSED
 # forms stay well under 1/8 of the materialised logits plus gradient), at least
 # MIN_CHUNK_TOKENS (GEMMs of fewer rows run below speed), at most MAX_CHUNK_BYTES of float32
 # logits (long sequences x large vocabularies gain nothing from bigger chunks).
-CHUNKS_PER_PASS = 16
-MIN_CHUNK_TOKENS = 128
+CHUNKS_PER_PASS = 32
+MIN_CHUNK_TOKENS = 64
 MAX_CHUNK_BYTES = 256 << 20
 
 
