@@ -16,8 +16,11 @@ from __future__ import annotations
 from torch import Tensor
 
 from megatron_sed.ops.config import SEDConfig
-from megatron_sed.ops.fused_linear_sed import fused_linear_sed_loss
+from megatron_sed.ops.fused_linear_sed import default_chunk_tokens, fused_linear_sed_loss
 from megatron_sed.ops.stats import SEDStats
+from megatron_sed.utils.log import print_rank_last
+
+_announced: set = set()
 
 
 def unsupported_reason(output_layer, config) -> str | None:
@@ -47,14 +50,34 @@ def fused_output_loss(
     into_main_grad = bool(getattr(output_layer, "gradient_accumulation_fusion", False)) and (
         getattr(weight, "main_grad", None) is not None
     )
+    sp = bool(getattr(output_layer, "sequence_parallel", False))
+    _announce(hidden_states, weight, output_layer, sp, cfg, into_main_grad)
     loss, stats = fused_linear_sed_loss(
         hidden_states,
         weight,
         labels.transpose(0, 1).contiguous(),  # [b, s] -> [s, b]; small
         cfg,
         tp_group=getattr(output_layer, "tp_group", None),
-        sequence_parallel=bool(getattr(output_layer, "sequence_parallel", False)),
+        sequence_parallel=sp,
         chunk_tokens=cfg.kernel.fused_chunk_tokens,
         accumulate_into_main_grad=into_main_grad,
     )
     return loss.transpose(0, 1).contiguous(), stats  # [s, b] -> [b, s], like Megatron
+
+
+def _announce(hidden_states, weight, output_layer, sp, cfg, into_main_grad) -> None:
+    """One line per shape, from the last rank (the one with the loss under PP): that the
+    fused path runs and with which chunks."""
+    tp_group = getattr(output_layer, "tp_group", None)
+    tp = tp_group.size() if sp and tp_group is not None else 1
+    tokens = hidden_states.shape[0] * tp * hidden_states.shape[1]
+    chunk = cfg.kernel.fused_chunk_tokens or default_chunk_tokens(tokens, weight.shape[0])
+    key = (tokens, weight.shape[0], chunk)
+    if key in _announced:
+        return
+    _announced.add(key)
+    print_rank_last(
+        f"SED: output layer fused with the loss (--cross-entropy-fusion-impl linear): {tokens} "
+        f"tokens x {weight.shape[0]} vocab rows per rank in chunks of {min(chunk, tokens)} tokens"
+        f"{', sequence-parallel' if sp else ''}{', wgrad into main_grad' if into_main_grad else ''}"
+    )
