@@ -107,6 +107,20 @@ def _weight_grad(weight: torch.Tensor, acc: torch.Tensor, into_main_grad: bool):
     return torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
 
 
+class _ChunkBuffers:
+    """The chunk's logits in the model's dtype and, for other dtypes than float32 /
+    float64, their float32 working copy: allocated once per pass."""
+
+    def __init__(self, rows: int, vocab_local: int, dtype, work_dtype, device):
+        self.low = torch.empty((rows, vocab_local), dtype=dtype, device=device)
+        self.work = self.low if dtype == work_dtype else torch.empty_like(self.low, dtype=work_dtype)
+
+    def logits(self, x_rows: torch.Tensor, weight: torch.Tensor):
+        n = x_rows.shape[0]
+        logits = torch.mm(x_rows, weight.t(), out=self.low[:n])
+        return logits, self.work[:n]
+
+
 class FusedLinearSED(torch.autograd.Function):
     """apply(hidden, weight, target, cfg, group, world_size, rank, sequence_parallel,
     chunk_tokens, into_main_grad) -> (loss, *stats in STAT_NAMES order), shaped like target."""
@@ -137,16 +151,18 @@ class FusedLinearSED(torch.autograd.Function):
         k_local = min(cfg.top_k, vocab_local)
 
         partials = torch.empty((num_tokens, 4 + cfg.top_k), dtype=work_dtype, device=x.device)
+        # one set of chunk buffers for the whole pass: a fresh allocation per chunk would
+        # page-fault (CPU) the chunk's logits in again each time
+        buffers = _ChunkBuffers(min(chunk, num_tokens), vocab_local, x.dtype, work_dtype, x.device)
         for start in range(0, num_tokens, chunk):
             end = min(start + chunk, num_tokens)
-            logits = torch.mm(x2d[start:end], weight.t())  # the output layer, in its dtype
-            # float32 logits are reduced in place (as the materialised op does), others
-            # through one float32 chunk buffer
-            work = logits if logits.dtype == work_dtype else torch.empty_like(logits, dtype=work_dtype)
+            # the output layer, in its dtype; float32 logits are reduced in place (as the
+            # materialised op does), others through the float32 chunk buffer
+            logits, work = buffers.logits(x2d[start:end], weight)
             partials[start:end] = VocabParallelSED.forward_partials(
                 logits, work, local_target[start:end], in_shard[start:end], k_local, cfg.top_k, cfg.kernel
             )
-            del logits, work
+        del buffers, logits, work
         out: Combined = gather_and_combine(partials, target_1d, cfg, group, world_size)
 
         row_max = partials[:, COL_MAX].contiguous()
@@ -176,12 +192,13 @@ class FusedLinearSED(torch.autograd.Function):
             acc = weight.main_grad  # Megatron's fused wgrad: accumulate straight into it
         else:
             acc = torch.zeros(weight.shape, dtype=work_dtype, device=weight.device)
+        buffers = _ChunkBuffers(min(ctx.chunk, num_tokens), weight.shape[0], x.dtype, work_dtype, x.device)
         for start in range(0, num_tokens, ctx.chunk):
             end = min(start + ctx.chunk, num_tokens)
             rows = slice(start, end)
-            logits = torch.mm(x2d[rows], weight.t())
-            work = logits if logits.dtype == work_dtype else logits.to(work_dtype)
-            del logits
+            logits, work = buffers.logits(x2d[rows], weight)
+            if work is not logits:
+                work.copy_(logits)
             # exp(z - m_r): what the forward left in the materialised op's working buffer
             work.sub_(row_max[rows].unsqueeze(1)).exp_()
             dz = VocabParallelSED.backward_inplace(
@@ -200,16 +217,15 @@ class FusedLinearSED(torch.autograd.Function):
                 # autograd rounds the materialised gradient to the logits' dtype; so do we,
                 # and accumulate dW of those rounded values in float32 (exact products, as
                 # a low-precision GEMM with float32 accumulation; one rounding at the end)
-                dz_low = dz.to(x.dtype)
+                dz_low = logits.copy_(dz)  # the logits' buffer is free again
                 torch.mm(dz_low, weight, out=grad_x[rows])
                 if not _addmm_low_precision(acc, dz_low.t(), x2d[rows]):
                     dz.copy_(dz_low)
                     acc.addmm_(dz.t(), x2d[rows].to(work_dtype))
-                del dz_low
             else:
                 torch.mm(dz, weight, out=grad_x[rows])
                 acc.addmm_(dz.t(), x2d[rows])
-            del work, dz
+        del buffers, logits, work, dz
         grad_x = grad_x.view(x.shape)
         if sp:
             grad_x = _scatter_token_grad(grad_x, group, world_size)
