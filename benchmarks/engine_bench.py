@@ -16,7 +16,7 @@ the first (warm-up) interval.
     python benchmarks/engine_bench.py                       # table 2 (minutes)
     python benchmarks/engine_bench.py --old-tree ../old --old-python ../old/.venv/bin/python
     python benchmarks/engine_bench.py --quick               # fewer iterations and vocab 32k only
-    python benchmarks/engine_bench.py --fused --vocab 128000 --iters 8   # table 3 only
+    python benchmarks/engine_bench.py --fused --vocab 128000 --iters 15  # table 3 only
 
 3. --fused: SED with the output layer fused (--cross-entropy-loss-fusion
    --cross-entropy-fusion-impl linear) vs. materialised, 4,096 tokens per micro-batch

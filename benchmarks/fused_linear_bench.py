@@ -7,7 +7,9 @@ held once its inputs (hidden states X, weight W) existed, less the weight gradie
 paths return one): the path's own buffers, dX included. The target of the fused path is
 at most 1/8 of the materialised logits plus their gradient (tokens x V x 2 x dtype bytes:
 the "logits+grad" column). Time: the median of --repeat fwd+bwd runs (after a warm-up on
-a few tokens, so the first run's page faults are counted as they are in training).
+a few tokens, so the first run's page faults are counted as they are in training), as
+the process's CPU time (user + system: what the work costs, robust on a shared machine,
+page faults included) and as wall time.
 
     python benchmarks/fused_linear_bench.py --quick        # seconds
     python benchmarks/fused_linear_bench.py                # the table in docs/performance.md
@@ -47,13 +49,13 @@ def _run_once(impl, x, w, target, cfg, chunk):
     from megatron_sed.ops.fused_linear_sed import fused_linear_sed_loss
 
     x.grad = w.grad = None
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     if impl == "fused":
         loss, _ = fused_linear_sed_loss(x, w, target, cfg, chunk_tokens=chunk)
     else:
         loss, _ = vocab_parallel_sed_loss(torch.matmul(x, w.t()), target, cfg)
     loss.sum().backward()
-    return time.perf_counter() - t0
+    return time.process_time() - c0, time.perf_counter() - t0
 
 
 def worker(args):
@@ -72,10 +74,11 @@ def worker(args):
     _run_once(args.impl, small, w, target[:8], cfg, args.chunk)  # imports (8 tokens: little retained)
     w.grad = None
     base = _rss_now()
-    times = [_run_once(args.impl, x, w, target, cfg, args.chunk) for _ in range(args.repeat)]
+    runs = [_run_once(args.impl, x, w, target, cfg, args.chunk) for _ in range(args.repeat)]
     extra = max(0, _rss_peak() - base) - w.numel() * w.element_size()
-    times.sort()
-    print(json.dumps({"time_s": times[len(times) // 2], "extra_bytes": max(extra, 0)}))
+    cpu = sorted(c for c, _ in runs)[len(runs) // 2]
+    wall = sorted(t for _, t in runs)[len(runs) // 2]
+    print(json.dumps({"cpu_s": cpu, "wall_s": wall, "extra_bytes": max(extra, 0)}))
 
 
 def measure(impl, tokens, vocab, hidden, dtype, repeat, threads, chunk):
@@ -108,9 +111,10 @@ def measure(impl, tokens, vocab, hidden, dtype, repeat, threads, chunk):
 
 
 HEADER = (
-    "| tokens | vocab | hidden | dtype | chunk | materialised ms | fused ms | fused/mat. time | "
-    "logits+grad MiB | materialised extra MiB | fused extra MiB | fused extra / (logits+grad) |"
+    "| tokens | vocab | hidden | dtype | chunk | materialised CPU ms | fused CPU ms | fused/mat. CPU time | "
+    "fused/mat. wall | logits+grad MiB | materialised extra MiB | fused extra MiB | fused extra / (logits+grad) |"
 )
+NCOLS = 13
 
 
 def main():
@@ -148,7 +152,7 @@ def main():
     nbytes = 2 if args.dtype in ("bfloat16", "float16") else 4
     rows = []
     print(HEADER)
-    print("|" + "---|" * 12)
+    print("|" + "---|" * NCOLS)
     for shape in args.shapes:
         tokens, vocab, hidden = (int(v) for v in shape.split("x"))
         res = {
@@ -157,11 +161,12 @@ def main():
         }
         chunk = args.chunk or default_chunk_tokens(tokens, vocab)
         logits_grad = tokens * vocab * nbytes * 2 / 2**20
-        ms = {k: v["time_s"] * 1e3 for k, v in res.items()}
+        ms = {k: v["cpu_s"] * 1e3 for k, v in res.items()}
+        wall = res["fused"]["wall_s"] / res["materialised"]["wall_s"]
         mib = {k: v["extra_bytes"] / 2**20 for k, v in res.items()}
         row = (
             f"| {tokens} | {vocab} | {hidden} | {args.dtype} | {chunk} | {ms['materialised']:.0f} | "
-            f"{ms['fused']:.0f} | {ms['fused'] / ms['materialised']:.2f} | {logits_grad:.0f} | "
+            f"{ms['fused']:.0f} | {ms['fused'] / ms['materialised']:.2f} | {wall:.2f} | {logits_grad:.0f} | "
             f"{mib['materialised']:.0f} | {mib['fused']:.0f} | {mib['fused'] / logits_grad:.3f} |"
         )
         print(row, flush=True)
@@ -173,7 +178,7 @@ def main():
             os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "performance.md"
         )
         text = open(path).read()
-        table = "\n".join([HEADER, "|" + "---|" * 12] + rows)
+        table = "\n".join([HEADER, "|" + "---|" * NCOLS] + rows)
         block = (
             f"{BEGIN}\nMeasured {stamp}, {args.threads} thread(s), median of {args.repeat}:\n\n{table}\n{END}"
         )
