@@ -127,8 +127,8 @@ def add_sed_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="With --cross-entropy-loss-fusion --cross-entropy-fusion-impl linear (the output "
-        "layer fused with the loss, no [s, b, V/tp] logits): tokens per chunk. Default: 1/32 "
-        "of the micro-batch's tokens, at least 64, at most 256 MiB of float32 logits per "
+        "layer fused with the loss, no [s, b, V/tp] logits): tokens per chunk. Default: 1/16 "
+        "of the micro-batch's tokens, at least 256, at most 256 MiB of float32 logits per "
         "chunk (docs/loss.md works the memory through).",
     )
     return parser

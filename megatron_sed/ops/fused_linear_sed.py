@@ -44,12 +44,13 @@ from megatron_sed.ops.sed_loss import check_target
 from megatron_sed.ops.stats import STAT_NAMES, SEDStats
 from megatron_sed.ops.torch_sed import VocabParallelSED
 
-# The default chunk: 1/CHUNKS_PER_PASS of the tokens (so the chunk's logits in their few
-# forms stay well under 1/8 of the materialised logits plus gradient), at least
-# MIN_CHUNK_TOKENS (GEMMs of fewer rows run below speed), at most MAX_CHUNK_BYTES of float32
-# logits (long sequences x large vocabularies gain nothing from bigger chunks).
-CHUNKS_PER_PASS = 32
-MIN_CHUNK_TOKENS = 64
+# The default chunk: 1/CHUNKS_PER_PASS of the tokens (so the chunk's buffers, bf16 logits
+# + their float32 copy, stay under 1/8 of the materialised bf16 logits plus gradient:
+# 6 / (4 x 16) = 0.094), at least MIN_CHUNK_TOKENS (GEMMs of fewer rows run below speed:
+# on a CPU core 128-row chunks cost 1.2-1.9x per GEMM, 512-row ones 1.05-1.15x), at most
+# MAX_CHUNK_BYTES of float32 logits (long sequences x large vocabularies gain nothing).
+CHUNKS_PER_PASS = 16
+MIN_CHUNK_TOKENS = 256
 MAX_CHUNK_BYTES = 256 << 20
 
 

@@ -163,9 +163,9 @@ def test_bad_inputs_are_named():
 def test_default_chunk_tokens():
     from megatron_sed.ops.fused_linear_sed import default_chunk_tokens
 
-    assert default_chunk_tokens(8192, 128256) == 256  # 1/32 of the tokens
+    assert default_chunk_tokens(8192, 128256) == 512  # 1/16 of the tokens
     assert default_chunk_tokens(32768, 152064) == 441  # 256 MiB of float32 logits
-    assert default_chunk_tokens(1024, 32000) == 64  # GEMMs of at least 64 rows
+    assert default_chunk_tokens(1024, 32000) == 256  # GEMMs of at least 256 rows
     assert default_chunk_tokens(20, 32000) == 20
 
 
