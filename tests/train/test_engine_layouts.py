@@ -157,7 +157,15 @@ def fused_layouts(tiny_llama, tmp_path_factory):
             tmp,
             "tp2sp",
             2,
-            _flags(tiny_llama, *LINEAR_FUSION, "--tensor-model-parallel-size", "2", "--sequence-parallel"),
+            _flags(
+                tiny_llama,
+                *LINEAR_FUSION,
+                "--tensor-model-parallel-size",
+                "2",
+                "--sequence-parallel",
+                "--sed-fused-chunk-tokens",
+                "96",  # 3 chunks of the 256 gathered tokens, one uneven
+            ),
         ),
     }
 

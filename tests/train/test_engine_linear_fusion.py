@@ -23,6 +23,7 @@ def tied_runs(tmp_path_factory):
     base += ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
     return {
         "materialised": train(tmp, "materialised", 2, base),
+        # the default chunk (1/16 of the tokens, at least 256) is the whole micro-batch here
         "fused": train(tmp, "fused", 2, [*base, *LINEAR_FUSION]),
     }
 
