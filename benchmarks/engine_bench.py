@@ -16,6 +16,11 @@ the first (warm-up) interval.
     python benchmarks/engine_bench.py                       # table 2 (minutes)
     python benchmarks/engine_bench.py --old-tree ../old --old-python ../old/.venv/bin/python
     python benchmarks/engine_bench.py --quick               # fewer iterations and vocab 32k only
+    python benchmarks/engine_bench.py --fused --vocab 128000 --iters 15  # table 3 only
+
+3. --fused: SED with the output layer fused (--cross-entropy-loss-fusion
+   --cross-entropy-fusion-impl linear) vs. materialised, 4,096 tokens per micro-batch
+   (16 x 256) on each of the 2 data-parallel ranks.
 """
 
 from __future__ import annotations
@@ -111,6 +116,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--vocab", type=int, nargs="*", default=[32000, 128000])
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--fused", action="store_true", help="only table 3 (linear fusion vs materialised)")
     a = p.parse_args(argv)
     if a.quick:
         a.iters, a.repeats, a.vocab = 30, 1, [32000]
@@ -185,7 +191,44 @@ def main(argv=None) -> int:
                 ),
             )
         )
-    for vocab in a.vocab:
+    for vocab in a.vocab if a.fused else []:
+        flags = [
+            *common,
+            "--micro-batch-size",
+            "16",
+            "--global-batch-size",
+            "32",
+            "--tokenizer-type",
+            "NullTokenizer",
+            "--vocab-size",
+            str(vocab),
+            "--eval-iters",
+            "1",
+            "--eval-interval",
+            "100000",
+            "--synthetic-cache-dir",
+            str(tmp / "syn_new"),
+            "--loss-type",
+            "sed",
+            "--sed-threshold",
+            "0.9",
+        ]
+        d = tmp / f"fused{vocab}"
+        d.mkdir()
+        linear = ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "linear"]
+        rows.append(
+            (
+                f"demo model, vocab {vocab}, 4096 tokens/micro-batch, DP 2",
+                _pairs(
+                    "SED fused (linear)",
+                    lambda f=flags, d=d, lin=linear: _run(sys.executable, [*f, *lin], d),
+                    "SED materialised",
+                    lambda f=flags, d=d: _run(sys.executable, f, d),
+                    a.repeats,
+                ),
+            )
+        )
+    for vocab in [] if a.fused else a.vocab:
         flags = [
             *common,
             "--micro-batch-size",

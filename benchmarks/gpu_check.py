@@ -19,7 +19,12 @@ Sections (rows of one table: section | check | result | value | detail):
               Triton block/warp sweep (benchmarks/gpu_loss_bench.py does the timing).
 3. syncs    - torch.cuda.set_sync_debug_mode("error") around SED forward/backward, an
               EMA step and a tiny model's training step (benchmarks/gpu_check_runtime.py).
-4. engine   - megatron-sed-train: 3 iterations bf16, --fp16, --finetune --lr 0 from the
+4. fused    - the output layer fused with the SED loss (--cross-entropy-fusion-impl
+              linear): exactness vs materialised and float64 (bf16, fp32); output
+              layer + loss fwd+bwd time and peak memory, fused vs materialised SED,
+              Megatron's CE and Liger's fused linear CE, at 8192 x 128256 and 16384 x
+              152064, hidden 4096 (benchmarks/gpu_check_fused.py).
+5. engine   - megatron-sed-train: 3 iterations bf16, --fp16, --finetune --lr 0 from the
               saved checkpoint (validation loss unchanged), --fp8-format hybrid if TE.
 
 result: PASS / FAIL (a check), INFO (a measurement), SKIP (with the reason). Exit status
@@ -60,7 +65,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--report", default=".", help="directory for gpu_check.md / gpu_check.json")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU, Triton interpreter")
-    p.add_argument("--sections", nargs="+", default=["kernels", "timing", "syncs", "engine"])
+    p.add_argument("--sections", nargs="+", default=["kernels", "timing", "syncs", "fused", "engine"])
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     return p.parse_args(argv)
@@ -94,6 +99,12 @@ def expected_rows(args) -> list[tuple[str, str]]:
     if "syncs" in args.sections:
         for name in sync_cases():
             rows.append(("syncs", name))
+    if "fused" in args.sections:
+        import gpu_check_fused as F
+
+        rows += [("fused", f"exact {d}") for d in ("bf16", "fp32")]
+        for t, v, h in F.shapes(args.dry_run):
+            rows += [("fused", f"{t} x {v} x {h} {m}") for m in F.timing_methods()]
     if "engine" in args.sections:
         for name in ("bf16 train + save", "fp16 train", "finetune --lr 0", "fp8 hybrid"):
             rows.append(("engine", name))
@@ -323,6 +334,67 @@ def section_syncs(args, device, rows: list[Row]) -> None:
             )
 
 
+def section_fused(args, device, rows: list[Row]) -> None:
+    import gpu_check_fused as F
+    import torch
+
+    # the tolerances of tests/ops/test_fused_linear_sed.py (dX, dW relative to their max)
+    tol = {"bf16": (2e-5, 2e-2), "fp32": (2e-5, 1e-5)}
+    for dname, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        r = F.check_exact(device, dtype, args.dry_run)
+        loss_tol, grad_tol = tol[dname]
+        ok = r["loss"] <= loss_tol and r["dx"] <= grad_tol and r["dw"] <= grad_tol
+        rows.append(
+            Row(
+                "fused",
+                f"exact {dname}",
+                "PASS" if ok else "FAIL",
+                f"dW {r['dw']:.1e}",
+                f"vs float64: loss {r['loss']:.1e} dX {r['dx']:.1e} dW {r['dw']:.1e}; "
+                f"loss vs materialised {r['vs_materialised']:.1e}",
+            )
+        )
+    import gpu_loss_bench as B
+
+    B.init_megatron_tp1(device)  # Megatron's CE reads its TP group from parallel_state
+    gib = float(1 << 30)
+    for tokens, vocab, hidden in F.shapes(args.dry_run):
+        res = F.time_shape(
+            device,
+            tokens,
+            vocab,
+            hidden,
+            1 if args.dry_run else args.iters,
+            0 if args.dry_run else args.warmup,
+        )
+        base = res.get("materialised_sed")
+        base_ms = base[0] if isinstance(base, tuple) else None
+        logits_grad = 2 * tokens * vocab * 2
+        for name in F.timing_methods():
+            r = res.get(name, "skipped: not built")
+            check = f"{tokens} x {vocab} x {hidden} {name}"
+            if isinstance(r, str):
+                rows.append(Row("fused", check, "FAIL" if r.startswith("error") else "SKIP", "", r))
+                continue
+            ms, peak = r
+            ratio = ms / base_ms if base_ms else float("nan")
+            result = "INFO"
+            if name == "fused_sed" and device.type == "cuda":
+                result = "PASS" if ratio <= 1.1 else "FAIL"  # the GPU target
+            rows.append(
+                Row(
+                    "fused",
+                    check,
+                    result,
+                    f"{ms:.1f} ms",
+                    f"{ratio:.2f} x materialised SED; peak {peak / gib:.2f} GiB = "
+                    f"{peak / logits_grad:.3f} x bf16 (logits+grad)",
+                )
+            )
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def section_engine(args, device, rows: list[Row]) -> None:
     import gpu_check_runtime as R
 
@@ -428,6 +500,7 @@ SECTIONS = {
     "kernels": section_kernels,
     "timing": section_timing,
     "syncs": section_syncs,
+    "fused": section_fused,
     "engine": section_engine,
 }
 

@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from megatron_sed.ops.config import MASKS, REGULARIZERS, THRESHOLD_SIDE, SEDConfig
+from megatron_sed.ops.config import MASKS, REGULARIZERS, THRESHOLD_SIDE, KernelOptions, SEDConfig
 
 
 class ArgumentError(ValueError):
@@ -122,7 +122,24 @@ def add_sed_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=0.9,
         help="Decay of the EMA used by --sed-threshold-update ema.",
     )
+    group.add_argument(
+        "--sed-fused-chunk-tokens",
+        type=int,
+        default=None,
+        help="With --cross-entropy-loss-fusion --cross-entropy-fusion-impl linear (the output "
+        "layer fused with the loss, no [s, b, V/tp] logits): tokens per chunk. Default: 1/16 "
+        "of the micro-batch's tokens, at least 256, at most 256 MiB of float32 logits per "
+        "chunk (docs/loss.md works the memory through).",
+    )
     return parser
+
+
+def linear_fusion_requested(args: argparse.Namespace) -> bool:
+    """--cross-entropy-loss-fusion --cross-entropy-fusion-impl linear: the output layer
+    fused with the loss (megatron_sed.ops.fused_linear_sed)."""
+    return bool(getattr(args, "cross_entropy_loss_fusion", False)) and (
+        getattr(args, "cross_entropy_fusion_impl", None) == "linear"
+    )
 
 
 def validate_sed_args(args: argparse.Namespace) -> None:
@@ -138,6 +155,14 @@ def validate_sed_args(args: argparse.Namespace) -> None:
 def _validate_sed_args(args: argparse.Namespace) -> None:
     if getattr(args, "loss_type", "ce") not in ("ce", "sed"):
         raise ValueError(f"--loss-type must be 'ce' or 'sed', got {args.loss_type!r}")
+    chunk = getattr(args, "sed_fused_chunk_tokens", None)
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"--sed-fused-chunk-tokens must be >= 1, got {chunk}")
+    if chunk is not None and not linear_fusion_requested(args):
+        raise ValueError(
+            "--sed-fused-chunk-tokens sizes the chunks of the fused output layer + loss: it "
+            "needs --cross-entropy-loss-fusion --cross-entropy-fusion-impl linear"
+        )
     if args.sed_coef < 0:
         raise ValueError(f"--sed-coef must be >= 0, got {args.sed_coef}")
     if args.sed_top_k < 1:
@@ -215,4 +240,8 @@ def sed_config_from_args(args: argparse.Namespace, threshold: float | None = Non
         regularizer=args.sed_regularizer,
         ignore_index=-100,
         impl=getattr(args, "sed_impl", "auto"),
+        kernel=KernelOptions(
+            linear_fusion=linear_fusion_requested(args),
+            fused_chunk_tokens=getattr(args, "sed_fused_chunk_tokens", None),
+        ),
     )

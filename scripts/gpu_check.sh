@@ -3,7 +3,7 @@
 # reference, timings, host-sync checks, the trainer on the GPU. Prints one table and
 # writes it to REPORT_DIR/gpu_check.md and .json. <= 8 minutes on one H200.
 #
-#   scripts/gpu_check.sh --report REPORT_DIR [--sections kernels timing syncs engine]
+#   scripts/gpu_check.sh --report REPORT_DIR [--sections kernels timing syncs fused engine]
 #   scripts/gpu_check.sh --dry-run --report REPORT_DIR    # CPU, tiny, < 1 minute
 #
 # The GPU machine needs Python 3.12, torch and Triton; megatron-core (and nothing else)

@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 
 from megatron_sed.calibration.recipes import recipe_from_args
-from megatron_sed.flags import add_sed_args, sed_config_from_args, validate_sed_args
+from megatron_sed.flags import add_sed_args, linear_fusion_requested, sed_config_from_args, validate_sed_args
 from megatron_sed.megatron_lm.calibration import resolve_sed_threshold
 from megatron_sed.model.sed_route import (
     forward_config,
@@ -74,8 +74,20 @@ def validate_megatron_lm_sed_args(args: argparse.Namespace) -> None:
     """`validate_sed_args` (all the SED checks) plus what pretrain_gpt.py cannot do: the
     EMA-tracked tau (its updates need megatron-sed-train's loss function)."""
     validate_sed_args(args)
+    if getattr(args, "sed_fused_chunk_tokens", None) is not None:
+        raise ValueError(
+            "--sed-fused-chunk-tokens sizes megatron-sed-train's fused output layer + loss; "
+            "Megatron-LM's pretrain_gpt.py computes SED on materialised logits: drop it"
+        )
     if getattr(args, "loss_type", "ce") != "sed":
         return
+    if linear_fusion_requested(args):
+        raise ValueError(
+            "--cross-entropy-fusion-impl linear: with pretrain_gpt.py, SED replaces "
+            "compute_language_model_loss, which receives materialised logits (a fused "
+            "Megatron CE would bypass SED); use native there, or megatron-sed-train, whose "
+            "linear fusion computes SED from the hidden states"
+        )
     if getattr(args, "sed_threshold_update", "fixed") != "fixed":
         raise ValueError(
             "--sed-threshold-update ema is only available in megatron-sed's own trainer; "

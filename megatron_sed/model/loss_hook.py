@@ -21,6 +21,7 @@ from megatron.core.models.gpt import GPTModel
 from torch import Tensor
 
 from megatron_sed import vocab_parallel_sed_loss
+from megatron_sed.model.fused_output import fused_output_loss
 
 
 def sed_language_model_loss(model, labels: Tensor, logits: Tensor, context, tp_group=None) -> Tensor:
@@ -57,11 +58,19 @@ def sed_output_processor(
     runtime_gather_output=None,
     context=None,
     scale_logits=None,
+    config=None,
     **_,
 ):
     """GPTModel's `output_processor` for SED (context: the forward's SEDLossContext): the output layer's
     vocab-parallel [s, b, V/tp] logits, then the SED loss [b, s] when labels are given (the
-    logits [b, s, V/tp] otherwise), exactly as GPTModel's own post-processing does for CE."""
+    logits [b, s, V/tp] otherwise), exactly as GPTModel's own post-processing does for CE.
+    With context.config.kernel.linear_fusion the two are fused (model/fused_output.py)."""
+    if labels is not None and context is not None and context.config.kernel.linear_fusion:
+        loss, stats = fused_output_loss(
+            hidden_states, output_layer, output_weight, labels, context.config, config
+        )
+        context.record(stats)
+        return loss
     logits, _ = output_layer(hidden_states, weight=output_weight, runtime_gather_output=runtime_gather_output)
     if scale_logits is not None:
         logits = scale_logits(logits)

@@ -29,15 +29,23 @@ class KernelOptions:
                    the logits alone; the caller's logits are destroyed and the graph can
                    be backpropagated once). The torch implementation always reuses its
                    float32 working buffer and is unaffected.
+    linear_fusion: the model's output processor fuses the output layer with the loss
+                   (fused_linear_sed.py: no [s, b, V/tp] logits; --cross-entropy-loss-
+                   fusion --cross-entropy-fusion-impl linear). Read by the output
+                   processor only; vocab_parallel_sed_loss takes logits and ignores it.
+    fused_chunk_tokens: tokens per chunk of the fused path (None: derived from the
+                   shapes, fused_linear_sed.default_chunk_tokens).
     """
 
     chunk_bytes: Optional[int] = None
     block_size: Optional[int] = None
     num_warps: Optional[int] = None
     grad_in_place: bool = False
+    linear_fusion: bool = False
+    fused_chunk_tokens: Optional[int] = None
 
     def __post_init__(self):
-        for name in ("chunk_bytes", "block_size", "num_warps"):
+        for name in ("chunk_bytes", "block_size", "num_warps", "fused_chunk_tokens"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"KernelOptions.{name} must be a positive integer or None, got {v!r}")

@@ -37,7 +37,16 @@ def _check_inputs(logits: torch.Tensor, target: torch.Tensor, cfg: SEDConfig, wo
         )
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but the logits are on {logits.device}")
-    vocab = logits.shape[-1] * world_size
+    check_target(target, cfg, logits.shape[-1] * world_size, logits.device)
+
+
+def check_target(target: torch.Tensor, cfg: SEDConfig, vocab: int, device: torch.device) -> None:
+    """Target ids in [0, vocab) or ignore_index, and top_k <= vocab (the materialised op's
+    and the fused output layer's shared check)."""
+    if not isinstance(target, torch.Tensor) or target.is_floating_point() or target.dtype == torch.bool:
+        raise ValueError(f"target must be an integer tensor, got {getattr(target, 'dtype', type(target))}")
+    if target.device != device:
+        raise ValueError(f"target is on {target.device} but the loss's input is on {device}")
     if cfg.top_k > vocab:
         raise ValueError(f"SEDConfig.top_k={cfg.top_k} exceeds the vocabulary size {vocab}")
     bad = (target != cfg.ignore_index) & ((target < 0) | (target >= vocab))

@@ -30,6 +30,7 @@ from megatron.training.global_vars import set_global_variables
 from megatron_sed.backend import cpu as cpu_backend
 from megatron_sed.flags import ArgumentError, add_sed_args, validate_sed_args
 from megatron_sed.model.fusions import choose_fusions
+from megatron_sed.model.loss_hook import supports_output_processor
 from megatron_sed.model.specs import te_available
 from megatron_sed.model.support import check_model_flags
 from megatron_sed.train.checkpoint_args import apply_checkpoint_args
@@ -119,6 +120,12 @@ def add_trainer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     for action in parser._actions:  # accept megatron-sed's older tokenizer names too
         if action.dest == "tokenizer_type" and action.choices is not None:
             action.choices = tuple(action.choices) + tuple(TOKENIZER_ALIASES)
+        # the output layer fused with the loss (megatron_sed.ops.fused_linear_sed); a
+        # megatron-core with its own 'linear' would bypass SED: the plugin's path runs
+        if action.dest == "cross_entropy_fusion_impl" and action.choices is not None:
+            if "linear" not in action.choices:
+                action.choices = tuple(action.choices) + ("linear",)
+            action.help = (action.help or "") + " linear: megatron-sed fuses the output layer with the loss."
     # megatron-core 0.19 has no --eval-interval default and then fails sizing the
     # validation set; Megatron-LM's long-standing default:
     parser.set_defaults(eval_interval=1000)
@@ -219,13 +226,38 @@ def _check_schedule(args) -> None:
         )
 
 
-def _check_plugin_limits(args) -> None:
-    if args.loss_type == "sed" and getattr(args, "cross_entropy_fusion_impl", None) == "linear":
+def _check_linear_fusion(args) -> None:
+    """--cross-entropy-fusion-impl linear: the plugin's fused output layer + loss, reached
+    through GPTModel's output_processor (megatron_sed.model.fused_output)."""
+    impl = getattr(args, "cross_entropy_fusion_impl", None)
+    if impl != "linear":
+        return
+    if not getattr(args, "cross_entropy_loss_fusion", False):
         raise ArgumentError(
-            "--cross-entropy-fusion-impl linear fuses the output layer with "
-            "Megatron's CE and never materialises the logits, so SED would be "
-            "bypassed: use native or te (or --loss-type ce)"
+            "--cross-entropy-fusion-impl linear only acts with --cross-entropy-loss-fusion: "
+            "add it (or drop --cross-entropy-fusion-impl linear)"
         )
+    if args.loss_type == "ce" and not getattr(args, "sed_stats", True):
+        raise ArgumentError(
+            "--no-sed-stats asks for Megatron's own cross-entropy, which --cross-entropy-"
+            "fusion-impl linear replaces by megatron-sed's fused output layer + loss (its "
+            "statistics come at no cost): drop --no-sed-stats"
+        )
+    if not supports_output_processor():
+        raise ArgumentError(
+            "--cross-entropy-fusion-impl linear needs GPTModel's output_processor "
+            "(megatron-core >= 0.18); this megatron-core has none: use native"
+        )
+    for flag, dest in (
+        ("--use-mup", "use_mup"),
+        ("--defer-embedding-wgrad-compute", "defer_embedding_wgrad_compute"),
+    ):
+        if getattr(args, dest, False):
+            raise ArgumentError(f"--cross-entropy-fusion-impl linear does not support {flag}: use native")
+
+
+def _check_plugin_limits(args) -> None:
+    _check_linear_fusion(args)
     if (
         args.pipeline_model_parallel_size > 1
         and args.pack

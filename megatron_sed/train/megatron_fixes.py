@@ -6,6 +6,10 @@
   builds the template to *load* a distributed-optimizer checkpoint into. A fresh torch
   Adam's step is 0; the shim shows the state_dict one entry with step 0 for the duration
   of that call (the loaded value replaces it).
+- pretrain() re-parses the command line with Megatron's bare parser (fault tolerance's
+  and in-process restart's setup), which refuses the values the plugin adds to Megatron's
+  own flags (--cross-entropy-fusion-impl linear, the tokenizer aliases): the re-parse
+  gets the plugin's flags too.
 """
 
 from __future__ import annotations
@@ -82,7 +86,26 @@ def _signal_proof_checkpoint_writer(args) -> None:
             signal.signal(s, handler)
 
 
+def _reparse_with_plugin_flags() -> None:
+
+    from megatron.training import arguments  # noqa: PLC0415 (after the CPU backend is installed)
+
+    from megatron_sed.train.arguments import add_trainer_args  # noqa: PLC0415 (imports this module's users)
+
+    plain = arguments.parse_args
+    if getattr(plain, "_megatron_sed_fix", False):
+        return
+
+    @functools.wraps(plain)
+    def parse_args(extra_args_provider=None, ignore_unknown_args=False):
+        return plain(extra_args_provider or add_trainer_args, ignore_unknown_args)
+
+    parse_args._megatron_sed_fix = True
+    arguments.parse_args = parse_args
+
+
 def apply(args) -> None:
+    _reparse_with_plugin_flags()
     _signal_proof_checkpoint_writer(args)
     _fresh_torch_adam_state_dict()
     _fix_distributed_optimizer_load()

@@ -138,7 +138,9 @@ class _CalibrationPlaceholder:
 
     def __init__(self, args):
         k = recipe_from_args(args).top_k
-        self.config = SEDConfig(coef=0.0, top_k=k, threshold=1.0, mask="topk_mass")
+        # the run's kernel options: calibration forwards take the fused output layer too
+        kernel = sed_config_from_args(args).kernel
+        self.config = SEDConfig(coef=0.0, top_k=k, threshold=1.0, mask="topk_mass", kernel=kernel)
 
     def observe(self, *a, **k):
         pass

@@ -204,6 +204,33 @@ def test_extra_args_provider_rejects_bad_flags_like_argparse(capsys):
     assert (ok.loss_type, ok.sed_coef, ok.sed_threshold) == ("sed", 0.5, 0.9)
 
 
+def test_linear_cross_entropy_fusion_is_refused_with_sed(capsys):
+    """A Megatron-LM whose parser has --cross-entropy-fusion-impl linear (its dev branch)
+    would fuse the output layer with its own CE, bypassing the SED override: refused with
+    SED (megatron-sed-train has the fused SED path); the chunk knob is the trainer's."""
+
+    def megatron_lm_flags(parser):
+        parser.add_argument("--cross-entropy-loss-fusion", action="store_true")
+        parser.add_argument(
+            "--cross-entropy-fusion-impl", default="native", choices=["native", "te", "linear"]
+        )
+        return parser
+
+    parser = megatron_lm.extra_args_provider(megatron_lm_flags)(
+        argparse.ArgumentParser(prog="pretrain_gpt.py")
+    )
+    linear = ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "linear"]
+    for argv, message in [
+        (["--loss-type", "sed", *linear], "use native there, or megatron-sed-train"),
+        (["--loss-type", "ce", *linear, "--sed-fused-chunk-tokens", "64"], "--sed-fused-chunk-tokens"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args(argv)
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err, argv
+    assert parser.parse_args(["--loss-type", "ce", *linear]).cross_entropy_fusion_impl == "linear"
+
+
 def test_extra_args_provider_chains_a_base_provider():
     def base(parser):
         parser.add_argument("--modelopt-thing", type=int, default=3)

@@ -31,6 +31,8 @@ FIELDS = (
     "position_embedding_type",
     "loss_type",
     "sed_coef",
+    "cross_entropy_fusion_impl",
+    "sed_fused_chunk_tokens",
 )
 
 results = {}

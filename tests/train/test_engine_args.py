@@ -13,6 +13,7 @@ import pytest
 from tests.helpers.engine import RUN, TINY_MODEL, synthetic_flags
 
 DRIVER = Path(__file__).with_name("parse_driver.py")
+LINEAR = ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "linear"]
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +50,10 @@ def parsed(tiny_llama, tmp_path_factory):
         ("cp_sample_padding", [*base, "--context-parallel-size", "2", "--sft-pad-granularity", "6"]),
         ("sample_padding_seq_length", [*base, "--sft-pad-granularity", "5"]),
         ("converted", conv),
+        ("linear_fusion", [*base, *LINEAR, "--sed-fused-chunk-tokens", "64"]),
+        ("linear_without_fusion", [*base, "--cross-entropy-fusion-impl", "linear"]),
+        ("chunk_without_linear", [*base, "--sed-fused-chunk-tokens", "64"]),
+        ("linear_no_sed_stats", [*base, *LINEAR, "--loss-type", "ce", "--no-sed-stats"]),
         ("converted_mismatch", [*conv, "--num-layers", "3", "--hidden-size", "32"]),
         ("converted_dense_moe_flag", [*conv, "--num-experts", "4"]),
         ("mla", [*base, "--multi-latent-attention"]),
@@ -109,28 +114,18 @@ def test_bad_flags_fail_naming_them(parsed, case, message):
     assert not r["ok"] and message in r["error"], r
 
 
-def test_linear_cross_entropy_fusion_is_refused():
-    """megatron-core versions with --cross-entropy-fusion-impl linear fuse the output layer
-    into Megatron's CE, so the logits SED needs never exist (0.19.2's parser has no such
-    choice yet; the check is for the versions that do)."""
-    import argparse
-
-    from megatron_sed.train.arguments import ArgumentError, _check_plugin_limits
-
-    args = argparse.Namespace(
-        loss_type="sed",
-        cross_entropy_fusion_impl="linear",
-        pipeline_model_parallel_size=1,
-        pack=True,
-        transformer_impl="local",
-        micro_batch_size=1,
-        sed_mask_ratio=None,
-        sed_threshold=None,
+def test_linear_cross_entropy_fusion(parsed):
+    """--cross-entropy-fusion-impl linear (a choice megatron-core 0.19 lacks) parses and
+    selects the plugin's fused output layer + loss; its misuses are named."""
+    r = parsed["linear_fusion"]
+    assert r["ok"], r
+    assert r["cross_entropy_fusion_impl"] == "linear" and r["sed_fused_chunk_tokens"] == 64
+    assert "only acts with --cross-entropy-loss-fusion" in parsed["linear_without_fusion"]["error"]
+    assert (
+        "needs --cross-entropy-loss-fusion --cross-entropy-fusion-impl linear"
+        in (parsed["chunk_without_linear"]["error"])
     )
-    with pytest.raises(ArgumentError, match="--cross-entropy-fusion-impl linear"):
-        _check_plugin_limits(args)
-    args.loss_type = "ce"
-    _check_plugin_limits(args)
+    assert "drop --no-sed-stats" in parsed["linear_no_sed_stats"]["error"]
 
 
 def test_packed_thd_with_context_parallelism_runs_and_unfused_te_is_refused():

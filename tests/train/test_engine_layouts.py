@@ -214,3 +214,41 @@ def test_finetune_lr0_keeps_the_loaded_model(tiny_llama, tmp_path, reference_ce,
     for got, want in zip(ce, reference_ce):
         assert got == pytest.approx(want, rel=tol), (ce, reference_ce)
     assert max(reference_ce) < 4.0  # the pretrained model: a random one is at ~6
+
+
+# --cross-entropy-fusion-impl linear: the output layer fused with the loss (no logits).
+LINEAR_FUSION = ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "linear"]
+
+
+@pytest.fixture(scope="module")
+def fused_layouts(tiny_llama, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fused_layouts")
+    return {
+        # chunks of 100 tokens: several per micro-batch of 2 x 128, one uneven
+        "tp1": train(tmp, "tp1", 1, _flags(tiny_llama, *LINEAR_FUSION, "--sed-fused-chunk-tokens", "100")),
+        "tp2sp": train(
+            tmp,
+            "tp2sp",
+            2,
+            _flags(
+                tiny_llama,
+                *LINEAR_FUSION,
+                "--tensor-model-parallel-size",
+                "2",
+                "--sequence-parallel",
+                "--sed-fused-chunk-tokens",
+                "96",  # 3 chunks of the 256 gathered tokens, one uneven
+            ),
+        ),
+    }
+
+
+@pytest.mark.parametrize("layout", ["tp1", "tp2sp"])
+def test_linear_fusion_reproduces_the_materialised_run(layouts, fused_layouts, layout):
+    """The fused output layer + loss (chunked, logit-free; TP 2 with sequence parallelism:
+    the fused op gathers the hidden states and reduce-scatters their gradient) trains
+    exactly like the materialised TP 1 run: losses, every statistic, gradient norm."""
+    worst = assert_close(layouts["tp1"], fused_layouts[layout], KEYS, atol=1e-5)
+    assert len(fused_layouts[layout].records) == ITERS
+    assert "output layer fused with the loss" in fused_layouts[layout].log
+    print(f"fused {layout} vs materialised tp1: max |diff| {worst:.2e}")
