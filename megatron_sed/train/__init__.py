@@ -3,7 +3,8 @@
 Megatron's own `pretrain()` runs the loop (schedules, DDP, optimizer, checkpointing,
 logging); these modules are the pieces the plugin hands it:
 
-    entry.py            main(): the CPU backend if no GPU, then pretrain() with the pieces
+    entry.py            main(): the process (CPU backend if no GPU, logging), bad flags -> exit 2
+    launch.py           the Megatron half: parse the flags, pretrain() with the pieces below
     arguments.py        Megatron's parser plus the SED / megatron-sed flags, and their checks
     checkpoint_args.py  the shape, tokenizer and SED state of the checkpoint a run loads
     load_check.py       what --load / --pretrained-checkpoint will read, checked up front
