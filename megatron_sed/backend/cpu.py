@@ -31,6 +31,9 @@ What `install()` changes, process-wide, until `uninstall()`:
    fusions then run eagerly); megatron.core's dataset-helper compilation is skipped (the
    wheel ships the built helpers, without their Makefile) and so is Megatron-LM's legacy
    fused-kernel build.
+5. **Environment.** ``CUDA_DEVICE_MAX_CONNECTIONS=1`` unless already set (Megatron's
+   argument checks require it for tensor/context parallelism on the device the backend
+   reports); `uninstall()` unsets it again.
 
 Limits (documented in docs/cpu_backend.md): no Transformer Engine, so no FP8 and no THD
 packed attention (packed samples use block-diagonal masks); no CUDA graphs; memory
@@ -209,16 +212,22 @@ def _cuda_type(plain: Callable) -> Callable:
 
 
 class _Installed:
-    """The patches of one install(), undone in reverse order by uninstall()."""
+    """The patches (attributes and environment variables) of one install(), undone in
+    reverse order by uninstall()."""
 
     def __init__(self) -> None:
         self.undo: list[tuple[Any, str, Any, bool]] = []
+        self.undo_env: list[tuple[str, Optional[str]]] = []
         self.mode = _CudaOnCpu()
 
     def set(self, owner: Any, name: str, value: Any) -> None:
         had = name in vars(owner) if isinstance(owner, type) else hasattr(owner, name)
         self.undo.append((owner, name, getattr(owner, name, None), had))
         setattr(owner, name, value)
+
+    def set_env(self, name: str, value: str) -> None:
+        self.undo_env.append((name, os.environ.get(name)))
+        os.environ[name] = value
 
     def restore(self) -> None:
         for owner, name, old, had in reversed(self.undo):
@@ -230,6 +239,12 @@ class _Installed:
                 except AttributeError:
                     pass
         self.undo.clear()
+        for name, old in reversed(self.undo_env):
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+        self.undo_env.clear()
 
 
 def _patch_torch_cuda(st: _Installed) -> None:
@@ -257,15 +272,10 @@ def _patch_torch_cuda(st: _Installed) -> None:
         "memory_reserved": lambda *a, **k: 0,
         "max_memory_reserved": lambda *a, **k: 0,
         "memory_stats": lambda *a, **k: _ZeroStats(),
-        "reset_peak_memory_stats": lambda *a, **k: None,
-        "reset_max_memory_allocated": lambda *a, **k: None,
-        "mem_get_info": lambda *a, **k: (_DeviceProperties.total_memory, _DeviceProperties.total_memory),
         # The "CUDA" generator: Megatron's RNG tracker swaps its state.
         "default_generators": (gen,),
         "get_rng_state": lambda *a, **k: gen.get_state(),
         "set_rng_state": lambda state, *a, **k: gen.set_state(state),
-        "get_rng_state_all": lambda: [gen.get_state()],
-        "set_rng_state_all": lambda states: gen.set_state(states[0]),
         "manual_seed": lambda seed: gen.manual_seed(int(seed)),
         "manual_seed_all": lambda seed: gen.manual_seed(int(seed)),
         "initial_seed": lambda: gen.initial_seed(),
@@ -279,8 +289,6 @@ def _patch_torch_cuda(st: _Installed) -> None:
     for name in (
         "get_rng_state",
         "set_rng_state",
-        "get_rng_state_all",
-        "set_rng_state_all",
         "manual_seed",
         "manual_seed_all",
         "initial_seed",
@@ -310,7 +318,10 @@ def _patch_tensors_and_loaders(st: _Installed) -> None:
 def _skip_compilation(st: _Installed) -> None:
 
     st.set(torch._dynamo.config, "disable", True)
-    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # Megatron asserts it for overlap
+    # Megatron's validate_args asserts it is 1 with TP or CP > 1 on a pre-Blackwell device
+    # (the backend's reports compute capability 8.0); a value the user set stays.
+    if "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ:
+        st.set_env("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     try:
         import megatron.core.datasets.utils as dataset_utils  # noqa: PLC0415 (only when megatron-core is installed)
     except ImportError:

@@ -1,7 +1,8 @@
 """The SED threshold tau: quantile math (quantile.py), the calibration engine that runs
 held-out samples through a Megatron forward_step (engine.py), the per-run decision of which
-tau to use (resolve.py) and the EMA tracker (tracker.py). Shared by megatron-sed-train and
-the Megatron-LM glue; which statistic and positions: recipes.py."""
+tau to use (resolve.py) and the EMA tracker (tracker.py) with its fixed-size histogram
+(histogram.py). Shared by megatron-sed-train and the Megatron-LM glue; which statistic and
+positions: recipes.py."""
 
 from megatron_sed.calibration.engine import CalibrationResult, calibrate_with_forward_step, heldout_batches
 from megatron_sed.calibration.quantile import (

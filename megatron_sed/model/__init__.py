@@ -4,7 +4,7 @@ API (stable; used by the trainer, the Megatron-LM glue, converters and eval):
 
     from megatron_sed.model import build_gpt_model, transformer_config_from_args
     model = build_gpt_model(args)      # parallel_state must be initialised
-    #   args: Megatron-named namespace (megatron_sed.train.arguments.parse_args) with
+    #   args: Megatron-named namespace (megatron_sed.train.arguments.parse_and_validate) with
     #   num_layers, hidden_size, ffn_hidden_size, num_attention_heads, group_query_attention,
     #   num_query_groups, normalization, swiglu, disable_bias_linear, seq_length,
     #   max_position_embeddings, position_embedding_type, rotary_base,

@@ -1,7 +1,18 @@
 """SED-SFT trainer on Megatron-Core: `python -m megatron_sed.train` / `megatron-sed-train`.
 
-Modules: arguments (Megatron-named flags, validation), data (reader/synthetic set, DP
-batches), step (forward_step / loss_func shared by CPU and GPU), loop_cpu (gloo machinery),
-loop_gpu (Megatron-Core DDP / optimizer / schedules), checkpoint (dist_checkpointing),
-metrics (log lines, JSONL, TensorBoard), trainer (setup and loop).
+Megatron's own `pretrain()` runs the loop (schedules, DDP, optimizer, checkpointing,
+logging); these modules are the pieces the plugin hands it:
+
+    entry.py            main(): the process (CPU backend if no GPU, logging), bad flags -> exit 2
+    launch.py           the Megatron half: parse the flags, pretrain() with the pieces below
+    arguments.py        Megatron's parser plus the SED / megatron-sed flags, and their checks
+    checkpoint_args.py  the shape, tokenizer and SED state of the checkpoint a run loads
+    load_check.py       what --load / --pretrained-checkpoint will read, checked up front
+    model_provider.py   model_provider: the GPTModel from Megatron's args and specs
+    data.py             the dataset provider (packed SFT data or the synthetic set)
+    step.py             forward_step / loss_func
+    threshold.py        tau during the run: decided at the first step, EMA, checkpointed
+    metrics.py          --metrics-file: Megatron's logged values as JSON lines
+    log_lines.py        two of Megatron's log lines made to fit the plugin's reports
+    megatron_fixes.py   narrowly scoped work-arounds for megatron-core behaviour
 """

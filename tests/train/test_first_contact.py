@@ -80,6 +80,8 @@ def test_log_lines_say_what_they_mean(saved):
     resident = float(memory[0].split("resident:")[1].split("|")[0])
     assert resident > 100  # MB: a Python process with torch and Megatron loaded
     assert run.log.count(FALLBACK_NOTE) == 1 and "Apex is not installed" not in run.log
+    # the trainer's logging format, set before megatron.training's import-time basicConfig
+    assert not re.search(r"^(INFO|WARNING):megatron\.", run.log, re.M), run.log[:3000]
 
 
 def _refused(path, flag="--load", step=None) -> str:
