@@ -22,17 +22,10 @@ from megatron_sed.model import build_gpt_model, te_available
 
 def resolve_checkpoint_dir(load: str, iteration: int | None = None) -> Path:
     """--load may be a save dir (with latest_checkpointed_iteration.txt), or a
-    release/ / iter_NNNNNNN/ checkpoint dir; --iteration picks iter_NNNNNNN of a save dir."""
-    path = Path(load)
-    if not path.exists():
-        raise CheckpointError(f"--load {load}: no such file or directory")
-    if iteration is not None:
-        sub = path / f"iter_{iteration:07d}"
-        if not (sub / ".metadata").is_file():
-            raise CheckpointError(f"--load {load} --iteration {iteration}: {sub} is not a checkpoint")
-        return sub
-    try:  # the one resolver of --load paths, shared with the converter
-        return resolve_dist_ckpt_dir(path)
+    release/ / iter_NNNNNNN/ checkpoint dir; --iteration picks iter_NNNNNNN of a save dir.
+    Resolved by checkpointing.layout's one resolver; its errors become CheckpointErrors."""
+    try:
+        return resolve_dist_ckpt_dir(load, iteration, flag="--iteration")
     except (FileNotFoundError, ValueError) as err:
         raise CheckpointError(f"--load {load}: {err}") from None
 
