@@ -210,5 +210,4 @@ def test_mxfp8_needs_blackwell(parsed):
         r = parsed[case]
         assert not r["ok"] and refusal in r["error"] and shown in r["error"], r
     for case in ("mxfp8_on_sm100", "delayed_on_sm90"):
-        # On this CPU the parse may fail later (no real TE): only not for this reason.
-        assert "needs a Blackwell GPU" not in parsed[case].get("error", ""), parsed[case]
+        assert parsed[case]["ok"], parsed[case]
