@@ -42,6 +42,8 @@ def test_explicit_iteration_is_never_ignored(save):
         layout.resolve_dist_ckpt_dir(ckpt, 3)
     with pytest.raises(layout.CheckpointError, match=r"--load .*: --iteration 9: .*iter_0000009"):
         resolve_checkpoint_dir(str(save), 9)
+    with pytest.raises(layout.CheckpointError, match=r"--ckpt-step 9: "):  # the RL CLI's flag
+        resolve_checkpoint_dir(str(save), 9, flag="--ckpt-step")
     with pytest.raises(layout.CheckpointError, match="no such file or directory"):
         resolve_checkpoint_dir(str(save / "missing"))
 
