@@ -60,19 +60,26 @@ def has_checkpoint(root: str | os.PathLike | None) -> bool:
     return bool(root) and (Path(root) / TRACKER).is_file()
 
 
-def resolve_dist_ckpt_dir(path: str | os.PathLike, iteration: Optional[int] = None) -> Path:
+def resolve_dist_ckpt_dir(
+    path: str | os.PathLike, iteration: Optional[int] = None, flag: str = "--ckpt-step"
+) -> Path:
     """The directory holding `.metadata` for a --load style path: a save dir with a
     tracker file (-> release/ or iter_NNNNNNN/), or the checkpoint directory itself.
-    `iteration` (Megatron's --ckpt-step) picks that iteration of a save dir instead of the
-    tracker's, as Megatron's loader does."""
+
+    The one resolver of checkpoint paths (training's checkpoint args, calibration, the
+    converter and the evaluator's --load/--iteration). `iteration` (Megatron's
+    --ckpt-step, the evaluator's --iteration: `flag` names it in errors) picks
+    iter_NNNNNNN of a save dir instead of the tracker's; given, it is never ignored."""
     path = Path(path)
-    if (path / ".metadata").is_file():
-        return path
-    if iteration:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if iteration is not None:
         sub = iteration_dir(path, int(iteration))
         if (sub / ".metadata").is_file():
             return sub
-        raise FileNotFoundError(f"--ckpt-step {iteration}: {sub} is not a torch_dist checkpoint")
+        raise FileNotFoundError(f"{flag} {iteration}: {sub} is not a torch_dist checkpoint")
+    if (path / ".metadata").is_file():
+        return path
     tracker = path / TRACKER
     tag = read_tracker(path)
     if tag is not None:
@@ -117,8 +124,8 @@ def read_common_state(ckpt_dir: str | os.PathLike) -> dict:
 
 def read_checkpoint_args(path: str | os.PathLike, iteration: Optional[int] = None):
     """Megatron's `args` saved with the checkpoint of a --load style path (None if none);
-    `iteration`: see resolve_dist_ckpt_dir."""
-    args = read_common_state(resolve_dist_ckpt_dir(path, iteration)).get("args")
+    `iteration` is Megatron's --ckpt-step, which its loader reads as unset when 0."""
+    args = read_common_state(resolve_dist_ckpt_dir(path, iteration or None)).get("args")
     return args if args is not None and hasattr(args, "__dict__") else None
 
 

@@ -7,9 +7,9 @@ every path of every problem (one row per path); the test split holds problems wh
 numbers never occur in the training split (the split is decided by a hash of the problem's
 kind and numbers, not by the seed), with the reference path and all valid paths attached.
 
-The evaluation uses :func:`extract_boxed` to score an answer and :func:`identify_path`
-(or :func:`path_signature` for paths outside the known set) to count distinct correct
-solution paths. Problem + response stay under ~160 bytes so a tiny byte-level model can
+Answers are graded by megatron_sed.eval.metrics (`is_correct`, the one grader the
+evaluation and the RL reward use); :func:`identify_path` (or :func:`path_signature` for
+paths outside the known set) counts distinct correct solution paths. Problem + response stay under ~160 bytes so a tiny byte-level model can
 learn the set on a CPU in minutes.
 """
 
@@ -226,33 +226,6 @@ def make_synthetic_math(
                 }
             )
     return rows
-
-
-_BOXED_RE = re.compile(r"\\boxed\{")
-
-
-def extract_boxed(text: str) -> Optional[str]:
-    """Content of the last ``\\boxed{...}`` (balanced braces), stripped; None if absent."""
-    last = None
-    for m in _BOXED_RE.finditer(text):
-        depth, i = 1, m.end()
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            last = text[m.end() : i - 1].strip()
-    return last
-
-
-def answers_match(predicted: Optional[str], answer) -> bool:
-    """Numeric comparison when both parse as numbers, else exact string comparison."""
-    if predicted is None:
-        return False
-    pred, ref = predicted.replace(",", "").strip(), str(answer).replace(",", "").strip()
-    try:
-        return float(pred) == float(ref)
-    except ValueError:
-        return pred == ref
 
 
 def path_signature(response: str) -> tuple[tuple[int, str, int, int], ...]:

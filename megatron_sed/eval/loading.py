@@ -20,19 +20,13 @@ from megatron_sed.checkpointing.layout import CheckpointError, resolve_dist_ckpt
 from megatron_sed.model import build_gpt_model, te_available
 
 
-def resolve_checkpoint_dir(load: str, iteration: int | None = None) -> Path:
+def resolve_checkpoint_dir(load: str, iteration: int | None = None, flag: str = "--iteration") -> Path:
     """--load may be a save dir (with latest_checkpointed_iteration.txt), or a
-    release/ / iter_NNNNNNN/ checkpoint dir; --iteration picks iter_NNNNNNN of a save dir."""
-    path = Path(load)
-    if not path.exists():
-        raise CheckpointError(f"--load {load}: no such file or directory")
-    if iteration is not None:
-        sub = path / f"iter_{iteration:07d}"
-        if not (sub / ".metadata").is_file():
-            raise CheckpointError(f"--load {load} --iteration {iteration}: {sub} is not a checkpoint")
-        return sub
-    try:  # the one resolver of --load paths, shared with the converter
-        return resolve_dist_ckpt_dir(path)
+    release/ / iter_NNNNNNN/ checkpoint dir; --iteration picks iter_NNNNNNN of a save dir.
+    Resolved by checkpointing.layout's one resolver; its errors become CheckpointErrors.
+    `flag`: the caller's name for the iteration (the RL CLI's is --ckpt-step)."""
+    try:
+        return resolve_dist_ckpt_dir(load, iteration, flag=flag)
     except (FileNotFoundError, ValueError) as err:
         raise CheckpointError(f"--load {load}: {err}") from None
 
@@ -63,11 +57,11 @@ def eval_args(ckpt_args: argparse.Namespace) -> argparse.Namespace:
     return a
 
 
-def load_model(load: str, iteration: int | None = None):
+def load_model(load: str, iteration: int | None = None, flag: str = "--iteration"):
     """(model in eval mode, its args, the checkpoint dir, common state). Needs
     torch.distributed and megatron parallel_state initialised at world size 1."""
 
-    ckpt_dir = resolve_checkpoint_dir(load, iteration)
+    ckpt_dir = resolve_checkpoint_dir(load, iteration, flag)
     common = read_common_state(ckpt_dir)
     args = eval_args(common["args"])
     if not getattr(args, "padded_vocab_size", None) and not getattr(args, "vocab_size", None):

@@ -158,7 +158,7 @@ def run(args) -> list[dict]:
 
 
 def _run(args, cfg: GRPOConfig) -> list[dict]:
-    model, _, ckpt_dir, common = load_model(args.load, args.ckpt_step)
+    model, _, ckpt_dir, common = load_model(args.load, args.ckpt_step, flag="--ckpt-step")
     ckpt_args = common["args"]
     tok = sft_tokenizer_from_args(ckpt_args)
     system = eval_system_prompt(args, ckpt_args)

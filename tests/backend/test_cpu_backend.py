@@ -4,6 +4,9 @@ clean), see tests.helpers.dist.run_distributed."""
 
 from __future__ import annotations
 
+import importlib
+import time
+
 import pytest
 import torch
 
@@ -39,7 +42,7 @@ def _devices(rank, world):
     assert torch.ones(1).type() == "torch.cuda.FloatTensor"
     assert torch.ones(1, dtype=torch.bfloat16).type() == "torch.cuda.BFloat16Tensor"
     assert torch.ones(1).type(torch.float16).dtype == torch.float16
-    # Streams and events keep program order; events time wall clock.
+    # Streams and events keep program order; events time wall clock (Megatron's timers).
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -47,9 +50,12 @@ def _devices(rank, world):
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     y = x @ x
+    time.sleep(0.05)
     end.record()
     torch.cuda.synchronize()
-    assert y.item() == 12.0 and start.elapsed_time(end) >= 0.0
+    assert y.item() == 12.0
+    assert 50.0 <= start.elapsed_time(end) < 5000.0  # milliseconds, as CUDA events report
+    assert end.elapsed_time(start) == -start.elapsed_time(end)
     assert torch.cuda.memory_allocated() == 0 and torch.cuda.memory_stats()["allocated_bytes.all.peak"] == 0
     # Data loaders never pin.
     dl = torch.utils.data.DataLoader(list(range(4)), batch_size=2, pin_memory=True)
@@ -114,9 +120,11 @@ def test_cuda_rng_is_separate_and_drives_dropout_and_megatron_tracker():
 
 
 def _refuses_on_gpu(rank, world):
+    torch.cuda.is_available = lambda: True  # what torch reports on a GPU machine
     from megatron_sed.backend import cpu
 
-    cpu._real_cuda_available = lambda: True  # what a GPU machine reports
+    cpu = importlib.reload(cpu)  # as if first imported on that machine
+    assert cpu.gpu_present()
     with pytest.raises(RuntimeError, match="has a CUDA GPU"):
         cpu.install()
     assert not cpu.is_active()

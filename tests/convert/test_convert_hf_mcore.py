@@ -143,24 +143,28 @@ def _load_worker(rank, world_size, cases, result_dir):
             if rank == 0:
                 torch.save(logits[..., :vocab].clone(), os.path.join(result_dir, f"{name}_{label}.pt"))
             if label == "tp2":
-                # What Megatron-LM writes: the model's sharded state dict + args in
-                # common.pt; fc1 in the "singleton" _w/_v layout for Qwen2 to cover it.
-                out = os.path.join(result_dir, f"{name}_mlm", "iter_0000007")
+                # What Megatron-LM writes, by its own code: generate_state_dict's model
+                # sharded state dict + args / checkpoint_version / iteration in the common
+                # state, at get_checkpoint_name's iter_NNNNNNN, then the tracker; fc1 in the
+                # "singleton" _w/_v layout for Qwen2 to cover it.
+                from megatron.training import checkpointing as mlm
+
+                save = os.path.join(result_dir, f"{name}_mlm")
+                mlm_args = argparse.Namespace(
+                    **{**vars(args), "ckpt_format": "torch_dist", "no_save_optim": True, "no_save_rng": True}
+                )
+                md = {"singleton_local_shards": name == "qwen2"}
+                sd = mlm.generate_state_dict(
+                    mlm_args, [model], None, None, None, iteration=7, model_sd_kwargs={"metadata": md}
+                )
+                out = mlm.get_checkpoint_name(save, 7, return_base_dir=True)
                 if rank == 0:
                     os.makedirs(out)
-                    with open(
-                        os.path.join(result_dir, f"{name}_mlm", "latest_checkpointed_iteration.txt"), "w"
-                    ) as f:
-                        f.write("7")
                 dist.barrier()
-                md = {"singleton_local_shards": name == "qwen2"}
-                sd = {
-                    "model": model.sharded_state_dict(metadata=md),
-                    "args": argparse.Namespace(**args.__dict__),
-                    "iteration": 7,
-                    "checkpoint_version": 3.0,
-                }
                 dist_checkpointing.save(sd, out, sharded_strategy=SyncTorchDistSaveStrategy())
+                if rank == 0:
+                    with open(mlm.get_checkpoint_tracker_filename(save), "w") as f:
+                        f.write("7")
             parallel_state.destroy_model_parallel()
         cpu_backend.uninstall()
 

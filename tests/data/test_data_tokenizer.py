@@ -32,8 +32,12 @@ def test_byte_tokenizer_is_megatron_core_bytes_with_turn_specials():
     text = "naïve  ∑ 🙂 \n "
     assert tok.tokenize(text) == list(text.encode("utf-8"))
     assert tok.detokenize(tok.tokenize(text)) == text  # lossless, unlike ids_to_text's rstrip
-    assert isinstance(tok._mc, ByteLevelTokenizer)
-    assert tok.vocab_size == 262
+    # Ids as Megatron-Core's ByteLevelTokenizer gives them with the same specials.
+    mc = ByteLevelTokenizer(special_tokens=list(tok.SPECIALS), vocab_size=256)
+    assert tok.tokenize(text) == mc.text_to_ids(text)
+    assert tok.special_ids == {s: mc.token_to_id(s) for s in tok.SPECIALS}
+    assert tok.vocab_size == mc.vocab_size == 262
+    assert tok.detokenize([*mc.text_to_ids("ok"), tok.end_of_turn], skip_special_tokens=False) == "ok<|end|>"
     specials = set(tok.special_ids.values())
     assert specials == set(range(256, 262)) and {tok.eod, tok.pad, tok.end_of_turn} <= specials
     assert len({tok.eod, tok.pad, tok.end_of_turn}) == 3
