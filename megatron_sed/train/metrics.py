@@ -11,7 +11,11 @@ on every call) and, on the rank that prints (the last one), appends per --log-in
      "top1_acc", "sed_threshold", "iter_time_ms", "tokens_per_sec",
      "skipped_iterations", "nan_iterations"}
 
-(report keys with "_" for " "; means over the interval's iterations, as Megatron's line)
+plus "mtp_1_loss", ... with --mtp-num-layers (Megatron's per-iteration MTP head losses,
+which it adds to its line's accumulators in `MTPLossLoggingHelper.track_mtp_metrics`;
+the observer wraps that too) (report keys with "_" for " "; means over the interval's
+iterations, as Megatron's line, but without the line's quirk of not resetting its
+accumulators after a job's first iteration, so the next line averages two iterations)
 and per evaluation {"iteration", "valid_lm_loss", "valid_ce_loss", ...} ("test_..." for
 the test set). Values are read once per interval (the same host sync as Megatron's
 line). Lines are flushed as written, so a killed job keeps what it logged.
@@ -27,6 +31,7 @@ from typing import Optional
 
 import megatron.training.training as loop
 import torch
+from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 from megatron.training import get_args
 
 
@@ -57,16 +62,37 @@ class _Interval:
         self.nan = 0
         self.start = time.perf_counter()
 
-    def add(self, loss_dict: dict, skipped: int) -> None:
+    def add(self, loss_dict: dict, skipped: int, extra: Optional[dict] = None) -> None:
         if skipped:
             self.skipped += 1
             values = [float(v.float().sum()) for v in loss_dict.values()]
             self.nan += int(any(not math.isfinite(v) for v in values))
             return
         self.iterations += 1
-        for k, v in loss_dict.items():
+        for k, v in {**loss_dict, **(extra or {})}.items():
             v = v.detach().float().reshape(-1)[:1]
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+
+
+def _capture_mtp_losses(into: dict) -> None:
+    """Wrap Megatron's `MTPLossLoggingHelper.track_mtp_metrics` (called from training_log
+    with the line's accumulators, after reducing the heads' losses over the data-parallel
+    ranks) so that this iteration's {"mtp_1 loss": tensor, ...} land in `into`: the
+    wrapped function gets an empty dict, from which the observer reads the per-iteration
+    losses, then adds them to the line's accumulators as Megatron does. No collective of
+    its own, so wrapping it on the last rank only is safe."""
+    plain = MTPLossLoggingHelper.track_mtp_metrics
+
+    def track_mtp_metrics(loss_scale, iteration, writer, wandb_writer=None, total_loss_dict=None):
+        mine: dict = {}
+        plain(loss_scale, iteration, writer, wandb_writer, mine)
+        into.clear()
+        into.update(mine)
+        if total_loss_dict is not None:
+            for name, loss in mine.items():
+                total_loss_dict[name] = total_loss_dict.get(name, torch.zeros_like(loss)) + loss
+
+    MTPLossLoggingHelper.track_mtp_metrics = staticmethod(track_mtp_metrics)
 
 
 def install_metrics_observer(path: Optional[str]) -> None:
@@ -79,6 +105,8 @@ def install_metrics_observer(path: Optional[str]) -> None:
         return
     out = MetricsFile(path)
     state = {"interval": _Interval(), "eval_iteration": None, "eval_prefix": ""}
+    mtp_losses: dict = {}  # this iteration's, filled while Megatron's training_log runs
+    _capture_mtp_losses(mtp_losses)
     plain_log, plain_eval_print, plain_evaluate = (
         loop.training_log,
         loop.evaluate_and_print_results,
@@ -97,10 +125,23 @@ def install_metrics_observer(path: Optional[str]) -> None:
         *rest,
         **kw,
     ):
+        mtp_losses.clear()
+        result = plain_log(
+            loss_dict,
+            total_loss_dict,
+            learning_rate,
+            iteration,
+            loss_scale,
+            report_memory_flag,
+            skipped_iter,
+            grad_norm,
+            *rest,
+            **kw,
+        )
         if out is not None:
             args = get_args()
             st = state["interval"]
-            st.add(loss_dict, skipped_iter)
+            st.add(loss_dict, skipped_iter, mtp_losses)
             if iteration % args.log_interval == 0 or iteration == args.train_iters:
                 elapsed = time.perf_counter() - st.start
                 n = max(1, st.iterations + st.skipped)
@@ -119,18 +160,7 @@ def install_metrics_observer(path: Optional[str]) -> None:
                 record["nan_iterations"] = st.nan
                 out.write(record)
                 state["interval"] = _Interval()
-        return plain_log(
-            loss_dict,
-            total_loss_dict,
-            learning_rate,
-            iteration,
-            loss_scale,
-            report_memory_flag,
-            skipped_iter,
-            grad_norm,
-            *rest,
-            **kw,
-        )
+        return result
 
     def evaluate(*a, **kw):
         result = plain_evaluate(*a, **kw)

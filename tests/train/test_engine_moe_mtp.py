@@ -4,7 +4,8 @@ From the converted tiny Qwen3-MoE (QK-norm, 4 experts, top-2; tests/helpers/hf.p
 expert-parallel 1 and 2 give the same losses; a checkpoint saved at EP 1 resumes at EP 2
 (a requeued job on another layout) with the uninterrupted run's losses; eval rebuilds the
 trained model from the checkpoint and export writes a Qwen3-MoE that transformers runs to
-the same logits. Multi-token prediction trains at TP 1 and TP 2, and its heads keep
+the same logits. Multi-token prediction trains at TP 1 and TP 2 (a TP 1 checkpoint
+resumed at TP 2 continues the uninterrupted run, MTP loss included), and its heads keep
 Megatron's CE: their loss is the same under --loss-type ce and sed.
 """
 
@@ -167,22 +168,28 @@ def mtp_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mtp")
     base = [*TINY_MODEL, *RUN, *synthetic_flags(tmp), "--train-iters", "3", "--mtp-num-layers", "1"]
     sed = ["--loss-type", "sed", "--sed-threshold", "0.9"]
-    return dict(
+    ckpt = tmp / "mtp_sed_ckpt"
+    runs = dict(
         ce=train(tmp, "mtp_ce", 1, [*base, "--loss-type", "ce"]),
-        sed=train(tmp, "mtp_sed", 1, [*base, *sed]),
-        sed_tp2=train(tmp, "mtp_sed_tp2", 2, [*base, *sed, "--tensor-model-parallel-size", "2"]),
+        sed=train(tmp, "mtp_sed", 1, [*base, *sed, "--save", str(ckpt), "--save-interval", "1"]),
     )
+    # the TP 1 checkpoint of iteration 1 resumed at TP 2, at the same padded vocabulary
+    # (the padding multiple is --make-vocab-size-divisible-by x TP): MTP at TP 2
+    tp2 = [*base, *sed, "--tensor-model-parallel-size", "2", "--make-vocab-size-divisible-by", "64"]
+    runs["sed_tp2"] = train(tmp, "mtp_sed_tp2", 2, [*tp2, "--load", str(ckpt), "--ckpt-step", "1"])
+    return runs
 
 
 def test_mtp_trains_at_tp1_and_tp2(mtp_runs):
-    """The MTP block is built and trained at both sizes: Megatron logs its loss every
-    iteration and it falls. (TP 1 and TP 2 start from different random weights here, so
-    their values are not compared.)"""
-    for name in ("sed", "sed_tp2"):
-        mtp = _mtp_losses(mtp_runs[name])
-        assert sorted(mtp) == [1, 2, 3], (name, mtp)
-        assert all(math.isfinite(v) for v in mtp.values()) and mtp[3] < mtp[1], (name, mtp)
-        assert "Number of parameters in mtp block" in mtp_runs[name].log
+    """The MTP block is built and trained at both sizes (TP 2 resuming the TP 1 run's
+    iteration 1): Megatron logs its loss every iteration, the metrics file too, and it
+    falls."""
+    for name, its in (("sed", [1, 2, 3]), ("sed_tp2", [2, 3])):
+        run = mtp_runs[name]
+        assert sorted(_mtp_losses(run)) == its, (name, run.log[-2000:])
+        mtp = run.series("mtp_1_loss")
+        assert len(mtp) == len(its) and all(map(math.isfinite, mtp)) and mtp[-1] < mtp[0], (name, mtp)
+        assert "Number of parameters in mtp block" in run.log
 
 
 def test_mtp_heads_keep_megatron_ce_under_sed(mtp_runs):
@@ -194,3 +201,23 @@ def test_mtp_heads_keep_megatron_ce_under_sed(mtp_runs):
     assert main_sed["sed_reg"] > 1e-3 and main_sed["lm_loss"] > main_ce["lm_loss"] + 1e-3
     # what an MTP head with SED would have printed: CE + the regulariser, far off
     assert abs(sed[1] - ce[1]) < 0.01 * main_sed["sed_reg"]
+
+
+def test_mtp_checkpoint_resumes_at_tp2_with_the_uninterrupted_losses(mtp_runs):
+    """A TP 1 MTP checkpoint (iteration 1) resumed at TP 2 continues the uninterrupted TP 1
+    run: main and MTP losses and grad norms per iteration. The metrics file carries
+    Megatron's per-iteration `mtp_1 loss` (its training line is no reference after a
+    start: Megatron does not reset its accumulators after a job's first iteration, so the
+    line of iteration 2 averages iterations 1 and 2, about 1e-2 away from a job resumed
+    at 1, whose first line is iteration 2 alone)."""
+    straight, resumed = mtp_runs["sed"], mtp_runs["sed_tp2"]
+    assert [r["iteration"] for r in resumed.records] == [2, 3]
+    keys = ("lm_loss", "ce_loss", "sed_reg", "grad_norm", "mtp_1_loss")
+    worst = assert_close(straight, resumed, keys, atol=1e-5, iterations=[2, 3])
+    print(f"MTP TP 1 -> TP 2 resume vs uninterrupted TP 1: max |diff| {worst:.2e}")
+    # the metrics file's value is the line's where the line's window is one iteration
+    line, rec = _mtp_losses(straight), straight.by_iteration()
+    for it in (1, 3):
+        assert rec[it]["mtp_1_loss"] == pytest.approx(line[it], abs=1e-5), (it, rec[it], line[it])
+    assert line[2] == pytest.approx((rec[1]["mtp_1_loss"] + rec[2]["mtp_1_loss"]) / 2, abs=1e-5)
+    assert _mtp_losses(resumed)[2] == pytest.approx(rec[2]["mtp_1_loss"], abs=1e-5)
