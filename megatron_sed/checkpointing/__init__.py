@@ -5,6 +5,9 @@
 - `TorchDistReader`: read (parts of) tensors of a torch_dist checkpoint without a process
   group, e.g. one layer at a time.
 - `single_process_group`: a world-size-1 gloo group for offline tools.
+- `layout` (megatron_sed.checkpointing.layout): where things live in a checkpoint
+  directory (tracker file, iter_NNNNNNN, release), `CHECKPOINT_VERSION`, and the one
+  `--iteration` / `--ckpt-step` resolver `resolve_dist_ckpt_dir`.
 """
 
 from megatron_sed.checkpointing.process_group import single_process_group

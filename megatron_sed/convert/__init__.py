@@ -1,4 +1,4 @@
-"""HF Llama / Qwen2 <-> Megatron-Core dist checkpoints (see docs/convert.md).
+"""HF Llama / Qwen2 / Qwen3 / Qwen3-MoE <-> Megatron-Core dist checkpoints (see docs/convert.md).
 
 from megatron_sed.convert import convert_hf_to_mcore, convert_mcore_to_hf
 """
