@@ -27,13 +27,14 @@ import functools
 import inspect
 import signal
 from collections.abc import Callable
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from megatron.core.optimizer import distrib_optimizer
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
-from megatron_sed.calibration.runtime import SEDRuntime
+if TYPE_CHECKING:  # a leaf module: what the hooks call is handed to apply()
+    from megatron_sed.calibration.runtime import SEDRuntime
 
 # On each wrapper: the Megatron function it wraps (a re-apply wraps that one again).
 _PLAIN_ATTR = "_megatron_sed_plain"
@@ -158,7 +159,7 @@ def _checkpoint_writer_ignores_exit_signal(args) -> None:
 
     megatron-core 0.19.2: filesystem_async.get_write_results_queue. Drop it when Megatron
     creates the manager with the exit signals blocked (test:
-    tests/slurm/test_slurm_cpu_example.py preempts a job mid-run)."""
+    tests/slurm/test_slurm_two_node_sed.py preempts a job mid-run and requeues it)."""
     if not getattr(args, "exit_signal_handler", False):
         return
     from megatron.core.dist_checkpointing.strategies.filesystem_async import (  # noqa: PLC0415 (megatron-core >= 0.19)
