@@ -41,11 +41,11 @@ from megatron_sed.ops.stats import SEDStats
 
 def calibration_config(args) -> SEDConfig:
     """What the calibration forwards compute with: the statistics at the recipe's top-k
-    (--sed-calibration), the run's kernel options (the fused output layer included), no
-    regulariser (their loss is not used)."""
+    (--sed-calibration), the run's loss implementation and kernel options (the fused output layer
+    included), no regulariser (their loss is not used)."""
+    run = sed_config_from_args(args)
     k = recipe_from_args(args).top_k
-    kernel = sed_config_from_args(args).kernel
-    return SEDConfig(coef=0.0, top_k=k, threshold=1.0, mask="topk_mass", kernel=kernel)
+    return SEDConfig(coef=0.0, top_k=k, threshold=1.0, mask="topk_mass", impl=run.impl, kernel=run.kernel)
 
 
 class SEDRuntime:
