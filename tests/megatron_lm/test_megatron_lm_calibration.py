@@ -198,7 +198,6 @@ def _worker(rank, world_size, tp, save):
     mlm = _PretrainGPT(args)
     model = _build_model()
     model.train()
-    megatron_lm._logged = False
     steps = -(-NUM_SAMPLES // (dp * MBS))
     train_batch = torch.utils.data.default_collate([_HeldOut(MBS)[i] for i in range(MBS)])
     out, _ = mlm.forward_step(iter([train_batch]), model)  # calibrates, then the training forward
