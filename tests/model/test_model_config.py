@@ -96,3 +96,27 @@ def test_gpu_run_args_rebuilt_on_the_cpu_get_the_cpu_rules():
         assert getattr(cfg, name) is False, name
     assert not cfg.bias_dropout_fusion and not cfg.apply_rope_fusion and not cfg.persist_layer_norm
     assert saved.gradient_accumulation_fusion is True  # the caller's namespace is untouched
+
+
+@needs_megatron_training
+def test_a_parallel_runs_args_rebuild_in_one_process():
+    """eval / export / RL rebuild a checkpoint saved at any layout in one process: the
+    builder reads every Megatron layout field, so eval_args must reset them all."""
+    from megatron_sed.eval.loading import eval_args
+
+    saved = tiny_model_args(
+        tensor_model_parallel_size=2,
+        pipeline_model_parallel_size=2,
+        decoder_first_pipeline_num_layers=1,
+        context_parallel_size=2,
+        sequence_parallel=True,
+        expert_model_parallel_size=2,
+        hidden_dropout=0.1,
+        fp8="hybrid",
+        gradient_accumulation_fusion=True,
+    )
+    cfg = transformer_config_from_args(eval_args(saved))
+    layout = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size")
+    assert [getattr(cfg, n) for n in layout] == [1, 1, 1] and cfg.expert_model_parallel_size == 1
+    assert cfg.num_layers_in_first_pipeline_stage is None and not cfg.sequence_parallel
+    assert cfg.hidden_dropout == 0.0 and cfg.fp8 is None and not cfg.gradient_accumulation_fusion
