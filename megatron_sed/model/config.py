@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
-from megatron_sed.model.fusions import choose_fusions, real_cuda
+from megatron_sed.model import fusions
 
 # FP8 scaling defaults: TransformerConfig's own (what Megatron-LM's --fp8-amax-history-len /
 # --fp8-amax-compute-algo default to, since megatron-core 0.19 generates those flags from
@@ -77,7 +77,7 @@ def params_dtype_from_args(args) -> torch.dtype:
 def on_cpu(args) -> bool:
     """The model is built for the CPU: no real GPU here (the CPU backend is no GPU), or the
     namespace says `device="cpu"` (eval and tests on a GPU machine may ask for that)."""
-    return not real_cuda() or getattr(args, "device", None) == "cpu"
+    return not fusions.real_cuda() or getattr(args, "device", None) == "cpu"
 
 
 def apply_fusions(args, given: set) -> None:
@@ -86,7 +86,7 @@ def apply_fusions(args, given: set) -> None:
     / apex), off on the CPU backend; an explicit --no-rope-fusion /
     --no-gradient-accumulation-fusion (a dest in `given`) wins."""
     disabled = frozenset(n for n in FUSION_FLAGS if n in given and not getattr(args, n))
-    for name, on in choose_fusions(disabled).items():
+    for name, on in fusions.choose_fusions(disabled).items():
         setattr(args, name, on)
 
 
@@ -105,7 +105,7 @@ def machine_settings(args) -> dict:
         disabled.add("apply_rope_fusion")
     if not getattr(args, "gradient_accumulation_fusion", False):
         disabled.add("gradient_accumulation_fusion")
-    return choose_fusions(frozenset(disabled))
+    return fusions.choose_fusions(frozenset(disabled))
 
 
 def parse_megatron_args(argv: Sequence[str], extra_args_provider=None, prog: str = "megatron-sed"):
@@ -187,7 +187,7 @@ def _config_without_megatron_training(args: argparse.Namespace, settings: dict) 
     fields the plugin's models use (megatron-core 0.16.1 ships no megatron.training)."""
     dtype = params_dtype_from_args(args)
     swiglu = bool(getattr(args, "swiglu", False))
-    fusions = {n: settings.get(n, False) for n in FUSION_FLAGS}
+    kernel_fusions = {n: settings.get(n, False) for n in FUSION_FLAGS}
     heads = args.num_attention_heads
     groups = args.num_query_groups if getattr(args, "group_query_attention", False) else heads
     kwargs = dict(
@@ -223,7 +223,7 @@ def _config_without_megatron_training(args: argparse.Namespace, settings: dict) 
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         bias_dropout_fusion=settings.get("bias_dropout_fusion", True),
-        **fusions,
+        **kernel_fusions,
         cross_entropy_loss_fusion=False,
         deallocate_pipeline_outputs=not on_cpu(args),
     )
