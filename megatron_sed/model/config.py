@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import sys
 from collections.abc import Sequence
 from typing import Optional
@@ -125,10 +126,10 @@ def parse_megatron_args(argv: Sequence[str], extra_args_provider=None, prog: str
 @functools.lru_cache(maxsize=1)
 def _megatron_defaults() -> Optional[dict]:
     """Megatron's parser defaults ({dest: value}), None without megatron.training."""
-    try:
-        from megatron.training.arguments import add_megatron_arguments  # noqa: PLC0415 (absent on megatron-core < 0.19)
-    except ImportError:
+    if importlib.util.find_spec("megatron.training") is None:
         return None
+    from megatron.training.arguments import add_megatron_arguments  # noqa: PLC0415 (absent on megatron-core < 0.19)
+
     parser = add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False))
     return vars(parser.parse_known_args([])[0])
 
