@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
-import torch
-from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_decoder_block_spec,
@@ -15,23 +13,9 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.transformer import TransformerConfig
 
+from megatron_sed.backend.rotary import make_rotary_cpu_safe
 from megatron_sed.model.config import padded_vocab_size, transformer_config_from_args
 from megatron_sed.model.specs import TRANSFORMER_IMPLS, default_transformer_impl, get_te_layer_spec, localize
-
-
-class CPURotaryEmbedding(RotaryEmbedding):
-    """RotaryEmbedding that keeps `inv_freq` on CPU when there is no GPU (upstream moves
-    it to torch.cuda.current_device() on first use)."""
-
-    def get_emb(self, max_seq_len: int, offset: int = 0):
-        if torch.cuda.is_available():
-            return super().get_emb(max_seq_len, offset)
-        freqs = self.get_freqs_non_repeated(max_seq_len, offset)
-        if not self.rotary_interleaved:
-            emb = torch.cat((freqs, freqs), dim=-1)
-        else:
-            emb = torch.stack((freqs.view(-1, 1), freqs.view(-1, 1)), dim=-1).view(freqs.shape[0], -1)
-        return emb[:, None, None, :]
 
 
 class SEDGPTModel(GPTModel):
@@ -43,8 +27,7 @@ class SEDGPTModel(GPTModel):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if type(getattr(self, "rotary_pos_emb", None)) is RotaryEmbedding:
-            self.rotary_pos_emb.__class__ = CPURotaryEmbedding  # same state, CPU-safe get_emb
+        make_rotary_cpu_safe(self)  # the CPU stand-in lives with the CPU backend
 
 
 def decoder_spec(config: TransformerConfig, transformer_impl: str, vp_stage=None):
