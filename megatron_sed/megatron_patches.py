@@ -7,6 +7,8 @@ file: megatron_sed.train.metrics; the log lines: megatron_sed.train.log_lines). 
 backend (megatron_sed.backend.cpu) is the other place that changes what Megatron sees:
 torch.cuda on a machine without a GPU, installed and undone there.
 
+    extend_megatron_parser(...) megatron-sed-train's changes to Megatron's own arguments
+                                (its extra_args_provider)
     apply(args, runtime, ...)   megatron-sed-train's patches, before pretrain()
     check_after_parsing(...)    the Megatron-LM glue's one patch (its extra_args_provider)
 
@@ -214,6 +216,60 @@ def _reparse_with_plugin_flags(arguments, trainer_args: Callable, undo: list) ->
         return parse_args
 
     _wrap(arguments, "parse_args", make, undo)
+
+
+# -- Megatron's parser (megatron-sed-train's extra_args_provider calls this) ---------------
+
+
+def extend_megatron_parser(parser: argparse.ArgumentParser, tokenizer_aliases: tuple = ()) -> None:
+    """The changes megatron-sed-train makes to Megatron's own arguments (its
+    extra_args_provider hands us Megatron's parser; each change is below)."""
+    for action in parser._actions:
+        if action.dest == "tokenizer_type" and action.choices is not None:
+            _accept_tokenizer_aliases(action, tokenizer_aliases)
+        if action.dest == "cross_entropy_fusion_impl" and action.choices is not None:
+            _add_linear_cross_entropy_fusion(action)
+    _default_eval_interval(parser)
+    _escape_bare_percent(parser)
+
+
+def _accept_tokenizer_aliases(action: argparse.Action, aliases: tuple) -> None:
+    """--tokenizer-type: Megatron's choices, plus megatron-sed's older names for the same
+    tokenizers (megatron_sed.train.arguments maps them), so existing launch scripts keep
+    working. Stays as long as those names are supported."""
+    action.choices = tuple(action.choices) + tuple(a for a in aliases if a not in action.choices)
+
+
+def _add_linear_cross_entropy_fusion(action: argparse.Action) -> None:
+    """--cross-entropy-fusion-impl: megatron-core 0.19.2 offers native and te; megatron-sed
+    adds `linear`, its output layer fused with the loss (megatron_sed.model.fused_output).
+    A megatron-core with its own `linear` (its dev branch: CE only, Blackwell only) keeps
+    the choice, and the plugin's path still runs, since Megatron's would bypass SED."""
+    if "linear" not in action.choices:
+        action.choices = tuple(action.choices) + ("linear",)
+    action.help = (action.help or "") + " linear: megatron-sed fuses the output layer with the loss."
+
+
+def _default_eval_interval(parser: argparse.ArgumentParser) -> None:
+    """megatron-core 0.19.2's parser has no --eval-interval default, and pretrain() then
+    fails sizing the validation set; Megatron-LM's long-standing default is 1000. Drop
+    when megatron.training sets one."""
+    parser.set_defaults(eval_interval=1000)
+
+
+def _escape_bare_percent(parser: argparse.ArgumentParser) -> None:
+    """argparse formats every help text with `help % params`; a literal '%' that is not
+    '%%' (megatron-core 0.19.2's --moe-paged-stash-buffer-size-factor-cuda has one) makes
+    --help fail. Escape the '%' of any help text that does not format. Drop when
+    megatron.training's help texts all format."""
+    for action in parser._actions:
+        if not isinstance(action.help, str) or "%" not in action.help:
+            continue
+        params = dict(vars(action), prog=parser.prog)
+        try:
+            action.help % params
+        except (ValueError, TypeError, KeyError):
+            action.help = action.help.replace("%", "%%")
 
 
 def check_after_parsing(

@@ -27,6 +27,7 @@ import torch
 from megatron.training.arguments import validate_args
 from megatron.training.global_vars import set_global_variables
 
+from megatron_sed import megatron_patches
 from megatron_sed.backend import cpu as cpu_backend
 from megatron_sed.flags import ArgumentError, add_sed_args, validate_sed_args
 from megatron_sed.model.config import CPU_MODEL_SETTINGS, apply_fusions, parse_megatron_args
@@ -112,36 +113,12 @@ def add_trainer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         default=None,
         help="Where the built-in synthetic set is preprocessed (default: a temp dir).",
     )
-    for action in parser._actions:  # accept megatron-sed's older tokenizer names too
-        if action.dest == "tokenizer_type" and action.choices is not None:
-            action.choices = tuple(action.choices) + tuple(TOKENIZER_ALIASES)
-        # the output layer fused with the loss (megatron_sed.ops.fused_linear_sed); a
-        # megatron-core with its own 'linear' would bypass SED: the plugin's path runs
-        if action.dest == "cross_entropy_fusion_impl" and action.choices is not None:
-            if "linear" not in action.choices:
-                action.choices = tuple(action.choices) + ("linear",)
-            action.help = (action.help or "") + " linear: megatron-sed fuses the output layer with the loss."
-    # megatron-core 0.19 has no --eval-interval default and then fails sizing the
-    # validation set; Megatron-LM's long-standing default:
-    parser.set_defaults(eval_interval=1000)
+    # what megatron-sed changes in Megatron's own arguments (choices it adds, a default,
+    # help texts that format): megatron_sed.megatron_patches, with the reasons
+    megatron_patches.extend_megatron_parser(parser, tokenizer_aliases=tuple(TOKENIZER_ALIASES))
     if cpu_backend.is_active():
         parser.set_defaults(**CPU_DEFAULTS)
-    escape_bare_percent(parser)
     return parser
-
-
-def escape_bare_percent(parser: argparse.ArgumentParser) -> None:
-    """argparse formats every help text with `help % params`; a literal '%' that is not
-    '%%' (megatron-core 0.19.2's --moe-paged-stash-buffer-size-factor-cuda has one) makes
-    --help fail. Escape the '%' of any help text that does not format."""
-    for action in parser._actions:
-        if not isinstance(action.help, str) or "%" not in action.help:
-            continue
-        params = dict(vars(action), prog=parser.prog)
-        try:
-            action.help % params
-        except (ValueError, TypeError, KeyError):
-            action.help = action.help.replace("%", "%%")
 
 
 def given_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set:
