@@ -176,19 +176,17 @@ def grad_in_forward_fits(num_tokens: int, weight: torch.Tensor, into_main_grad: 
     return 8 * buffer_bytes <= materialised_bytes
 
 
-def _upstream_scale(grad_loss: torch.Tensor, hint: torch.Tensor) -> Optional[torch.Tensor]:
-    """The scalar c with grad_loss == c * hint (a 0-dim tensor), or None where the upstream
-    gradient is not proportional to the hint. One host sync: the price of knowing that
-    the gradient computed in the forward is the right one."""
+def _upstream_scale(grad_loss: torch.Tensor, hint: torch.Tensor) -> Optional[float]:
+    """The scalar c with grad_loss == c * hint, or None where the upstream gradient is not
+    proportional to the hint. One host sync: the price of knowing that the gradient
+    computed in the forward is the right one."""
     g = grad_loss.reshape(-1).to(hint.dtype)
     anchor = hint.abs().argmax()
-    c = torch.where(
-        hint[anchor] != 0, g[anchor] / hint[anchor], torch.zeros((), dtype=hint.dtype, device=g.device)
-    )
-    residual = (g - c * hint).abs().max()
-    if bool(residual <= 1e-6 * g.abs().max()):
-        return c
-    return None
+    zero = torch.zeros((), dtype=hint.dtype, device=g.device)
+    c = torch.where(hint[anchor] != 0, g[anchor] / hint[anchor], zero)
+    proportional = (g - c * hint).abs().max() <= 1e-6 * g.abs().max()
+    c, proportional = torch.stack([c, proportional.to(c.dtype)]).tolist()
+    return c if proportional else None
 
 
 _fallback_said = False
@@ -334,14 +332,14 @@ class FusedLinearSED(torch.autograd.Function):
             c = _upstream_scale(grad_loss, hint)
             if c is not None:
                 if ctx.into_main_grad:
-                    weight.main_grad.add_(acc, alpha=c.item())
+                    weight.main_grad.add_(acc, alpha=c)
                     return (
-                        grad_x.mul_(c.to(grad_x.dtype)),
+                        grad_x.mul_(c),
                         _weight_grad(weight, weight.main_grad, True),
                     ) + nones
                 if grad_x.dtype == torch.float64:  # the gradcheck dtype: saved tensors stay intact
                     return (grad_x * c, _weight_grad(weight, acc * c, False)) + nones
-                return (grad_x.mul_(c.to(grad_x.dtype)), _weight_grad(weight, acc.mul_(c), False)) + nones
+                return (grad_x.mul_(c), _weight_grad(weight, acc.mul_(c), False)) + nones
             _say_fallback()
         group, world_size, cfg = ctx.group, ctx.world_size, ctx.cfg
         sp = ctx.sequence_parallel and world_size > 1
