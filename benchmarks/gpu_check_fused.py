@@ -1,4 +1,4 @@
-"""The GPU check's `fused` section: the output layer fused with the SED loss
+"""The GPU check's `fused` rows: the output layer fused with the SED loss
 (megatron_sed.ops.fused_linear_sed) on the device.
 
 - exactness: bf16 and fp32, fused vs materialised (output layer GEMM + SED op) vs the
@@ -14,6 +14,13 @@ from __future__ import annotations
 
 import statistics
 import time
+from functools import partial
+
+from gpu_check_registry import FAIL, Check, Context, Outcome, info, skip, verdict
+
+# the tolerances of tests/ops/test_fused_linear_sed.py: loss (absolute), dX and dW
+# (relative to their max)
+EXACT_TOL = {"bf16": (2e-5, 2e-2), "fp32": (2e-5, 1e-5)}
 
 
 def shapes(dry: bool):
@@ -29,6 +36,16 @@ def exact_shape(dry: bool):
 
 def timing_methods() -> list[str]:
     return ["materialised_sed", "fused_sed", "fused_sed_chunk_x4", "megatron_ce", "liger_flce"]
+
+
+def checks(dry_run: bool) -> list[Check]:
+    out = [Check("fused", f"exact {dname}", partial(exact_row, dname=dname)) for dname in EXACT_TOL]
+    out += [
+        Check("fused", f"{t} x {v} x {h} {m}", partial(timing_row, shape=(t, v, h), method=m))
+        for t, v, h in shapes(dry_run)
+        for m in timing_methods()
+    ]
+    return out
 
 
 def check_exact(device, dtype, dry):
@@ -53,7 +70,7 @@ def check_exact(device, dtype, dry):
     def run(fused):
         xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
         if fused:
-            loss, stats = fused_linear_sed_loss(xi, wi, t, cfg)
+            loss, stats = fused_linear_sed_loss(hidden=xi, weight=wi, target=t, cfg=cfg)
         else:
             loss, stats = vocab_parallel_sed_loss(xi @ wi.t(), t, cfg)
         (loss * gr).sum().backward()
@@ -107,9 +124,13 @@ def build(device, tp_group):
     cfg = SEDConfig(coef=1.0, top_k=2, threshold=0.95)
     methods = {
         "materialised_sed": lambda x, w, t: vocab_parallel_sed_loss(x @ w.t(), t, cfg)[0],
-        "fused_sed": lambda x, w, t: fused_linear_sed_loss(x, w, t, cfg)[0],
+        "fused_sed": lambda x, w, t: fused_linear_sed_loss(hidden=x, weight=w, target=t, cfg=cfg)[0],
         "fused_sed_chunk_x4": lambda x, w, t: fused_linear_sed_loss(
-            x, w, t, cfg, chunk_tokens=4 * default_chunk_tokens(t.numel(), w.shape[0])
+            hidden=x,
+            weight=w,
+            target=t,
+            cfg=cfg,
+            chunk_tokens=4 * default_chunk_tokens(t.numel(), w.shape[0]),
         )[0],
     }
     try:
@@ -160,3 +181,44 @@ def time_shape(device, tokens, vocab, hidden, iters, warmup):
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return out
+
+
+# -- rows -------------------------------------------------------------------------------
+
+
+def exact_row(ctx: Context, dname: str) -> Outcome:
+    import torch
+
+    r = check_exact(ctx.device, {"bf16": torch.bfloat16, "fp32": torch.float32}[dname], ctx.dry_run)
+    loss_tol, grad_tol = EXACT_TOL[dname]
+    ok = r["loss"] <= loss_tol and r["dx"] <= grad_tol and r["dw"] <= grad_tol
+    return verdict(
+        ok,
+        f"dW {r['dw']:.1e}",
+        f"vs float64: loss {r['loss']:.1e} dX {r['dx']:.1e} dW {r['dw']:.1e}; "
+        f"loss vs materialised {r['vs_materialised']:.1e}",
+    )
+
+
+def timing_row(ctx: Context, shape: tuple[int, int, int], method: str) -> Outcome:
+    def time_all():
+        import gpu_loss_bench as B
+
+        B.init_megatron_tp1(ctx.device)  # Megatron's CE reads its TP group from parallel_state
+        return time_shape(ctx.device, *shape, ctx.iters, ctx.warmup)
+
+    results = ctx.once(("fused timing", shape), time_all)  # every method of the shape, once
+    r = results.get(method, "skipped: not built")
+    if isinstance(r, str):
+        return Outcome(FAIL, "", r) if r.startswith("error") else skip(r)
+    tokens, vocab, _ = shape
+    base = results.get("materialised_sed")
+    ratio = r[0] / base[0] if isinstance(base, tuple) else float("nan")
+    ms, peak = r
+    detail = (
+        f"{ratio:.2f} x materialised SED; peak {peak / float(1 << 30):.2f} GiB = "
+        f"{peak / (2 * tokens * vocab * 2):.3f} x bf16 (logits+grad)"
+    )
+    if method == "fused_sed" and ctx.device.type == "cuda":
+        return verdict(ratio <= 1.1, f"{ms:.1f} ms", detail)  # the issue's GPU target
+    return info(f"{ms:.1f} ms", detail)

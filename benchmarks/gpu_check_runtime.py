@@ -1,4 +1,5 @@
-"""gpu_check parts 3 and 4: no host syncs on the GPU, and megatron-sed-train on the GPU.
+"""The GPU check's trainer runtime: the `syncs` rows (no host syncs), the `engine` rows
+(megatron-sed-train on the device) and the `kernels` row of the THD context-parallel split.
 
 Host syncs: torch.cuda.set_sync_debug_mode("error") (on CPU, the dry run uses the
 TorchFunctionMode stand-in of tests/helpers/host_sync.py) around an SED forward/backward
@@ -12,18 +13,55 @@ synthetic set: 3 iterations --bf16 (saving a checkpoint), 3 iterations --fp16, a
 --finetune from that checkpoint with --lr 0, whose validation loss must equal the saved
 model's (the weights do not move); --fp8-format hybrid only where Transformer Engine
 imports.
+
+THD split: megatron_sed's torch split of packed samples under context parallelism
+against Transformer Engine's tex.thd_get_partitioned_indices.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import tempfile
+import time
+from functools import partial
 from pathlib import Path
 
 import torch
+from gpu_check_registry import FAIL, PASS, Check, Context, Outcome, skip, verdict
 
 from megatron_sed import SEDConfig, vocab_parallel_sed_loss
 from megatron_sed.calibration import ThresholdEMA
+
+
+def checks(dry_run: bool) -> list[Check]:
+    return [
+        Check("kernels", "THD CP split = TE's", thd_partition_row),
+        Check("syncs", "SED fwd+bwd triton, fixed tau", without_syncs(sed_step, "triton", False)),
+        Check("syncs", "SED fwd+bwd triton, tensor tau", without_syncs(sed_step, "triton", True)),
+        Check("syncs", "SED fwd+bwd torch, fixed tau", without_syncs(sed_step, "torch", False)),
+        Check("syncs", "EMA tracker step", without_syncs(ema_step)),
+        Check("syncs", "tiny GPTModel training step, fixed tau", without_syncs(model_step)),
+        Check("engine", "bf16 train + save", bf16_row),
+        Check("engine", "fp16 train", fp16_row),
+        Check("engine", "finetune --lr 0", finetune_row),
+        Check("engine", "fp8 hybrid", fp8_row),
+    ]
+
+
+# -- host syncs -----------------------------------------------------------------------
+
+
+def without_syncs(step, *args):
+    """The check that `step(device, *args)` runs without a host sync (one raises: a FAIL
+    row saying where, written by the runner)."""
+    return partial(sync_row, step=step, args=args)
+
+
+def sync_row(ctx: Context, step, args) -> Outcome:
+    step(ctx.device, *args)
+    how = 'set_sync_debug_mode("error")' if ctx.device.type == "cuda" else "CPU stand-in (TorchFunctionMode)"
+    return Outcome(PASS, "no sync", how)
 
 
 @contextlib.contextmanager
@@ -104,8 +142,8 @@ def model_step(device):
 # -- THD context-parallel split --------------------------------------------------------
 
 
-def thd_partition_check(device) -> tuple[str, str, str]:
-    """(result, value, detail): megatron_sed's torch THD split (the one the trainer uses
+def thd_partition_row(ctx: Context) -> Outcome:
+    """megatron_sed's torch THD split (the one the trainer uses
     for packed samples under context parallelism) against Transformer Engine's
     tex.thd_get_partitioned_indices, for random samples padded to 2 x CP, CP 2 / 4 / 8,
     every rank. Without TE: SKIP, after checking that the torch split puts every token on
@@ -116,6 +154,7 @@ def thd_partition_check(device) -> tuple[str, str, str]:
         import transformer_engine_torch as tex
     except ImportError:
         tex = None
+    device = ctx.device
     g = torch.Generator().manual_seed(0)
     cases = 0
     for cp in (2, 4, 8):
@@ -124,16 +163,18 @@ def thd_partition_check(device) -> tuple[str, str, str]:
         total = int(cu[-1])
         ours = [thd_partition_indices(cu.to(device), total, cp, r) for r in range(cp)]
         if sorted(torch.cat(ours).tolist()) != list(range(total)):
-            return "FAIL", f"CP {cp}", "the torch split does not put every token on one rank"
+            return Outcome(FAIL, f"CP {cp}", "the torch split does not put every token on one rank")
         if tex is not None:
             for r in range(cp):
                 theirs = tex.thd_get_partitioned_indices(cu.to(device), total, cp, r)
                 if not torch.equal(ours[r], theirs.to(ours[r].dtype)):
-                    return "FAIL", f"CP {cp} rank {r}", "differs from tex.thd_get_partitioned_indices"
+                    return Outcome(FAIL, f"CP {cp} rank {r}", "differs from tex.thd_get_partitioned_indices")
                 cases += 1
     if tex is None:
-        return "SKIP", "", "transformer_engine_torch not importable (the torch split covers every token once)"
-    return "PASS", f"{cases} ranks", "equal to tex.thd_get_partitioned_indices, CP 2/4/8, 12 samples each"
+        return skip("transformer_engine_torch not importable (the torch split covers every token once)")
+    return Outcome(
+        PASS, f"{cases} ranks", "equal to tex.thd_get_partitioned_indices, CP 2/4/8, 12 samples each"
+    )
 
 
 # -- engine ---------------------------------------------------------------------------
@@ -173,13 +214,77 @@ def finite(values) -> bool:
     return bool(values) and all(math.isfinite(v) for v in values)
 
 
-def versions(names=("megatron-core", "torch", "triton", "transformer-engine", "liger-kernel")) -> str:
-    from importlib.metadata import PackageNotFoundError, version
+ENGINE_TIMEOUT = 300  # seconds per trainer run
 
-    out = []
-    for n in names:
-        try:
-            out.append(f"{n} {version(n)}")
-        except PackageNotFoundError:
-            out.append(f"{n} -")
-    return ", ".join(out)
+
+def engine_dir(ctx: Context) -> Path:
+    return ctx.once("engine dir", lambda: Path(tempfile.mkdtemp(prefix="gpu_check_engine_")))
+
+
+def engine_iters(ctx: Context) -> str:
+    return "2" if ctx.dry_run else "3"
+
+
+def engine_run(ctx: Context, name: str, extra: list[str]):
+    """(run or None, seconds, None or the failure's last line): one trainer run of the
+    tiny model with `extra` flags."""
+    tmp = engine_dir(ctx)
+    t0 = time.time()
+    try:
+        run = run_engine(tmp, name, [*engine_flags(tmp, ctx.dry_run), *extra], ENGINE_TIMEOUT)
+        return run, time.time() - t0, None
+    except Exception as exc:  # noqa: BLE001 - a failed run is a FAIL row saying why (its last line)
+        return None, time.time() - t0, str(exc).splitlines()[-1][:200] if str(exc) else type(exc).__name__
+
+
+def bf16_run(ctx: Context):
+    """The bf16 run, which saves the checkpoint the finetune row loads: run once."""
+    iters = engine_iters(ctx)
+    ck = str(engine_dir(ctx) / "ck")
+    flags = ["--bf16", "--train-iters", iters, "--save", ck, "--save-interval", iters]
+    return ctx.once("engine bf16", lambda: engine_run(ctx, "bf16", flags))
+
+
+def trained_row(run, secs: float, err, iters) -> Outcome:
+    """PASS: the run finished with finite lm losses (`iters` of them unless None)."""
+    losses = run.series("lm_loss") if run is not None else []
+    ok = run is not None and (iters is None or len(losses) == int(iters)) and finite(losses)
+    detail = err or f"{len(losses)} iterations, lm loss {[round(x, 4) for x in losses]}"
+    return verdict(ok, f"{secs:.0f} s", detail)
+
+
+def bf16_row(ctx: Context) -> Outcome:
+    return trained_row(*bf16_run(ctx), engine_iters(ctx))
+
+
+def fp16_row(ctx: Context) -> Outcome:
+    if ctx.dry_run:
+        return skip("dry run: the bf16 run's code path with --fp16")
+    iters = engine_iters(ctx)
+    return trained_row(*engine_run(ctx, "fp16", ["--fp16", "--train-iters", iters]), iters)
+
+
+def finetune_row(ctx: Context) -> Outcome:
+    """--finetune --lr 0 from the bf16 run's checkpoint: the validation loss must not move."""
+    bf16, _, _ = bf16_run(ctx)
+    if bf16 is None:
+        return skip("no checkpoint (the bf16 run failed)")
+    flags = ["--bf16", "--load", str(engine_dir(ctx) / "ck"), "--finetune", "--lr", "0", "--min-lr", "0"]
+    ft, secs, err = engine_run(ctx, "finetune", [*flags, "--lr-warmup-iters", "0", "--train-iters", "2"])
+    if ft is None:
+        return Outcome(FAIL, f"{secs:.0f} s", err)
+    saved = [r.get("valid_lm_loss") for r in bf16.valid][-1:]
+    after = [r.get("valid_lm_loss") for r in ft.valid]
+    ok = bool(saved) and bool(after) and all(a == saved[0] for a in after)
+    return verdict(
+        ok, f"{secs:.0f} s", f"validation lm loss of the saved model {saved} vs after lr-0 steps {after}"
+    )
+
+
+def fp8_row(ctx: Context) -> Outcome:
+    if ctx.device.type != "cuda":
+        return skip("dry run on CPU")
+    if not te_available():
+        return skip("Transformer Engine does not import here")
+    flags = ["--bf16", "--fp8-format", "hybrid", "--train-iters", engine_iters(ctx)]
+    return trained_row(*engine_run(ctx, "fp8", flags), None)
