@@ -1,13 +1,13 @@
-"""Which tau a run uses, decided once and the same way by megatron-sed-train and the
-Megatron-LM glue:
+"""Which tau a run uses, decided once, by this one function, for megatron-sed-train and the
+Megatron-LM glue alike (both through megatron_sed.calibration.SEDRuntime):
 
 1. `--loss-type ce`: none (the regulariser is off; statistics are still computed);
 2. `--sed-threshold`: that tau;
 3. a resumed run (`--load` of a checkpoint at iteration > 0, not `--finetune`): the tau it
-   had when that checkpoint was saved (calibrated or EMA-tracked), from the checkpoint's
-   args (`sed_threshold_state`, which Megatron saves with every checkpoint's args);
+   had when that checkpoint was saved (calibrated or EMA-tracked), read from the args
+   Megatron saves with every checkpoint (`sed_threshold_state`), in --load at --ckpt-step;
 4. `--sed-mask-ratio`: calibrated on held-out data with the initial model
-   (megatron_sed.calibration.engine);
+   (megatron_sed.calibration.loop);
 5. otherwise megatron_sed.flags.DEFAULT_SED_THRESHOLD.
 
 The result is written back to `args.sed_threshold_state` so every checkpoint carries it.
@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from megatron_sed.checkpointing.layout import read_checkpoint_args
 from megatron_sed.flags import DEFAULT_SED_THRESHOLD
 from megatron_sed.utils.log import print_rank_0
 
@@ -51,9 +52,22 @@ def is_resumed(args) -> bool:
     )
 
 
-def resolve_threshold(args, saved: Optional[dict], calibrate: Callable) -> ThresholdState:
-    """The run's tau (see the module doc). `saved`: the `sed_threshold_state` of the
-    checkpoint being resumed (None without one); `calibrate()` -> CalibrationResult."""
+def saved_threshold_state(args) -> Optional[dict]:
+    """The `sed_threshold_state` in the args of the checkpoint a resumed run loads (None
+    when the run is not resumed, or the checkpoint cannot be read or holds none)."""
+    if not is_resumed(args):
+        return None
+    try:
+        saved = read_checkpoint_args(args.load, getattr(args, "ckpt_step", None))
+    except (FileNotFoundError, ValueError):
+        return None
+    return getattr(saved, "sed_threshold_state", None)
+
+
+def resolve_threshold(args, calibrate: Callable) -> ThresholdState:
+    """The run's tau (see the module doc); `calibrate()` -> CalibrationResult runs the
+    calibration forwards (called only for rule 4)."""
+    saved = saved_threshold_state(args) if args.loss_type == "sed" and args.sed_threshold is None else None
     if args.loss_type != "sed":
         state = ThresholdState(DEFAULT_SED_THRESHOLD, "ce")
     elif args.sed_threshold is not None:

@@ -7,7 +7,7 @@ no boolean indexing), the iteration's step is ONE all-reduce of that histogram o
 data-parallel group, and the quantile and the EMA are tensor math. tau is a 0-dim
 float64 tensor that the SED op compares against directly (SEDConfig accepts it), updated
 in place. The host reads it only through `state_dict()`: when a checkpoint is saved and
-at Megatron's log interval (megatron_sed.train.threshold)."""
+at Megatron's log interval (megatron_sed.calibration.runtime)."""
 
 from __future__ import annotations
 

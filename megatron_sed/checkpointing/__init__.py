@@ -5,6 +5,9 @@
 - `TorchDistReader`: read (parts of) tensors of a torch_dist checkpoint without a process
   group, e.g. one layer at a time.
 - `single_process_group`: a world-size-1 gloo group for offline tools.
+- `writer` (megatron_sed.checkpointing.writer): the one checkpoint writer outside
+  Megatron's loop (converter, RL, test fixtures), in the layout Megatron's save_checkpoint
+  writes: `checkpoint_state`, `write_checkpoint`.
 - `layout` (megatron_sed.checkpointing.layout): where things live in a checkpoint
   directory (tracker file, iter_NNNNNNN, release), `CHECKPOINT_VERSION`, and the one
   `--iteration` / `--ckpt-step` resolver `resolve_dist_ckpt_dir`.

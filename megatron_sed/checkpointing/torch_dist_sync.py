@@ -8,8 +8,9 @@ then saves synchronously with torch.distributed.checkpoint's plain `FileSystemWr
 The files are the same format (`.metadata`, `__<rank>_<n>.distcp`), so
 `dist_checkpointing.load` reads them like any Megatron checkpoint, at any TP/PP.
 
-Use it as `dist_checkpointing.save(sharded_sd, ckpt_dir,
-sharded_strategy=SyncTorchDistSaveStrategy())`; that call still writes common.pt and
+The project's one checkpoint writer (megatron_sed.checkpointing.writer.write_checkpoint)
+saves with it: `dist_checkpointing.save(sharded_sd, ckpt_dir,
+sharded_strategy=SyncTorchDistSaveStrategy())`, which still writes the common state and
 metadata.json itself.
 
 `planner_factory` lets a caller supply tensor data lazily (e.g. a converter that

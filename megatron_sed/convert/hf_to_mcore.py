@@ -16,20 +16,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
 from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
 from tqdm import tqdm
 
-from megatron_sed.checkpointing.layout import (
-    CHECKPOINT_VERSION,
-    HF_ASSETS,
-    MODEL_METADATA,
-    RELEASE,
-    TRACKER,
-)
+from megatron_sed.checkpointing.layout import HF_ASSETS, MODEL_METADATA, RELEASE
 from megatron_sed.checkpointing.process_group import single_process_group
 from megatron_sed.checkpointing.torch_dist_sync import SyncTorchDistSaveStrategy
+from megatron_sed.checkpointing.writer import checkpoint_state, write_checkpoint
 from megatron_sed.convert.hf_folder import CheckpointError, HFModelFolder
 from megatron_sed.convert.mapping import EXPERT_KEY, expected_hf_shapes, param_maps
 from megatron_sed.convert.shape import ModelShape, megatron_args, shape_from_hf_config
@@ -180,32 +174,25 @@ def convert_hf_to_mcore(
     )
     args = megatron_args(shape)
     with atomic_output_dir(out_dir, force=force) as tmp:
-        ckpt = tmp / RELEASE
-        ckpt.mkdir()
         sharded, producers = _build_state_dict(hf, shape, torch_dtype)
-        # Non-tensor entries go to common.pt, like Megatron-LM's own checkpoints (its
-        # --use-checkpoint-args / --finetune read `args` and `checkpoint_version`).
-        sharded = dict(
-            model=sharded,
-            args=argparse.Namespace(
-                **args, tensor_model_parallel_size=1, pipeline_model_parallel_size=1, iteration=0
-            ),
-            checkpoint_version=CHECKPOINT_VERSION,
-            iteration=0,
+        # A release checkpoint, as Megatron-LM's converters write one: its loader reads
+        # `args` and `checkpoint_version` for --use-checkpoint-args / --finetune.
+        saved = argparse.Namespace(
+            **args, tensor_model_parallel_size=1, pipeline_model_parallel_size=1, iteration=0
         )
         bar = tqdm(total=len(producers), desc="writing tensors", unit="tensor", disable=not progress)
         written = []
         with single_process_group(tmp), bar:
-            dist_checkpointing.save(
-                sharded,
-                str(ckpt),
+            write_checkpoint(
+                tmp,
+                RELEASE,
+                checkpoint_state(sharded, saved, 0),
                 sharded_strategy=SyncTorchDistSaveStrategy(
                     planner_factory=_lazy_planner_factory(producers, bar, written)
                 ),
             )
         if len(written) != len(producers):  # every tensor must come from the HF folder
             raise RuntimeError(f"wrote {len(written)} of {len(producers)} tensors")
-        (tmp / TRACKER).write_text(RELEASE)
         assets = tmp / HF_ASSETS
         assets.mkdir()
         for f in hf.tokenizer_files() + [hf.folder / "config.json"]:

@@ -38,22 +38,40 @@ def read_common_state(ckpt_dir: Path) -> dict:
     return state
 
 
+# The parallel layout a checkpoint's args may describe, as one process rebuilds it: the
+# dist checkpoint reshards to it on load.
+SINGLE_PROCESS_LAYOUT = dict(
+    tensor_model_parallel_size=1,
+    pipeline_model_parallel_size=1,
+    virtual_pipeline_model_parallel_size=None,
+    pipeline_model_parallel_layout=None,
+    decoder_first_pipeline_num_layers=None,
+    decoder_last_pipeline_num_layers=None,
+    account_for_embedding_in_pipeline_split=False,
+    account_for_loss_in_pipeline_split=False,
+    context_parallel_size=1,
+    expert_model_parallel_size=1,
+    expert_tensor_parallel_size=1,
+    sequence_parallel=False,
+)
+
+
 def eval_args(ckpt_args: argparse.Namespace) -> argparse.Namespace:
-    """The checkpoint's args, made single-process and deterministic."""
+    """The checkpoint's args, made single-process and deterministic. The model is built
+    from them by the one TransformerConfig builder (megatron_sed.model.config), as the
+    trainer built it apart from the layout, dropout and what this machine can run."""
     a = copy.copy(ckpt_args)
-    a.tensor_model_parallel_size = 1
-    a.pipeline_model_parallel_size = 1
-    a.expert_model_parallel_size = 1
-    a.expert_tensor_parallel_size = 1
-    a.sequence_parallel = False
+    for name, value in SINGLE_PROCESS_LAYOUT.items():
+        setattr(a, name, value)
     a.hidden_dropout = 0.0
     a.attention_dropout = 0.0
+    # Outside Megatron's DDP there is no main_grad to accumulate into (RL trains this model).
+    a.gradient_accumulation_fusion = False
     a.device = "cpu" if not torch.cuda.is_available() else getattr(a, "device", "auto")
     if getattr(a, "transformer_impl", None) == "transformer_engine":
         if not te_available():
             a.transformer_impl = "local"  # same parameter names, see megatron_sed.model
-    if getattr(a, "fp8_format", None):
-        a.fp8_format = None
+    a.fp8 = None  # Megatron's dest of --fp8-format: weights load the same without FP8
     return a
 
 

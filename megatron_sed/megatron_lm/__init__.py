@@ -13,10 +13,12 @@ The patches in patches/megatron-lm/ add three calls to `pretrain_gpt.py`:
    `compute_language_model_loss` override before). pretrain_gpt.py calls the model
    without extra arguments, so an instance override of the GPTModel's `forward` adds
    them, with a fresh per-forward context.
-   Idempotent and cheap after the first call; logs once; a no-op for `--loss-type ce`.
-   The first call resolves tau (megatron_sed.megatron_lm.calibration): --sed-threshold,
-   the resumed checkpoint's, or calibrated with `--sed-mask-ratio` on held-out data
-   through pretrain_gpt's own `forward_step` and dataset provider.
+   Idempotent and cheap after the first call; logs once per model; a no-op for
+   `--loss-type ce`. The first call gives the model the run's SEDRuntime
+   (megatron_sed.calibration.runtime), which resolves tau: --sed-threshold, the resumed
+   checkpoint's, or calibrated with `--sed-mask-ratio` on held-out data through
+   pretrain_gpt's own `forward_step` and dataset provider
+   (megatron_sed.megatron_lm.calibration).
 3. `add_sed_report(report, loss_mask, model)` in `loss_func`: the SED statistics of
    the micro-batch the model just ran, as `[sum, count]` pairs over the loss-masked
    tokens. Megatron's training loop sums such pairs over micro-batches, all-reduces
@@ -30,15 +32,15 @@ installer is testable on a bare GPTModel.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Optional
 
 import torch
 
-from megatron_sed.calibration.recipes import recipe_from_args
-from megatron_sed.flags import add_sed_args, linear_fusion_requested, sed_config_from_args, validate_sed_args
-from megatron_sed.megatron_lm.calibration import resolve_sed_threshold
+from megatron_sed import megatron_patches
+from megatron_sed.calibration import SEDRuntime, calibration_config
+from megatron_sed.flags import add_sed_args, linear_fusion_requested, validate_sed_args
+from megatron_sed.megatron_lm.calibration import calibrate_in_pretrain_gpt
 from megatron_sed.model.sed_route import (
     forward_config,
     language_modules,
@@ -54,6 +56,7 @@ __all__ = [
     "add_sed_report",
     "extra_args_provider",
     "install_sed_loss",
+    "runtime_of",
     "validate_megatron_lm_sed_args",
 ]
 
@@ -61,10 +64,9 @@ __all__ = [
 # `lm loss` stays Megatron's own key for the optimised objective (ce + reg under SED).
 REPORT_KEYS = {f.report_key: f.name for f in STAT_FIELDS}
 
-# Set on the outer model once SED is installed (prefixed so it never clashes with Megatron's).
-_INSTALLED_ATTR = "_megatron_sed_installed"
-
-_logged = False
+# Set on each GPTModel SED is installed on: the run's SEDRuntime (prefixed so it never
+# clashes with Megatron's attributes).
+_RUNTIME_ATTR = "_megatron_sed_runtime"
 
 
 # ----------------------------------------------------------------------------- flags
@@ -105,29 +107,11 @@ def extra_args_provider(base: Optional[Callable] = None) -> Callable:
         add_sed_args(parser)
         if base is not None:
             parser = base(parser)
-        _check_after_parsing(parser)
+        # the SED flags checked right after parsing (the one patch the glue makes)
+        megatron_patches.check_after_parsing(parser, validate_megatron_lm_sed_args)
         return parser
 
     return provider
-
-
-def _check_after_parsing(parser: argparse.ArgumentParser) -> None:
-    # Megatron-LM's parse_args calls parser.parse_args() or parse_known_args(); the
-    # former goes through the latter, so wrapping it on this instance sees both.
-    if getattr(parser, "_megatron_sed_checked", False):
-        return
-    parse_known_args = parser.parse_known_args
-
-    def checked_parse_known_args(*a, **kw):
-        namespace, rest = parse_known_args(*a, **kw)
-        try:
-            validate_megatron_lm_sed_args(namespace)
-        except ValueError as err:
-            parser.error(str(err))
-        return namespace, rest
-
-    parser.parse_known_args = checked_parse_known_args
-    parser._megatron_sed_checked = True
 
 
 # ------------------------------------------------------------------------- installer
@@ -142,60 +126,54 @@ def install_sed_loss(
     """Make the GPTModels in `model` compute SED when `args.loss_type == "sed"`.
 
     Opt-in (nothing happens for `--loss-type ce` or without the flag), idempotent (a
-    second call with the same model returns at once), logged once. Replaces Megatron's
-    CE and its fused variants (--cross-entropy-loss-fusion) on those models only.
-    The first call resolves tau (megatron_sed.megatron_lm.calibration): with
-    --sed-mask-ratio it calibrates with pretrain_gpt's `forward_step` and
-    `datasets_provider`, or reuses the tau of the run it resumes.
-    Returns the number of modules that compute SED (0 for ce)."""
-    global _logged
+    second call with the same model returns at once), logged once per model. Replaces
+    Megatron's CE and its fused variants (--cross-entropy-loss-fusion) on those models only.
+    The first call gives the model its megatron_sed.calibration.SEDRuntime, which resolves
+    tau: with --sed-mask-ratio it calibrates with pretrain_gpt's `forward_step` and
+    `datasets_provider` (megatron_sed.megatron_lm.calibration), or reuses the tau of the
+    run it resumes. Returns the number of modules that compute SED (0 for ce)."""
     if getattr(args, "loss_type", "ce") != "sed":
         return 0
-    outer = model if not isinstance(model, (list, tuple)) else None
-    if outer is not None and _INSTALLED_ATTR in outer.__dict__:
-        return len(language_modules(outer))
-    if _calibrating:  # forward_step -> install_sed_loss while the first call calibrates
-        return len(_targets(model))
-    validate_megatron_lm_sed_args(args)
     targets = language_modules(model)
+    if runtime_of(targets) is not None:  # installed, or its calibration forwards calling us
+        return len(targets)
+    validate_megatron_lm_sed_args(args)
     if not targets:
         raise TypeError(
             "install_sed_loss: found no Megatron-Core LanguageModule (GPTModel) in the "
             f"model ({type(model).__name__}); --loss-type sed needs a Megatron-Core GPTModel "
             "(not --use-legacy-models)"
         )
-    # the statistics calibration needs (its top-k: the --sed-calibration recipe's)
-    calibration_cfg = sed_config_from_args(args)
-    if getattr(args, "sed_mask_ratio", None) is not None:
-        calibration_cfg = dataclasses.replace(calibration_cfg, top_k=recipe_from_args(args).top_k)
-    set_forward_config(model, calibration_cfg)
-    if outer is not None:
-        object.__setattr__(outer, _INSTALLED_ATTR, True)
-    state = _resolve_threshold(model, args, forward_step, datasets_provider)
-    cfg = sed_config_from_args(args, threshold=state.tau)
+    runtime = SEDRuntime(args)
+    for module in targets:
+        object.__setattr__(module, _RUNTIME_ATTR, runtime)
+    try:
+        if getattr(args, "sed_mask_ratio", None) is not None:  # what calibration forwards compute
+            set_forward_config(model, calibration_config(args))
+        runtime.resolve(lambda: calibrate_in_pretrain_gpt(args, model, forward_step, datasets_provider))
+    except BaseException:
+        for module in targets:  # not installed: a later call starts again
+            module.__dict__.pop(_RUNTIME_ATTR, None)
+        raise
+    cfg = runtime.config
     set_forward_config(model, cfg)
-    if not _logged:
-        _logged = True
-        fusion = getattr(getattr(targets[0], "config", None), "cross_entropy_loss_fusion", False)
-        print_rank_0(
-            f"> megatron-sed: --loss-type sed: GPTModel computes SED-SFT on its vocab-parallel "
-            f"logits (coef={cfg.coef}, top_k={cfg.top_k}, threshold={cfg.threshold}, "
-            f"mask={cfg.mask}, regularizer={cfg.regularizer}, impl={cfg.impl})"
-            + ("; replaces --cross-entropy-loss-fusion" if fusion else "")
-        )
+    fusion = getattr(getattr(targets[0], "config", None), "cross_entropy_loss_fusion", False)
+    print_rank_0(
+        f"> megatron-sed: --loss-type sed: GPTModel computes SED-SFT on its vocab-parallel "
+        f"logits (coef={cfg.coef}, top_k={cfg.top_k}, threshold={cfg.threshold}, "
+        f"mask={cfg.mask}, regularizer={cfg.regularizer}, impl={cfg.impl})"
+        + ("; replaces --cross-entropy-loss-fusion" if fusion else "")
+    )
     return len(targets)
 
 
-_calibrating = False
-
-
-def _resolve_threshold(model, args, forward_step, datasets_provider):
-    global _calibrating
-    _calibrating = True
-    try:
-        return resolve_sed_threshold(args, model, forward_step, datasets_provider)
-    finally:
-        _calibrating = False
+def runtime_of(model) -> Optional[SEDRuntime]:
+    """The SEDRuntime `install_sed_loss` gave the GPTModels in `model` (None before)."""
+    for module in language_modules(model):
+        runtime = module.__dict__.get(_RUNTIME_ATTR)
+        if runtime is not None:
+            return runtime
+    return None
 
 
 # ---------------------------------------------------------------------------- report

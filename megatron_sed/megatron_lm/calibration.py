@@ -3,10 +3,11 @@
 Megatron-LM has no hook between building the model and the first training step, so the
 threshold is resolved lazily, in the first `forward_step` (the patch calls
 `install_sed_loss` there with pretrain_gpt's own `forward_step` and
-`train_valid_test_datasets_provider`), by the same rule megatron-sed-train uses
-(megatron_sed.calibration.resolve_threshold): explicit --sed-threshold; a resumed run's
-tau, read from the loaded checkpoint's args (`sed_threshold_state`: Megatron-LM saves
-`args` with every checkpoint); or calibration:
+`train_valid_test_datasets_provider`), by the model's megatron_sed.calibration.SEDRuntime
+with the rule megatron-sed-train uses (megatron_sed.calibration.resolve_threshold):
+explicit --sed-threshold; a resumed run's tau, read from the loaded checkpoint's args
+(`sed_threshold_state`: Megatron-LM saves `args` with every checkpoint); or calibration,
+`calibrate_in_pretrain_gpt`:
 
 1. the validation dataset is built with Megatron-LM's own provider (so --data-path,
    --split, --sft, the tokenizer, ... mean what they mean for training);
@@ -15,7 +16,7 @@ tau, read from the loaded checkpoint's args (`sed_threshold_state`: Megatron-LM 
    and packed sequences are pretrain_gpt's); rows are what its dataset yields: sequences
    of --seq-length tokens, several SFT samples each with --sft packing;
 3. tau is the exact quantile over the supervised tokens, gathered over DP x CP
-   (megatron_sed.calibration.engine, the engine megatron-sed-train uses).
+   (megatron_sed.calibration.loop, the loop megatron-sed-train uses).
 """
 
 from __future__ import annotations
@@ -26,47 +27,13 @@ from typing import Optional
 
 import torch
 
-from megatron_sed.calibration import (
-    CalibrationResult,
-    ThresholdState,
-    calibrate_with_forward_step,
-    is_resumed,
-    resolve_threshold,
-)
+from megatron_sed.calibration import CalibrationResult, calibrate_with_forward_step
 from megatron_sed.calibration.recipes import recipe_from_args
-from megatron_sed.checkpointing.layout import read_checkpoint_args
 
 # Megatron-LM's SFT dataset marks prompt targets with -100 (megatron.training.datasets.sft_dataset).
 IGNORE_INDEX = -100
 
-__all__ = ["calibrate_in_pretrain_gpt", "resolve_sed_threshold"]
-
-
-def _saved_state(args) -> Optional[dict]:
-    if not is_resumed(args):
-        return None
-    try:
-        saved = read_checkpoint_args(args.load, getattr(args, "ckpt_step", None))
-    except (FileNotFoundError, ValueError):
-        return None
-    return getattr(saved, "sed_threshold_state", None)
-
-
-def resolve_sed_threshold(
-    args: argparse.Namespace, model, forward_step: Optional[Callable], datasets_provider: Optional[Callable]
-) -> ThresholdState:
-    """The tau pretrain_gpt.py runs with; also in `args.sed_threshold_state`."""
-
-    def calibrate() -> CalibrationResult:
-        if forward_step is None or datasets_provider is None:
-            raise ValueError(
-                "--sed-mask-ratio needs the patched pretrain_gpt.py of this megatron-sed "
-                "version (install_sed_loss(..., forward_step=..., datasets_provider=...)); "
-                "re-apply scripts/apply_megatron_patch.sh or pass --sed-threshold"
-            )
-        return calibrate_in_pretrain_gpt(args, model, forward_step, datasets_provider)
-
-    return resolve_threshold(args, _saved_state(args), calibrate)
+__all__ = ["calibrate_in_pretrain_gpt"]
 
 
 class _EveryPosition(torch.utils.data.Dataset):
@@ -93,9 +60,18 @@ class _EveryPosition(torch.utils.data.Dataset):
 
 
 def calibrate_in_pretrain_gpt(
-    args: argparse.Namespace, model, forward_step: Callable, datasets_provider: Callable
+    args: argparse.Namespace,
+    model,
+    forward_step: Optional[Callable],
+    datasets_provider: Optional[Callable],
 ) -> CalibrationResult:
     """tau from pretrain_gpt's own validation dataset and forward_step."""
+    if forward_step is None or datasets_provider is None:
+        raise ValueError(
+            "--sed-mask-ratio needs the patched pretrain_gpt.py of this megatron-sed "
+            "version (install_sed_loss(..., forward_step=..., datasets_provider=...)); "
+            "re-apply scripts/apply_megatron_patch.sh or pass --sed-threshold"
+        )
 
     every_position = recipe_from_args(args).all_positions
 

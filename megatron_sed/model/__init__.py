@@ -12,6 +12,9 @@ API (stable; used by the trainer, the Megatron-LM glue, converters and eval):
     #   sequence_parallel, bf16/fp16, transformer_impl, padded_vocab_size (or vocab_size).
     #   (and --num-experts / --moe-*, --mtp-num-layers, --qk-layernorm: what Megatron's own
     #   provider builds). Returns SEDGPTModel (a GPTModel); its loss is Megatron's CE.
+    #   Its TransformerConfig comes from the one builder, transformer_config_from_args
+    #   (megatron_sed.model.config: Megatron's own core_transformer_config_from_args,
+    #   arguments `args` lacks at Megatron's parser defaults, the CPU rules).
     ctx = SEDLossContext(cfg)                                           # one per forward
     loss = model(tokens, position_ids, attention_mask, labels=labels,
                  **attach_sed(model, ctx))                              # [b, s] SED per token

@@ -1,6 +1,7 @@
-"""RL checkpoints in the trainer's layout (megatron_sed.checkpointing.layout), so that
-eval.loading.load_model, `python -m megatron_sed.eval` and the converter read them like
-any megatron-sed-train checkpoint:
+"""RL checkpoints in the trainer's layout, written by the one checkpoint writer
+(megatron_sed.checkpointing.writer), so that eval.loading.load_model,
+`python -m megatron_sed.eval`, the converter and Megatron's own loader read them like any
+megatron-sed-train checkpoint:
 
     SAVE/latest_checkpointed_iteration.txt   the last complete iteration (written last)
     SAVE/iter_NNNNNNN/                       torch_dist: the model's sharded state dict +
@@ -19,11 +20,8 @@ import copy
 import os
 from pathlib import Path
 
-from megatron.core import dist_checkpointing
-
-from megatron_sed.checkpointing import SyncTorchDistSaveStrategy
-from megatron_sed.checkpointing.layout import CHECKPOINT_VERSION, TRACKER, CheckpointError, iteration_dir
-from megatron_sed.utils.files import atomic_write_text
+from megatron_sed.checkpointing.layout import CheckpointError
+from megatron_sed.checkpointing.writer import checkpoint_state, write_checkpoint
 
 
 def saved_args(ckpt_args: argparse.Namespace, iteration: int, rl_config: dict) -> argparse.Namespace:
@@ -42,17 +40,13 @@ def save_rl_checkpoint(
 ) -> Path:
     """Write SAVE/iter_NNNNNNN and then point the tracker at it (a crash in between leaves
     the previous checkpoint the one that loads)."""
-    out = iteration_dir(root, iteration)
-    if out.exists():
-        raise CheckpointError(f"--save {root}: {out} already exists; refusing to overwrite it")
-    out.mkdir(parents=True)
-    state = dict(
-        model=model.sharded_state_dict(),
-        args=saved_args(ckpt_args, iteration, rl_state.get("config", {})),
-        checkpoint_version=CHECKPOINT_VERSION,
-        iteration=iteration,
+    state = checkpoint_state(
+        model.sharded_state_dict(),
+        saved_args(ckpt_args, iteration, rl_state.get("config", {})),
+        iteration,
         rl_state=dict(rl_state, optimizer=optimizer.state_dict()),
     )
-    dist_checkpointing.save(state, str(out), sharded_strategy=SyncTorchDistSaveStrategy())
-    atomic_write_text(Path(root) / TRACKER, f"{iteration}\n")
-    return out
+    try:
+        return write_checkpoint(root, iteration, state)
+    except CheckpointError as err:
+        raise CheckpointError(f"--save {root}: {err}") from None

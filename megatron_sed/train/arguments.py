@@ -24,12 +24,12 @@ from collections.abc import Sequence
 from typing import Optional
 
 import torch
-from megatron.training.arguments import parse_args, validate_args
+from megatron.training.arguments import validate_args
 from megatron.training.global_vars import set_global_variables
 
 from megatron_sed.backend import cpu as cpu_backend
 from megatron_sed.flags import ArgumentError, add_sed_args, validate_sed_args
-from megatron_sed.model.fusions import choose_fusions
+from megatron_sed.model.config import CPU_MODEL_SETTINGS, apply_fusions, parse_megatron_args
 from megatron_sed.model.loss_hook import supports_output_processor
 from megatron_sed.model.specs import te_available
 from megatron_sed.model.support import check_model_flags
@@ -42,18 +42,13 @@ PROG = "megatron-sed-train"
 # Older megatron-sed names of --tokenizer-type values (still accepted).
 TOKENIZER_ALIASES = {"hf": "HuggingFaceTokenizer", "byte": "ByteTokenizer"}
 
-# What a CPU run needs instead of Megatron's GPU defaults (explicit flags still win).
+# What a CPU run needs instead of Megatron's GPU defaults (explicit flags still win): the
+# model's CPU settings (megatron_sed.model.config, the builder's one copy of the CPU
+# rules), the local layer spec, gloo, no data-loader workers.
 CPU_DEFAULTS = dict(
     distributed_backend="gloo",
     transformer_impl="local",
-    use_cpu_initialization=True,
-    gradient_accumulation_fusion=False,  # needs a CUDA kernel (apex / TE)
-    masked_softmax_fusion=False,
-    bias_gelu_fusion=False,
-    bias_swiglu_fusion=False,
-    bias_dropout_fusion=False,
-    apply_rope_fusion=False,
-    no_persist_layer_norm=True,
+    **CPU_MODEL_SETTINGS,
     num_workers=0,  # the packed reader is cheap; worker processes only cost cores here
 )
 
@@ -172,19 +167,6 @@ def _check_cpu_limits(args) -> None:
         )
     if getattr(args, "cuda_graph_impl", "none") not in (None, "none"):
         raise ArgumentError("--cuda-graph-impl needs a GPU")
-
-
-FUSION_FLAGS = ("apply_rope_fusion", "gradient_accumulation_fusion")
-
-
-def apply_fusions(args, given: set) -> None:
-    """RoPE and gradient-accumulation fusion: on where their kernels import on a real
-    GPU (Megatron's defaults are on, which fails without Transformer Engine / apex), off on
-    the CPU backend; an explicit --no-rope-fusion / --no-gradient-accumulation-fusion
-    wins. See megatron_sed.model.fusions."""
-    disabled = frozenset(n for n in FUSION_FLAGS if n in given and not getattr(args, n))
-    for name, on in choose_fusions(disabled).items():
-        setattr(args, name, on)
 
 
 def _check_fp8_hardware(args) -> None:
@@ -319,12 +301,7 @@ def parse_and_validate(argv: Optional[Sequence[str]] = None) -> argparse.Namespa
     Raises ArgumentError (or Megatron's AssertionError/ValueError) naming what is wrong."""
 
     argv: list[str] = list(sys.argv[1:] if argv is None else argv)
-    saved_argv = sys.argv
-    sys.argv = [PROG, *argv]  # Megatron's parser reads sys.argv
-    try:
-        args = parse_args(extra_args_provider=add_trainer_args)
-    finally:
-        sys.argv = saved_argv
+    args = parse_megatron_args(argv, add_trainer_args, PROG)
     given = given_dests(_parser, argv)
     validate_sed_args(args)
     if args.tokenizer_type in TOKENIZER_ALIASES:

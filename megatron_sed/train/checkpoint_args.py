@@ -1,4 +1,4 @@
-"""The model shape, tokenizer and SED state of the checkpoint a run will load.
+"""The model shape and tokenizer of the checkpoint a run will load.
 
 Megatron saves its whole `args` namespace in every checkpoint's common.pt, and the
 converter writes the same (megatron_sed.convert). Megatron's `--use-checkpoint-args`
@@ -68,8 +68,6 @@ MODEL_SHAPE_ARGS = (
 )
 TOKENIZER_ARGS = ("tokenizer_type", "tokenizer_model", "vocab_size", "sft_tokenizer_type")
 
-_loaded: dict = {}  # {"path": ..., "args": Namespace} of the checkpoint this run loads
-
 
 def checkpoint_source(args) -> Optional[str]:
     """The directory Megatron will load from, or None (training from scratch)."""
@@ -78,11 +76,6 @@ def checkpoint_source(args) -> Optional[str]:
         if has_checkpoint(path):
             return path
     return None
-
-
-def loaded_checkpoint_args() -> Optional[argparse.Namespace]:
-    """What apply_checkpoint_args read (the args of the checkpoint this run loads)."""
-    return _loaded.get("args")
 
 
 def _same(a, b) -> bool:
@@ -126,7 +119,6 @@ def apply_checkpoint_args(args: argparse.Namespace, given: set) -> Optional[argp
     if src is None:
         return None
     saved = read_checkpoint_args(src, getattr(args, "ckpt_step", None))
-    _loaded.update(path=str(src), args=saved)
     if saved is None:
         return None
     mismatches = []

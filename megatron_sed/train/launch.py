@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from functools import partial
 from typing import Optional
 
 from megatron.core.enums import ModelType
@@ -16,14 +17,15 @@ from megatron.training import pretrain
 from megatron.training.argument_utils import pretrain_cfg_container_from_args
 from megatron.training.global_vars import get_args
 
-from megatron_sed.train import megatron_fixes
-from megatron_sed.train.arguments import parse_and_validate
+from megatron_sed import megatron_patches
+from megatron_sed.backend import cpu as cpu_backend
+from megatron_sed.calibration import SEDRuntime
+from megatron_sed.train.arguments import add_trainer_args, parse_and_validate
 from megatron_sed.train.data import check_tokenizer_matches_data, train_valid_test_datasets_provider
-from megatron_sed.train.log_lines import install_log_line_fixes
-from megatron_sed.train.metrics import install_metrics_observer
+from megatron_sed.train.log_lines import ValidationLine, report_resident_memory
+from megatron_sed.train.metrics import MetricsObserver
 from megatron_sed.train.model_provider import model_provider
 from megatron_sed.train.step import forward_step
-from megatron_sed.train.threshold import install_checkpoint_sync
 from megatron_sed.utils import fallbacks
 
 
@@ -33,18 +35,30 @@ def run(argv: Optional[Sequence[str]] = None) -> None:
         fallbacks.report()  # after megatron-core's imports: one line for their CPU warnings
     args = parse_and_validate(argv)
     check_tokenizer_matches_data(args)
-    if args.rank == args.world_size - 1:
-        install_metrics_observer(args.metrics_file)
-    megatron_fixes.apply(args)
-    install_log_line_fixes()
-    install_checkpoint_sync()  # the EMA's device-side tau reaches the checkpoint's args
-    pretrain(
-        pretrain_cfg_container_from_args(args),
-        train_valid_test_datasets_provider,
-        ModelType.encoder_or_decoder,
-        forward_step,
-        model_provider=model_provider,
+    runtime = SEDRuntime(args)  # the run's tau, EMA tracker and calibration guard
+    # Megatron's lines are printed by the last rank: it writes the --metrics-file
+    last_rank = args.rank == args.world_size - 1
+    metrics = MetricsObserver(args.metrics_file) if args.metrics_file and last_rank else None
+    restore = megatron_patches.apply(
+        args,
+        runtime,
+        trainer_args=add_trainer_args,
+        validation_line=ValidationLine(),
+        metrics=metrics,
+        memory_report=report_resident_memory if cpu_backend.is_active() else None,
     )
+    try:
+        pretrain(
+            pretrain_cfg_container_from_args(args),
+            train_valid_test_datasets_provider,
+            ModelType.encoder_or_decoder,
+            partial(forward_step, runtime=runtime),
+            model_provider=model_provider,
+        )
+    finally:
+        restore()
+        if metrics is not None:
+            metrics.close()
 
 
 def args_parsed() -> bool:

@@ -8,8 +8,8 @@
   line read "allocated: 0.00 | max allocated: 0.00 ..."; there it reports the process's
   resident memory (now and peak) instead.
 
-`megatron.training.training` looks `evaluate`, `print_rank_last` and `report_memory` up in
-its own namespace on every call, so wrapping them there changes nothing else.
+megatron_sed.megatron_patches hooks them into `megatron.training.training`'s `evaluate`,
+`print_rank_last` and (on the CPU backend) `report_memory`.
 """
 
 from __future__ import annotations
@@ -17,11 +17,9 @@ from __future__ import annotations
 import math
 import resource
 
-import megatron.training.training as loop
 import psutil
 import torch
-
-from megatron_sed.backend import cpu as cpu_backend
+from megatron.core import parallel_state as mpu
 
 _MB = 1024.0 * 1024.0
 
@@ -41,49 +39,42 @@ def resident_memory_line(name: str) -> str:
     return f"{name} memory (MB) | resident: {rss:.2f} | max resident: {max(peak, rss):.2f}"
 
 
-def install_log_line_fixes() -> None:
-    """Wrap loop.evaluate / loop.print_rank_last (and, on the CPU backend,
-    loop.report_memory); idempotent."""
-    if getattr(loop, "_megatron_sed_log_lines", False):
-        return
-    cut: list[str] = []  # PPL fields to cut from the next validation line
-    rules = [0]  # dashed rules printed around that line so far (2: done)
-    plain_evaluate, plain_print = loop.evaluate, loop.print_rank_last
+class ValidationLine:
+    """Cuts the "PPL" fields of the keys that are not losses from Megatron's validation
+    line (and as many dashes from the rules printed around it). `evaluated(result)` learns
+    the fields from `evaluate`'s result; `rewrite(message)` is applied to each message
+    Megatron's print_rank_last prints (both hooked by megatron_sed.megatron_patches)."""
 
-    def evaluate(*a, **kw):
-        result = plain_evaluate(*a, **kw)
+    def __init__(self):
+        self._cut: list[str] = []  # PPL fields to cut from the next validation line
+        self._rules = 0  # dashed rules printed around that line so far (2: done)
+
+    def evaluated(self, result) -> None:
         total = result[0] if result else None
-        cut[:] = [_ppl_field(k, float(v)) for k, v in (total or {}).items() if not is_loss(k)]
-        rules[0] = 0
-        return result
+        self._cut = [_ppl_field(k, float(v)) for k, v in (total or {}).items() if not is_loss(k)]
+        self._rules = 0
 
-    def print_rank_last(message):
-        if cut and isinstance(message, str):
-            if message and set(message) == {"-"}:  # the rules above and below the line
-                message = "-" * max(1, len(message) - sum(len(c) for c in cut))
-                rules[0] += 1
-            else:
-                for field in cut:
-                    message = message.replace(field, "", 1)
-        plain_print(message)
-        if rules[0] >= 2:
-            cut.clear()
+    def rewrite(self, message):
+        if not self._cut or not isinstance(message, str):
+            return message
+        if message and set(message) == {"-"}:  # the rules above and below the line
+            message = "-" * max(1, len(message) - sum(len(c) for c in self._cut))
+            self._rules += 1
+        else:
+            for field in self._cut:
+                message = message.replace(field, "", 1)
+        if self._rules >= 2:
+            self._cut = []
+        return message
 
-    loop.evaluate = evaluate
-    loop.print_rank_last = print_rank_last
 
-    if cpu_backend.is_active():
-
-        def report_memory(name, process_group=None, *a, **kw):
-            from megatron.core import parallel_state as mpu  # noqa: PLC0415 (initialised by now)
-
-            rank0 = (
-                torch.distributed.get_rank(process_group) == 0
-                if process_group is not None
-                else mpu.get_data_parallel_rank() == 0
-            )
-            if rank0:
-                print(f"[Rank {torch.distributed.get_rank()}] {resident_memory_line(name)}", flush=True)
-
-        loop.report_memory = report_memory
-    loop._megatron_sed_log_lines = True
+def report_resident_memory(name: str, process_group=None) -> None:
+    """Megatron's memory line with the process's resident memory (on the CPU backend,
+    where torch.cuda's allocator statistics are zeros), printed by the same rank."""
+    rank0 = (
+        torch.distributed.get_rank(process_group) == 0
+        if process_group is not None
+        else mpu.get_data_parallel_rank() == 0
+    )
+    if rank0:
+        print(f"[Rank {torch.distributed.get_rank()}] {resident_memory_line(name)}", flush=True)

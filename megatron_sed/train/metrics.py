@@ -2,9 +2,9 @@
 
 Megatron's loop prints its training line from `training_log` (every iteration it gets
 the iteration's reduced report: `lm loss`, `ce loss`, `sed reg`, ... as means over the
-global batch) and its validation line from `evaluate_and_print_results`. The observer
-wraps those two functions of `megatron.training.training` (the loop looks them up there
-on every call) and, on the rank that prints (the last one), appends per --log-interval
+global batch) and its validation line from `evaluate_and_print_results`.
+megatron_sed.megatron_patches hands those functions' values to the MetricsObserver, which,
+on the rank that prints (the last one), appends per --log-interval
 
     {"iteration", "consumed_samples", "lr", "grad_norm", "loss_scale", "lm_loss",
      "ce_loss", "sed_reg", "sed_mask_rate", "entropy", "target_prob", "topk_mass",
@@ -13,7 +13,7 @@ on every call) and, on the rank that prints (the last one), appends per --log-in
 
 plus "mtp_1_loss", ... with --mtp-num-layers (Megatron's per-iteration MTP head losses,
 which it adds to its line's accumulators in `MTPLossLoggingHelper.track_mtp_metrics`;
-the observer wraps that too) (report keys with "_" for " "; means over the interval's
+the patches hand the observer those too) (report keys with "_" for " "; means over the interval's
 iterations, as Megatron's line, but without the line's quirk of not resetting its
 accumulators after a job's first iteration, so the next line averages two iterations)
 and per evaluation {"iteration", "valid_lm_loss", "valid_ce_loss", ...} ("test_..." for
@@ -29,9 +29,7 @@ import os
 import time
 from typing import Optional
 
-import megatron.training.training as loop
 import torch
-from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 from megatron.training import get_args
 
 
@@ -74,109 +72,65 @@ class _Interval:
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
 
 
-def _capture_mtp_losses(into: dict) -> None:
-    """Wrap Megatron's `MTPLossLoggingHelper.track_mtp_metrics` (called from training_log
-    with the line's accumulators, after reducing the heads' losses over the data-parallel
-    ranks) so that this iteration's {"mtp_1 loss": tensor, ...} land in `into`: the
-    wrapped function gets an empty dict, from which the observer reads the per-iteration
-    losses, then adds them to the line's accumulators as Megatron does. No collective of
-    its own, so wrapping it on the last rank only is safe."""
-    plain = MTPLossLoggingHelper.track_mtp_metrics
+class MetricsObserver:
+    """Writes the --metrics-file records from what Megatron's log lines show. Megatron's
+    functions hand it their values through megatron_sed.megatron_patches (the last rank
+    only: the one that prints the lines)."""
 
-    def track_mtp_metrics(loss_scale, iteration, writer, wandb_writer=None, total_loss_dict=None):
-        mine: dict = {}
-        plain(loss_scale, iteration, writer, wandb_writer, mine)
-        into.clear()
-        into.update(mine)
-        if total_loss_dict is not None:
-            for name, loss in mine.items():
-                total_loss_dict[name] = total_loss_dict.get(name, torch.zeros_like(loss)) + loss
+    def __init__(self, path: str):
+        self.out = MetricsFile(path)
+        self.interval = _Interval()
+        self.eval_iteration = None
+        self.eval_prefix = ""
+        self.mtp_losses: dict = {}  # this iteration's, filled while Megatron's training_log runs
 
-    MTPLossLoggingHelper.track_mtp_metrics = staticmethod(track_mtp_metrics)
+    def iteration_started(self) -> None:
+        self.mtp_losses.clear()
 
+    def mtp_losses_logged(self, losses: dict) -> None:
+        """The iteration's {"mtp_1 loss": tensor, ...} (MTPLossLoggingHelper's)."""
+        self.mtp_losses.clear()
+        self.mtp_losses.update(losses)
 
-def install_metrics_observer(path: Optional[str]) -> None:
-    """Wrap Megatron's training_log / evaluate_and_print_results (see the module doc). Call
-    it on the last global rank only (the one that prints Megatron's lines)."""
-    if not path:
-        return
+    def iteration_logged(
+        self, loss_dict, learning_rate, iteration, loss_scale, skipped_iter, grad_norm
+    ) -> None:
+        """After Megatron's training_log: add the iteration, write a record per --log-interval."""
+        args = get_args()
+        st = self.interval
+        st.add(loss_dict, skipped_iter, self.mtp_losses)
+        if iteration % args.log_interval != 0 and iteration != args.train_iters:
+            return
+        elapsed = time.perf_counter() - st.start
+        n = max(1, st.iterations + st.skipped)
+        record = {
+            "iteration": iteration,
+            "consumed_samples": args.consumed_train_samples,
+            "lr": learning_rate,
+            "grad_norm": grad_norm,
+            "loss_scale": float(loss_scale) if loss_scale is not None else None,
+        }
+        for k, v in st.sums.items():
+            record[_key(k)] = float(v) / max(1, st.iterations)
+        record["iter_time_ms"] = 1000.0 * elapsed / n
+        record["tokens_per_sec"] = n * args.global_batch_size * args.seq_length / max(elapsed, 1e-9)
+        record["skipped_iterations"] = st.skipped
+        record["nan_iterations"] = st.nan
+        self.out.write(record)
+        self.interval = _Interval()
 
-    if getattr(loop, "_megatron_sed_metrics", None) is not None:
-        return
-    out = MetricsFile(path)
-    state = {"interval": _Interval(), "eval_iteration": None, "eval_prefix": ""}
-    mtp_losses: dict = {}  # this iteration's, filled while Megatron's training_log runs
-    _capture_mtp_losses(mtp_losses)
-    plain_log, plain_eval_print, plain_evaluate = (
-        loop.training_log,
-        loop.evaluate_and_print_results,
-        loop.evaluate,
-    )
+    def evaluation_started(self, prefix: str, iteration: int) -> None:
+        self.eval_iteration, self.eval_prefix = iteration, prefix
 
-    def training_log(
-        loss_dict,
-        total_loss_dict,
-        learning_rate,
-        iteration,
-        loss_scale,
-        report_memory_flag,
-        skipped_iter,
-        grad_norm,
-        *rest,
-        **kw,
-    ):
-        mtp_losses.clear()
-        result = plain_log(
-            loss_dict,
-            total_loss_dict,
-            learning_rate,
-            iteration,
-            loss_scale,
-            report_memory_flag,
-            skipped_iter,
-            grad_norm,
-            *rest,
-            **kw,
-        )
-        if out is not None:
-            args = get_args()
-            st = state["interval"]
-            st.add(loss_dict, skipped_iter, mtp_losses)
-            if iteration % args.log_interval == 0 or iteration == args.train_iters:
-                elapsed = time.perf_counter() - st.start
-                n = max(1, st.iterations + st.skipped)
-                record = {
-                    "iteration": iteration,
-                    "consumed_samples": args.consumed_train_samples,
-                    "lr": learning_rate,
-                    "grad_norm": grad_norm,
-                    "loss_scale": float(loss_scale) if loss_scale is not None else None,
-                }
-                for k, v in st.sums.items():
-                    record[_key(k)] = float(v) / max(1, st.iterations)
-                record["iter_time_ms"] = 1000.0 * elapsed / n
-                record["tokens_per_sec"] = n * args.global_batch_size * args.seq_length / max(elapsed, 1e-9)
-                record["skipped_iterations"] = st.skipped
-                record["nan_iterations"] = st.nan
-                out.write(record)
-                state["interval"] = _Interval()
-        return result
-
-    def evaluate(*a, **kw):
-        result = plain_evaluate(*a, **kw)
+    def evaluated(self, result) -> None:
+        """Megatron's `evaluate` result: the validation (or test) record."""
         total = result[0] if result else None
-        if out is not None and total:
-            split = "test" if "test set" in state["eval_prefix"] else "valid"
-            record = {"iteration": state["eval_iteration"]}
-            record.update({f"{split}_{_key(k)}": float(v) for k, v in total.items()})
-            out.write(record)
-        return result
+        if not total:
+            return
+        split = "test" if "test set" in self.eval_prefix else "valid"
+        record = {"iteration": self.eval_iteration}
+        record.update({f"{split}_{_key(k)}": float(v) for k, v in total.items()})
+        self.out.write(record)
 
-    def evaluate_and_print_results(prefix, forward_step_func, data_iterator, model, iteration, *a, **kw):
-        state["eval_iteration"], state["eval_prefix"] = iteration, prefix
-        return plain_eval_print(prefix, forward_step_func, data_iterator, model, iteration, *a, **kw)
-
-    loop.training_log = training_log
-    loop.evaluate = evaluate
-    loop.evaluate_and_print_results = evaluate_and_print_results
-    loop._megatron_sed_metrics = out
+    def close(self) -> None:
+        self.out.close()

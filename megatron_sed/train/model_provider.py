@@ -1,7 +1,10 @@
 """Megatron's model_provider: a Megatron-Core GPTModel built from Megatron's parsed args.
 
-The TransformerConfig is Megatron's own (`core_transformer_config_from_args`), so every
-Megatron-LM model, precision and recompute flag means what it means there. The specs are
+The TransformerConfig comes from the plugin's one builder
+(megatron_sed.model.config.transformer_config_from_args), which is Megatron's own
+`core_transformer_config_from_args`, so every Megatron-LM model, precision and recompute
+flag means what it means there; eval, export and RL rebuild checkpoints through the same
+builder. The specs are
 the ones Megatron's own GPT provider builds from that config (megatron_sed.model.gpt:
 the decoder block with dense or MoE layers and QK-norm, the MTP block): Megatron-Core's
 Transformer Engine spec with `--transformer-impl transformer_engine` (FP8 through
@@ -17,9 +20,8 @@ from __future__ import annotations
 from typing import Optional
 
 from megatron.training import get_args, print_rank_0
-from megatron.training.arguments import core_transformer_config_from_args
 
-from megatron_sed.model import build_gpt_model
+from megatron_sed.model import build_gpt_model, transformer_config_from_args
 
 
 def model_provider(
@@ -32,7 +34,7 @@ def model_provider(
 
     args = get_args()
     if config is None:
-        config = core_transformer_config_from_args(args)
+        config = transformer_config_from_args(args)
     print_rank_0(f"> building GPTModel ({args.transformer_impl} layers) ...")
     return build_gpt_model(
         args,

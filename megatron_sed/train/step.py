@@ -1,11 +1,14 @@
 """forward_step and loss_func for Megatron's training loop (its schedule interface).
 
-forward_step(data_iterator, model) reads this data-parallel rank's micro-batch, runs the
+forward_step(data_iterator, model, runtime=...) (Megatron gets it with the run's
+megatron_sed.calibration.SEDRuntime bound: megatron_sed.train.launch) reads this
+data-parallel rank's micro-batch, runs the
 GPTModel with SED on its [s, b, V/tp] logits (megatron_sed.model.sed_route: GPTModel's
 `output_processor` hook where the installed megatron-core has it, so multi-token-
 prediction heads keep Megatron's CE; the `compute_language_model_loss` override
-otherwise) and returns the per-token loss with `partial(loss_func, loss_mask, sed=ctx)`:
-the micro-batch's SEDLossContext carries its statistics to loss_func.
+otherwise) and returns the per-token loss with `partial(loss_func, loss_mask, sed=ctx,
+runtime=runtime)`: the micro-batch's SEDLossContext carries its statistics to loss_func,
+the runtime its tau (for the log line) and the EMA tracker.
 
 loss_func returns Megatron's triple: the loss summed over supervised tokens, their
 number, and a report of [sum, count] pairs that Megatron sums over micro-batches,
@@ -20,16 +23,18 @@ Megatron-LM's pretrain_gpt.py checks them (its rerun state machine, under
 from __future__ import annotations
 
 from functools import partial
+from typing import Optional
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.rerun_state_machine import get_rerun_state_machine
 from megatron.training import get_args, get_timers
 
+from megatron_sed.calibration import SEDRuntime
 from megatron_sed.model.sed_route import SEDLossContext, attach_sed
 from megatron_sed.ops.stats import sed_report
+from megatron_sed.train.calibration import calibrate_in_trainer
 from megatron_sed.train.data import model_inputs
-from megatron_sed.train.threshold import sed_threshold
 
 
 def _uses_thd(args) -> bool:
@@ -56,7 +61,7 @@ def _run_model(model, batch, ctx):
     )
 
 
-def forward_step(data_iterator, model, return_schedule_plan: bool = False):
+def forward_step(data_iterator, model, return_schedule_plan: bool = False, *, runtime: SEDRuntime):
 
     if return_schedule_plan:
         raise ValueError(
@@ -64,15 +69,20 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
         )
     args = get_args()
     native_ce = args.loss_type == "ce" and not args.sed_stats
-    # the first call restores or calibrates tau (through this forward_step)
-    cfg = None if native_ce else sed_threshold(args, model, forward_step).config
+    cfg = None
+    if not native_ce:
+        # the first call restores or calibrates tau (through this forward_step, re-entered
+        # with the same runtime: its forwards get the calibration config)
+        this_step = partial(forward_step, runtime=runtime)
+        runtime.resolve(lambda: calibrate_in_trainer(args, model, this_step))
+        cfg = runtime.config
     timers = get_timers()
     timers("batch-generator", log_level=2).start()
     batch = model_inputs(next(data_iterator), thd=_uses_thd(args), pack=args.pack)
     timers("batch-generator").stop()
     ctx = None if cfg is None else SEDLossContext(cfg)
     output = _run_model(model, batch, ctx)
-    return output, partial(loss_func, batch["loss_mask"], model=model, sed=ctx)
+    return output, partial(loss_func, batch["loss_mask"], model=model, sed=ctx, runtime=runtime)
 
 
 def _check_finite(args, loss: torch.Tensor) -> None:
@@ -96,7 +106,13 @@ def _check_finite(args, loss: torch.Tensor) -> None:
     )
 
 
-def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, model=None, sed=None):
+def loss_func(
+    loss_mask: torch.Tensor,
+    output_tensor: torch.Tensor,
+    model=None,
+    sed: Optional[SEDLossContext] = None,
+    runtime: Optional[SEDRuntime] = None,
+):
 
     args = get_args()
     losses = output_tensor.view(-1).float()
@@ -107,12 +123,12 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, model=None, 
     stats = sed.take_stats() if sed is not None else None
     if stats is not None:
         report.update(sed_report(stats, loss_mask))
-        tracker = sed_threshold(args, model)
-        # the tau this micro-batch ran with: report it before the iteration's last
-        # micro-batch steps the EMA (else the log mixes in the next iteration's tau)
-        report.update(tracker.report(loss_mask))
-        if model is not None and model.training:
-            tracker.observe(stats, loss_mask)
+        if runtime is not None:
+            # the tau this micro-batch ran with: report it before the iteration's last
+            # micro-batch steps the EMA (else the log mixes in the next iteration's tau)
+            report.update(runtime.report(loss_mask))
+            if model is not None and model.training:
+                runtime.observe(stats, loss_mask)
     _check_finite(args, loss)
     loss, num_tokens = _normalise_over_context_parallel(args, loss, num_tokens)
     return loss, num_tokens, {k: _floor_count(v) for k, v in report.items()}

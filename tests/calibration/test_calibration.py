@@ -265,39 +265,48 @@ def _resolve_args(**kw):
     return argparse.Namespace(**{**base, **kw})
 
 
-def test_resolve_threshold_precedence():
+def test_resolve_threshold_precedence(monkeypatch):
     """The one rule megatron-sed-train and the Megatron-LM glue share: CE -> none;
-    --sed-threshold wins; a resumed run keeps its checkpoint's tau; a resumed run whose
-    checkpoint has none stops; --finetune and fresh runs calibrate; else the default."""
-    from megatron_sed.calibration import CalibrationResult, resolve_threshold
+    --sed-threshold wins; a resumed run keeps the tau in the args of the checkpoint it
+    loads (read from --load at --ckpt-step); a resumed run whose checkpoint has none stops;
+    --finetune and fresh runs calibrate; else the default."""
+    from megatron_sed.calibration import CalibrationResult, resolve, resolve_threshold
     from megatron_sed.flags import DEFAULT_SED_THRESHOLD
 
-    calls = []
+    calls, reads = [], []
 
     def calibrate():
         calls.append(1)
         return CalibrationResult(0.42, 0.3, 2, 8, 100, 0.3)
 
-    saved = {"tau": 0.77, "source": "ema", "ema": {"tau": 0.77}}
-    resumed = dict(load="ck", iteration=5)
+    checkpoints = {"ck": {"tau": 0.77, "source": "ema", "ema": {"tau": 0.77}}, "bare": None}
+
+    def read_checkpoint_args(path, iteration=None):  # the checkpoint's saved args
+        reads.append((path, iteration))
+        return argparse.Namespace(sed_threshold_state=checkpoints[path])
+
+    monkeypatch.setattr(resolve, "read_checkpoint_args", read_checkpoint_args)
+    resumed = dict(load="ck", iteration=5, ckpt_step=3)
 
     args = _resolve_args(sed_threshold=0.5, **resumed)
-    assert resolve_threshold(args, saved, calibrate).tau == 0.5 and not calls
+    assert resolve_threshold(args, calibrate).tau == 0.5 and not calls
     assert args.sed_threshold_state["source"] == "--sed-threshold"
 
     args = _resolve_args(**resumed)
-    state = resolve_threshold(args, saved, calibrate)
+    state = resolve_threshold(args, calibrate)
     assert (state.tau, state.source, state.ema) == (0.77, "ema", {"tau": 0.77}) and not calls
+    assert reads[-1] == ("ck", 3)
 
     with pytest.raises(ValueError, match="holds no SED threshold.*--sed-threshold.*--finetune"):
-        resolve_threshold(_resolve_args(**resumed), None, calibrate)
+        resolve_threshold(_resolve_args(**{**resumed, "load": "bare"}), calibrate)
 
+    reads.clear()
     args = _resolve_args(finetune=True, **resumed)
-    state = resolve_threshold(args, saved, calibrate)
-    assert (state.tau, state.source, len(calls)) == (0.42, "calibrated", 1)
+    state = resolve_threshold(args, calibrate)
+    assert (state.tau, state.source, len(calls)) == (0.42, "calibrated", 1) and not reads
     assert args.sed_threshold_state["calibration"]["num_tokens"] == 100
 
-    assert resolve_threshold(_resolve_args(), None, calibrate).tau == 0.42 and len(calls) == 2
-    assert resolve_threshold(_resolve_args(sed_mask_ratio=None), None, calibrate).tau == DEFAULT_SED_THRESHOLD
-    assert resolve_threshold(_resolve_args(loss_type="ce"), saved, calibrate).source == "ce"
-    assert len(calls) == 2
+    assert resolve_threshold(_resolve_args(), calibrate).tau == 0.42 and len(calls) == 2
+    assert resolve_threshold(_resolve_args(sed_mask_ratio=None), calibrate).tau == DEFAULT_SED_THRESHOLD
+    assert resolve_threshold(_resolve_args(loss_type="ce", **resumed), calibrate).source == "ce"
+    assert len(calls) == 2 and not reads

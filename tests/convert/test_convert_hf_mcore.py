@@ -101,7 +101,6 @@ def _load_worker(rank, world_size, cases, result_dir):
     from megatron.core import dist_checkpointing, parallel_state
 
     from megatron_sed.backend import cpu as cpu_backend
-    from megatron_sed.checkpointing import SyncTorchDistSaveStrategy
     from megatron_sed.model import build_gpt_model
 
     for name, ckpt_root in cases:
@@ -143,11 +142,13 @@ def _load_worker(rank, world_size, cases, result_dir):
             if rank == 0:
                 torch.save(logits[..., :vocab].clone(), os.path.join(result_dir, f"{name}_{label}.pt"))
             if label == "tp2":
-                # What Megatron-LM writes, by its own code: generate_state_dict's model
-                # sharded state dict + args / checkpoint_version / iteration in the common
-                # state, at get_checkpoint_name's iter_NNNNNNN, then the tracker; fc1 in the
-                # "singleton" _w/_v layout for Qwen2 to cover it.
+                # What Megatron-LM saves, by its own code: generate_state_dict's state (model
+                # sharded state dict + args / checkpoint_version / iteration), fc1 in the
+                # "singleton" _w/_v layout for Qwen2 to cover it, written by the project's
+                # one writer at the paths Megatron's get_checkpoint_name / tracker name.
                 from megatron.training import checkpointing as mlm
+
+                from megatron_sed.checkpointing.writer import write_checkpoint
 
                 save = os.path.join(result_dir, f"{name}_mlm")
                 mlm_args = argparse.Namespace(
@@ -157,14 +158,9 @@ def _load_worker(rank, world_size, cases, result_dir):
                 sd = mlm.generate_state_dict(
                     mlm_args, [model], None, None, None, iteration=7, model_sd_kwargs={"metadata": md}
                 )
-                out = mlm.get_checkpoint_name(save, 7, return_base_dir=True)
-                if rank == 0:
-                    os.makedirs(out)
-                dist.barrier()
-                dist_checkpointing.save(sd, out, sharded_strategy=SyncTorchDistSaveStrategy())
-                if rank == 0:
-                    with open(mlm.get_checkpoint_tracker_filename(save), "w") as f:
-                        f.write("7")
+                out = write_checkpoint(save, 7, sd)
+                assert str(out) == mlm.get_checkpoint_name(save, 7, return_base_dir=True)
+                assert Path(mlm.get_checkpoint_tracker_filename(save)).read_text() == "7"
             parallel_state.destroy_model_parallel()
         cpu_backend.uninstall()
 

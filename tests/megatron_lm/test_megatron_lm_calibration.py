@@ -168,20 +168,11 @@ def _expected_tau(recipe="supervised"):
 
 
 def _save_checkpoint(root, args, iteration):
-    """A Megatron-LM style save dir whose common state holds `args` (all ranks call it)."""
-    from megatron.core import dist_checkpointing
+    """A save dir whose common state holds `args`, as Megatron-LM saves one (all ranks call
+    it): the project's one checkpoint writer, without weights."""
+    from megatron_sed.checkpointing.writer import checkpoint_state, write_checkpoint
 
-    from megatron_sed.checkpointing import SyncTorchDistSaveStrategy
-
-    directory = root / f"iter_{iteration:07d}"
-    if torch.distributed.get_rank() == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-        (root / "latest_checkpointed_iteration.txt").write_text(str(iteration))
-    torch.distributed.barrier()
-    saved = argparse.Namespace(**vars(args))
-    dist_checkpointing.save(
-        {"args": saved, "iteration": iteration}, str(directory), sharded_strategy=SyncTorchDistSaveStrategy()
-    )
+    write_checkpoint(root, iteration, checkpoint_state(None, argparse.Namespace(**vars(args)), iteration))
 
 
 def _worker(rank, world_size, tp, save):
@@ -198,7 +189,6 @@ def _worker(rank, world_size, tp, save):
     mlm = _PretrainGPT(args)
     model = _build_model()
     model.train()
-    megatron_lm._logged = False
     steps = -(-NUM_SAMPLES // (dp * MBS))
     train_batch = torch.utils.data.default_collate([_HeldOut(MBS)[i] for i in range(MBS)])
     out, _ = mlm.forward_step(iter([train_batch]), model)  # calibrates, then the training forward

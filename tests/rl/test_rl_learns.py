@@ -36,8 +36,14 @@ def one_process():
 def ckpt_args():
     from megatron_sed.data.tokenizer import ByteTokenizer
 
+    # Warmed up on its own prompts (below), not on the trainer's built-in synthetic set, whose
+    # system prompt eval and RL would otherwise sample with.
     return tiny_model_args(
-        vocab_size=ByteTokenizer().vocab_size, hidden_size=32, ffn_hidden_size=64, sft_tokenizer_type="byte"
+        vocab_size=ByteTokenizer().vocab_size,
+        hidden_size=32,
+        ffn_hidden_size=64,
+        sft_tokenizer_type="byte",
+        data_path=["warmup"],
     )
 
 

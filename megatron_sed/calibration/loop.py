@@ -1,4 +1,4 @@
-"""The calibration engine: tau for --sed-mask-ratio from held-out samples run through a
+"""The calibration loop: tau for --sed-mask-ratio from held-out samples run through a
 Megatron-style forward_step, so megatron-sed-train and the Megatron-LM glue feed the same
 steps (collect the statistic at the recipe's positions -> gather over DP x CP -> the
 recipe's order statistic).
