@@ -1,6 +1,8 @@
 """Output layer + SED loss, forward and backward, on this CPU: fused (logit-free,
 megatron_sed.ops.fused_linear_sed) against materialised (logits = X W^T, then
-vocab_parallel_sed_loss), at TP 1 on the same hidden states, weight and targets.
+vocab_parallel_sed_loss), at TP 1 on the same hidden states, weight, targets and loss
+mask. "fused" is handed the loss mask (the gradient computed in the forward, 3 GEMMs:
+what the trainer runs), "fused-recompute" is not (logits recomputed in the backward).
 
 Each measurement runs in a fresh process. Memory: the process's peak RSS above what it
 held once its inputs (hidden states X, weight W) existed, less the weight gradient (both
@@ -42,7 +44,7 @@ def _rss_peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _run_once(impl, x, w, target, cfg, chunk):
+def _run_once(impl, x, w, target, mask, cfg, chunk):
     import torch
 
     from megatron_sed import vocab_parallel_sed_loss
@@ -50,11 +52,15 @@ def _run_once(impl, x, w, target, cfg, chunk):
 
     x.grad = w.grad = None
     c0, t0 = time.process_time(), time.perf_counter()
-    if impl == "fused":
-        loss, _ = fused_linear_sed_loss(x, w, target, cfg, chunk_tokens=chunk)
+    if impl.startswith("fused"):
+        # "fused": handed the loss mask, as the trainer's output processor does (the
+        # gradient in the forward, 3 GEMMs); "fused-recompute": without (4 GEMMs)
+        hint = mask if impl == "fused" else None
+        loss, _ = fused_linear_sed_loss(x, w, target, cfg, chunk_tokens=chunk, grad_hint=hint)
     else:
         loss, _ = vocab_parallel_sed_loss(torch.matmul(x, w.t()), target, cfg)
-    loss.sum().backward()
+    # Megatron's loss_func: the masked sum over the supervised tokens, per token
+    (loss * mask).sum().div(mask.sum()).backward()
     return time.process_time() - c0, time.perf_counter() - t0
 
 
@@ -69,12 +75,15 @@ def worker(args):
     x = (torch.randn(args.tokens, 1, args.hidden, generator=g) * 0.5).to(dtype).requires_grad_()
     w = (torch.randn(args.vocab, args.hidden, generator=g) / args.hidden**0.5 * 4).to(dtype).requires_grad_()
     target = torch.randint(0, args.vocab, (args.tokens, 1), generator=g)
+    mask = (torch.rand(args.tokens, 1, generator=g) < 0.7).float()  # prompts are not supervised
     cfg = SEDConfig(coef=1.0, top_k=2, threshold=0.95, mask="topk_mass", impl="torch")
     small = x[:8].detach().clone().requires_grad_()
-    _run_once(args.impl, small, w, target[:8], cfg, args.chunk)  # imports (8 tokens: little retained)
+    _run_once(
+        args.impl, small, w, target[:8], mask[:8], cfg, args.chunk
+    )  # imports (8 tokens: little retained)
     w.grad = None
     base = _rss_now()
-    runs = [_run_once(args.impl, x, w, target, cfg, args.chunk) for _ in range(args.repeat)]
+    runs = [_run_once(args.impl, x, w, target, mask, cfg, args.chunk) for _ in range(args.repeat)]
     extra = max(0, _rss_peak() - base) - w.numel() * w.element_size()
     cpu = sorted(c for c, _ in runs)[len(runs) // 2]
     wall = sorted(t for _, t in runs)[len(runs) // 2]
@@ -112,9 +121,11 @@ def measure(impl, tokens, vocab, hidden, dtype, repeat, threads, chunk):
 
 HEADER = (
     "| tokens | vocab | hidden | dtype | chunk | materialised CPU ms | fused CPU ms | fused/mat. CPU time | "
-    "fused/mat. wall | logits+grad MiB | materialised extra MiB | fused extra MiB | fused extra / (logits+grad) |"
+    "fused/mat. wall | recompute/mat. CPU time | logits+grad MiB | materialised extra MiB | fused extra MiB | "
+    "fused extra / (logits+grad) | recompute extra / (logits+grad) |"
 )
-NCOLS = 13
+NCOLS = 15
+IMPLS = ("materialised", "fused", "fused-recompute")
 
 
 def main():
@@ -157,7 +168,7 @@ def main():
         tokens, vocab, hidden = (int(v) for v in shape.split("x"))
         res = {
             impl: measure(impl, tokens, vocab, hidden, args.dtype, args.repeat, args.threads, args.chunk)
-            for impl in ("materialised", "fused")
+            for impl in IMPLS
         }
         chunk = args.chunk or default_chunk_tokens(tokens, vocab)
         logits_grad = tokens * vocab * nbytes * 2 / 2**20
@@ -166,8 +177,10 @@ def main():
         mib = {k: v["extra_bytes"] / 2**20 for k, v in res.items()}
         row = (
             f"| {tokens} | {vocab} | {hidden} | {args.dtype} | {chunk} | {ms['materialised']:.0f} | "
-            f"{ms['fused']:.0f} | {ms['fused'] / ms['materialised']:.2f} | {wall:.2f} | {logits_grad:.0f} | "
-            f"{mib['materialised']:.0f} | {mib['fused']:.0f} | {mib['fused'] / logits_grad:.3f} |"
+            f"{ms['fused']:.0f} | {ms['fused'] / ms['materialised']:.2f} | {wall:.2f} | "
+            f"{ms['fused-recompute'] / ms['materialised']:.2f} | {logits_grad:.0f} | "
+            f"{mib['materialised']:.0f} | {mib['fused']:.0f} | {mib['fused'] / logits_grad:.3f} | "
+            f"{mib['fused-recompute'] / logits_grad:.3f} |"
         )
         print(row, flush=True)
         rows.append(row)

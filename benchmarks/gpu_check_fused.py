@@ -4,8 +4,13 @@
 - exactness: bf16 and fp32, fused vs materialised (output layer GEMM + SED op) vs the
   float64 reference: loss, statistics, dX, dW (the tolerances of
   tests/ops/test_fused_linear_sed.py);
-- timing: output layer + loss forward and backward (CUDA events, median), peak memory
-  above the inputs: fused (default chunk and a 4x larger one) against materialised SED,
+- exactness both ways of the fused gradient: in the forward (handed the loss mask, the
+  upstream gradient c x mask: what the trainer runs) and recomputed in the backward (a
+  general upstream gradient);
+- timing: output layer + loss forward and backward (CUDA events, median; the per-token
+  loss reduced with a loss mask, as Megatron's loss_func does), peak memory above the
+  inputs: fused (handed the mask; default chunk and a 4x larger one; and without the
+  mask, recomputing the logits in the backward) against materialised SED,
   materialised Megatron CE (its output layer + vocab_parallel_cross_entropy) and Liger's
   fused linear CE where it imports. Target: fused <= 1.1 x materialised SED's time.
 """
@@ -21,6 +26,7 @@ from gpu_check_registry import FAIL, Check, Context, Outcome, info, skip, verdic
 # the tolerances of tests/ops/test_fused_linear_sed.py: loss (absolute), dX and dW
 # (relative to their max)
 EXACT_TOL = {"bf16": (2e-5, 2e-2), "fp32": (2e-5, 1e-5)}
+UPSTREAM = ("loss_mask", "any")  # the gradient in the forward / recomputed in the backward
 
 
 def shapes(dry: bool):
@@ -35,11 +41,22 @@ def exact_shape(dry: bool):
 
 
 def timing_methods() -> list[str]:
-    return ["materialised_sed", "fused_sed", "fused_sed_chunk_x4", "megatron_ce", "liger_flce"]
+    return [
+        "materialised_sed",
+        "fused_sed",
+        "fused_sed_chunk_x4",
+        "fused_sed_recompute",
+        "megatron_ce",
+        "liger_flce",
+    ]
 
 
 def checks(dry_run: bool) -> list[Check]:
-    out = [Check("fused", f"exact {dname}", partial(exact_row, dname=dname)) for dname in EXACT_TOL]
+    out = [
+        Check("fused", f"exact {dname} upstream {up}", partial(exact_row, dname=dname, upstream=up))
+        for dname in EXACT_TOL
+        for up in UPSTREAM
+    ]
     out += [
         Check("fused", f"{t} x {v} x {h} {m}", partial(timing_row, shape=(t, v, h), method=m))
         for t, v, h in shapes(dry_run)
@@ -48,9 +65,11 @@ def checks(dry_run: bool) -> list[Check]:
     return out
 
 
-def check_exact(device, dtype, dry):
+def check_exact(device, dtype, dry, upstream="any"):
     """max relative errors {loss, stats, dx, dw} of the fused path vs float64, and
-    the fused vs materialised loss difference."""
+    the fused vs materialised loss difference. upstream "loss_mask": the upstream gradient
+    is c x a loss mask handed to the op (the gradient in the forward); "any": a general
+    one (recomputed in the backward)."""
     import torch
 
     from megatron_sed import SEDConfig, vocab_parallel_sed_loss
@@ -63,14 +82,19 @@ def check_exact(device, dtype, dry):
     target = torch.randint(0, v, (n, 1), generator=g)
     target[::7] = -100
     grad = torch.rand(n, 1, generator=g)
+    hint = None
+    if upstream == "loss_mask":
+        hint = (torch.rand(n, 1, generator=g) < 0.7).float()
+        grad = 0.37 * hint
     cfg = SEDConfig(coef=1.0, top_k=2, threshold=0.9)
     x, w = x64.to(device, dtype), w64.to(device, dtype)
     t, gr = target.to(device), grad.to(device)
+    hint = None if hint is None else hint.to(device)
 
     def run(fused):
         xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
         if fused:
-            loss, stats = fused_linear_sed_loss(hidden=xi, weight=wi, target=t, cfg=cfg)
+            loss, stats = fused_linear_sed_loss(hidden=xi, weight=wi, target=t, cfg=cfg, grad_hint=hint)
         else:
             loss, stats = vocab_parallel_sed_loss(xi @ wi.t(), t, cfg)
         (loss * gr).sum().backward()
@@ -117,26 +141,32 @@ def _median_ms(fn, iters, warmup, device):
 
 
 def build(device, tp_group):
-    """name -> fn(x, w, target) returning the per-token loss (or a reason string)."""
+    """name -> fn(x, w, target, loss_mask) returning the per-token loss (or a reason string)."""
     from megatron_sed import SEDConfig, vocab_parallel_sed_loss
     from megatron_sed.ops.fused_linear_sed import default_chunk_tokens, fused_linear_sed_loss
 
     cfg = SEDConfig(coef=1.0, top_k=2, threshold=0.95)
     methods = {
-        "materialised_sed": lambda x, w, t: vocab_parallel_sed_loss(x @ w.t(), t, cfg)[0],
-        "fused_sed": lambda x, w, t: fused_linear_sed_loss(hidden=x, weight=w, target=t, cfg=cfg)[0],
-        "fused_sed_chunk_x4": lambda x, w, t: fused_linear_sed_loss(
+        "materialised_sed": lambda x, w, t, m: vocab_parallel_sed_loss(x @ w.t(), t, cfg)[0],
+        "fused_sed": lambda x, w, t, m: fused_linear_sed_loss(
+            hidden=x, weight=w, target=t, cfg=cfg, grad_hint=m
+        )[0],
+        "fused_sed_chunk_x4": lambda x, w, t, m: fused_linear_sed_loss(
             hidden=x,
             weight=w,
             target=t,
             cfg=cfg,
             chunk_tokens=4 * default_chunk_tokens(t.numel(), w.shape[0]),
+            grad_hint=m,
+        )[0],
+        "fused_sed_recompute": lambda x, w, t, m: fused_linear_sed_loss(
+            hidden=x, weight=w, target=t, cfg=cfg
         )[0],
     }
     try:
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-        methods["megatron_ce"] = lambda x, w, t: vocab_parallel_cross_entropy((x @ w.t()).float(), t)
+        methods["megatron_ce"] = lambda x, w, t, m: vocab_parallel_cross_entropy((x @ w.t()).float(), t)
     except ImportError as exc:
         methods["megatron_ce"] = f"skipped: {exc.__class__.__name__}"
     try:
@@ -144,7 +174,7 @@ def build(device, tp_group):
 
         liger = LigerFusedLinearCrossEntropyLoss(reduction="none")
         methods["liger_flce"] = (
-            (lambda x, w, t: liger(w, x.view(-1, x.shape[-1]), t.view(-1)))
+            (lambda x, w, t, m: liger(w, x.view(-1, x.shape[-1]), t.view(-1)))
             if device.type == "cuda"
             else "skipped: CUDA only"
         )
@@ -162,6 +192,7 @@ def time_shape(device, tokens, vocab, hidden, iters, warmup):
     x = (torch.randn(tokens, 1, hidden, generator=g, device=device) * 0.5).to(dtype)
     w = (torch.randn(vocab, hidden, generator=g, device=device) * (4.0 / hidden**0.5)).to(dtype)
     target = torch.randint(0, vocab, (tokens, 1), generator=g, device=device)
+    mask = (torch.rand(tokens, 1, generator=g, device=device) < 0.7).float()
     out = {}
     for name, fn in build(device, None).items():
         if isinstance(fn, str):
@@ -171,7 +202,8 @@ def time_shape(device, tokens, vocab, hidden, iters, warmup):
 
         def step(fn=fn, xi=xi, wi=wi):
             xi.grad = wi.grad = None
-            fn(xi, wi, target).float().sum().backward()
+            # Megatron's loss_func: the masked per-token mean
+            (fn(xi, wi, target, mask).float().view(-1) * mask.view(-1)).sum().div(mask.sum()).backward()
 
         try:
             out[name] = _median_ms(step, iters, warmup, device)
@@ -186,10 +218,11 @@ def time_shape(device, tokens, vocab, hidden, iters, warmup):
 # -- rows -------------------------------------------------------------------------------
 
 
-def exact_row(ctx: Context, dname: str) -> Outcome:
+def exact_row(ctx: Context, dname: str, upstream: str) -> Outcome:
     import torch
 
-    r = check_exact(ctx.device, {"bf16": torch.bfloat16, "fp32": torch.float32}[dname], ctx.dry_run)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dname]
+    r = check_exact(ctx.device, dtype, ctx.dry_run, upstream)
     loss_tol, grad_tol = EXACT_TOL[dname]
     ok = r["loss"] <= loss_tol and r["dx"] <= grad_tol and r["dw"] <= grad_tol
     return verdict(

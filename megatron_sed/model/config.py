@@ -159,7 +159,19 @@ def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
 
     for name, value in settings.items():
         setattr(full, name, value)
-    return core_transformer_config_from_args(full)
+    return _megatron_computes_native_ce(core_transformer_config_from_args(full))
+
+
+def _megatron_computes_native_ce(config: TransformerConfig) -> TransformerConfig:
+    """--cross-entropy-fusion-impl linear is the plugin's (the main head's output layer
+    fused with its loss, megatron_sed.model.fused_output, chosen from the parsed args).
+    The losses Megatron still computes on materialised logits itself, the multi-token-
+    prediction heads', read the config's impl, which megatron-core (<= 0.19) knows only as
+    native or te (with linear it computes none): for them --cross-entropy-loss-fusion
+    means its native fused CE."""
+    if config.cross_entropy_loss_fusion and config.cross_entropy_fusion_impl == "linear":
+        config.cross_entropy_fusion_impl = "native"
+    return config
 
 
 # --- megatron-core 0.16.1 (the compatibility leg): no megatron.training ------------------

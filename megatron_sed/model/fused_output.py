@@ -13,10 +13,16 @@ embedding) else the layer's own.
 
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import Tensor
 
 from megatron_sed.ops.config import SEDConfig
-from megatron_sed.ops.fused_linear_sed import default_chunk_tokens, fused_linear_sed_loss
+from megatron_sed.ops.fused_linear_sed import (
+    default_chunk_tokens,
+    fused_linear_sed_loss,
+    grad_in_forward_fits,
+)
 from megatron_sed.ops.stats import SEDStats
 from megatron_sed.utils.log import print_rank_last
 
@@ -35,11 +41,21 @@ def unsupported_reason(output_layer, config) -> str | None:
 
 
 def fused_output_loss(
-    hidden_states: Tensor, output_layer, output_weight, labels: Tensor, cfg: SEDConfig, config=None
+    hidden_states: Tensor,
+    output_layer,
+    output_weight,
+    labels: Tensor,
+    cfg: SEDConfig,
+    config=None,
+    loss_mask: Optional[Tensor] = None,
 ) -> tuple[Tensor, SEDStats]:
     """(per-token loss [b, s] float32, SEDStats of [s, b] tensors) of the output layer +
     SED loss on `hidden_states` [s, b, h] ([s/tp, b, h] under sequence parallelism) and
-    `labels` [b, s]. Nothing is stashed: the caller handles the stats."""
+    `labels` [b, s]. Nothing is stashed: the caller handles the stats.
+
+    `loss_mask` [b, s] (what Megatron hands the output processor, and what loss_func
+    reduces the per-token loss with) lets the op compute the gradient during the forward
+    (3 GEMMs instead of 4; exact, checked in the backward)."""
     reason = unsupported_reason(output_layer, config)
     if reason is not None:
         raise ValueError(
@@ -51,7 +67,7 @@ def fused_output_loss(
         getattr(weight, "main_grad", None) is not None
     )
     sp = bool(getattr(output_layer, "sequence_parallel", False))
-    _announce(hidden_states, weight, output_layer, sp, cfg, into_main_grad)
+    _announce(hidden_states, weight, output_layer, sp, cfg, into_main_grad, loss_mask is not None)
     loss, stats = fused_linear_sed_loss(
         hidden_states,
         weight,
@@ -61,23 +77,26 @@ def fused_output_loss(
         sequence_parallel=sp,
         chunk_tokens=cfg.kernel.fused_chunk_tokens,
         accumulate_into_main_grad=into_main_grad,
+        grad_hint=None if loss_mask is None else loss_mask.transpose(0, 1),
     )
     return loss.transpose(0, 1).contiguous(), stats  # [s, b] -> [b, s], like Megatron
 
 
-def _announce(hidden_states, weight, output_layer, sp, cfg, into_main_grad) -> None:
+def _announce(hidden_states, weight, output_layer, sp, cfg, into_main_grad, has_mask) -> None:
     """One line per shape, from the last rank (the one with the loss under PP): that the
-    fused path runs and with which chunks."""
+    fused path runs, with which chunks, and where its gradient is computed."""
     tp_group = getattr(output_layer, "tp_group", None)
     tp = tp_group.size() if sp and tp_group is not None else 1
     tokens = hidden_states.shape[0] * tp * hidden_states.shape[1]
     chunk = cfg.kernel.fused_chunk_tokens or default_chunk_tokens(tokens, weight.shape[0])
-    key = (tokens, weight.shape[0], chunk)
+    in_forward = has_mask and grad_in_forward_fits(tokens, weight, into_main_grad)
+    key = (tokens, weight.shape[0], chunk, in_forward)
     if key in _announced:
         return
     _announced.add(key)
     print_rank_last(
         f"SED: output layer fused with the loss (--cross-entropy-fusion-impl linear): {tokens} "
         f"tokens x {weight.shape[0]} vocab rows per rank in chunks of {min(chunk, tokens)} tokens"
-        f"{', sequence-parallel' if sp else ''}{', wgrad into main_grad' if into_main_grad else ''}"
+        f"{', sequence-parallel' if sp else ''}{', wgrad into main_grad' if into_main_grad else ''}, "
+        + ("gradient computed in the forward" if in_forward else "logits recomputed in the backward")
     )

@@ -55,6 +55,7 @@ def sed_output_processor(
     output_layer,
     output_weight,
     labels,
+    loss_mask=None,
     runtime_gather_output=None,
     context=None,
     scale_logits=None,
@@ -67,7 +68,7 @@ def sed_output_processor(
     With context.config.kernel.linear_fusion the two are fused (model/fused_output.py)."""
     if labels is not None and context is not None and context.config.kernel.linear_fusion:
         loss, stats = fused_output_loss(
-            hidden_states, output_layer, output_weight, labels, context.config, config
+            hidden_states, output_layer, output_weight, labels, context.config, config, loss_mask=loss_mask
         )
         context.record(stats)
         return loss

@@ -7,31 +7,43 @@ computes, without ever holding the `[s, b, V/tp]` logits or their gradient:
 - forward: chunk by chunk over the tokens, the chunk's logits are formed (one GEMM in the
   input dtype, as the output layer does) and reduced at once to the op's per-row partials
   (torch_sed.VocabParallelSED.forward_partials, the same code the materialised op runs);
-  only the [N, 4 + k] partials survive the chunk. Then the op's one all-gather of the
-  partials and the combination (partials.gather_and_combine): every statistic, and the
+  only the [N, 4 + k] partials survive the chunk. The partials are combined
+  (partials.gather_and_combine, the op's all-gather at TP > 1): every statistic, and the
   three per-row scalars alpha, beta, gamma of the gradient (docs/method.md).
-- backward: chunk by chunk again, the logits are recomputed (the price of holding none:
-  one extra GEMM), turned into dL/dz in place by the op's own backward
-  (VocabParallelSED.backward_inplace), rounded to the input dtype as autograd rounds the
-  materialised gradient, and consumed at once by the two GEMMs dX = dz W and dW += dz^T X.
-  dW accumulates in float32 (into `weight.main_grad` under Megatron's
+- the gradient, one of two ways:
+  * in the forward (`grad_hint` given, the weights the caller reduces the per-token loss
+    with, e.g. the loss mask; 3 GEMMs): each chunk is combined at once and its dL/dz for
+    an upstream gradient equal to the hint consumed while the logits are at hand; the
+    backward checks that the upstream gradient is c x hint and scales the results by c
+    (exact: everything is linear in the upstream gradient), or recomputes as below.
+  * in the backward (4 GEMMs): chunk by chunk again, the logits are recomputed (the price
+    of holding no gradient buffer), turned into dL/dz in place by the op's own backward
+    (VocabParallelSED.backward_inplace).
+  Either way dL/dz is rounded to the input dtype as autograd rounds the materialised
+  gradient and consumed at once by the two GEMMs dX = dz W and dW += dz^T X. dW
+  accumulates in float32 (in the backward way into `weight.main_grad` under Megatron's
   gradient_accumulation_fusion, as its LinearWithGradAccumulationAndAsyncCommunication
   does).
 
-Collectives per micro-batch, whatever the number of chunks: forward one all-gather of the
-partials (plus, with sequence parallelism, the all-gather of the hidden states that
-Megatron's ColumnParallelLinear does); backward, with sequence parallelism, the same
-all-gather again (the gathered hidden states are not kept, as in Megatron) and the
-reduce-scatter of their gradient, without it one all-reduce of the hidden-state gradient
-(Megatron's column-parallel dgrad all-reduce). None when TP is 1.
+Collectives per micro-batch. Gradient in the backward, whatever the number of chunks:
+forward one all-gather of the partials (plus, with sequence parallelism, the all-gather
+of the hidden states that Megatron's ColumnParallelLinear does); backward, with sequence
+parallelism, the same all-gather again (the gathered hidden states are not kept, as in
+Megatron) and the reduce-scatter of their gradient, without it one all-reduce of the
+hidden-state gradient (Megatron's column-parallel dgrad all-reduce). Gradient in the
+forward: one all-gather of a chunk's partials per chunk, and the hidden-state gradient's
+reduction, all in the forward. None when TP is 1.
 
 Memory beyond the inputs and the weight gradient: the [N, 4 + k] partials, a few [N]
 vectors, the gathered hidden states (SP) and one chunk's logits in a few forms (input
-dtype, float32 work, its input-dtype rounding): see `default_chunk_tokens`.
+dtype, float32 work, its input-dtype rounding): see `default_chunk_tokens`; the gradient
+in the forward holds dX and the float32 weight gradient from forward to backward (see
+`grad_in_forward_fits`).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -122,9 +134,80 @@ class _ChunkBuffers:
         return logits, self.work[:n]
 
 
+def _chunks(num_tokens: int, chunk: int):
+    for start in range(0, num_tokens, chunk):
+        yield slice(start, min(start + chunk, num_tokens))
+
+
+def _consume_logit_grad(dz, logits, x_rows, weight, grad_x_rows, acc) -> None:
+    """The output layer's two backward GEMMs on one chunk's dL/dz (float32 `dz`, in the
+    working buffer): dX rows = dz W, acc += dz^T X. For low-precision inputs dz is first
+    rounded to their dtype, as autograd rounds the materialised gradient, and dW of those
+    rounded values accumulates in float32 (exact products, as a low-precision GEMM with
+    float32 accumulation; one rounding at the end)."""
+    if logits.dtype != dz.dtype:
+        dz_low = logits.copy_(dz)  # the logits' buffer is free again
+        torch.mm(dz_low, weight, out=grad_x_rows)
+        if not _addmm_low_precision(acc, dz_low.t(), x_rows):
+            dz.copy_(dz_low)
+            acc.addmm_(dz.t(), x_rows.to(dz.dtype))
+    else:
+        torch.mm(dz, weight, out=grad_x_rows)
+        acc.addmm_(dz.t(), x_rows)
+
+
+def _cat_combined(parts: list) -> Combined:
+    return parts[0] if len(parts) == 1 else Combined(*(torch.cat(field) for field in zip(*parts)))
+
+
+def grad_in_forward_fits(num_tokens: int, weight: torch.Tensor, into_main_grad: bool) -> bool:
+    """Whether the gradient may be computed in the forward (3 GEMMs) rather than recomputed
+    in the backward (4): that path holds a float32 [V/tp, h] weight-gradient buffer from its
+    forward to its backward. Without gradient-accumulation fusion the backward path
+    allocates the same buffer (then cast to the weight's dtype), so nothing is lost; with
+    it (the backward accumulates straight into `main_grad`) the buffer is extra memory and
+    is spent only within the chunk budget: 1/8 of the materialised logits plus gradient
+    (docs/loss.md works the arithmetic through)."""
+    if not into_main_grad:
+        return True
+    vocab_local, hidden = weight.shape
+    buffer_bytes = 4 * vocab_local * hidden
+    materialised_bytes = 2 * num_tokens * vocab_local * weight.element_size()
+    return 8 * buffer_bytes <= materialised_bytes
+
+
+def _upstream_scale(grad_loss: torch.Tensor, hint: torch.Tensor) -> Optional[float]:
+    """The scalar c with grad_loss == c * hint, or None where the upstream gradient is not
+    proportional to the hint. One host sync: the price of knowing that the gradient
+    computed in the forward is the right one."""
+    g = grad_loss.reshape(-1).to(hint.dtype)
+    anchor = hint.abs().argmax()
+    zero = torch.zeros((), dtype=hint.dtype, device=g.device)
+    c = torch.where(hint[anchor] != 0, g[anchor] / hint[anchor], zero)
+    proportional = (g - c * hint).abs().max() <= 1e-6 * g.abs().max()
+    c, proportional = torch.stack([c, proportional.to(c.dtype)]).tolist()
+    return c if proportional else None
+
+
+_fallback_said = False
+
+
+def _say_fallback() -> None:
+    global _fallback_said
+    if not _fallback_said:
+        _fallback_said = True
+        warnings.warn(
+            "fused_linear_sed_loss: the upstream gradient is not proportional to grad_hint; "
+            "the backward recomputes the logits instead (exact, one GEMM slower). Pass the "
+            "weights the per-token loss is reduced with as grad_hint, or none.",
+            stacklevel=2,
+        )
+
+
 class FusedLinearSED(torch.autograd.Function):
-    """apply(hidden, weight, target, cfg, group, world_size, rank, sequence_parallel,
-    chunk_tokens, into_main_grad) -> (loss, *stats in STAT_NAMES order), shaped like target."""
+    """apply(hidden, weight, target, grad_hint, cfg, group, world_size, rank,
+    sequence_parallel, chunk_tokens, into_main_grad) -> (loss, *stats in STAT_NAMES
+    order), shaped like target."""
 
     @staticmethod
     def forward(
@@ -132,6 +215,7 @@ class FusedLinearSED(torch.autograd.Function):
         hidden,
         weight,
         target,
+        grad_hint,
         cfg: SEDConfig,
         group,
         world_size,
@@ -150,35 +234,113 @@ class FusedLinearSED(torch.autograd.Function):
             target_1d, vocab_start, vocab_start + vocab_local
         )
         k_local = min(cfg.top_k, vocab_local)
+        in_forward = (
+            grad_hint is not None
+            and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+            and grad_in_forward_fits(num_tokens, weight, into_main_grad)
+        )
 
         partials = torch.empty((num_tokens, 4 + cfg.top_k), dtype=work_dtype, device=x.device)
         # one set of chunk buffers for the whole pass: a fresh allocation per chunk would
         # page-fault (CPU) the chunk's logits in again each time
         buffers = _ChunkBuffers(min(chunk, num_tokens), vocab_local, x.dtype, work_dtype, x.device)
-        for start in range(0, num_tokens, chunk):
-            end = min(start + chunk, num_tokens)
-            # the output layer, in its dtype; float32 logits are reduced in place (as the
-            # materialised op does), others through the float32 chunk buffer
-            logits, work = buffers.logits(x2d[start:end], weight)
-            partials[start:end] = VocabParallelSED.forward_partials(
-                logits, work, local_target[start:end], in_shard[start:end], k_local, cfg.top_k, cfg.kernel
-            )
+        if in_forward:
+            # Each chunk combined at once (at TP > 1 one all-gather of its partials) and its
+            # dL/dz, for an upstream gradient equal to the hint, consumed by the two
+            # backward GEMMs while the logits are at hand: 3 GEMMs in all. The backward
+            # only scales the results (exact: the loss is linear in the upstream gradient).
+            hint = grad_hint.reshape(-1).to(work_dtype)
+            use_log = backward_needs_log(cfg)
+            grad_x = torch.empty_like(x2d)
+            acc = torch.zeros(weight.shape, dtype=work_dtype, device=weight.device)
+            parts = []
+            for rows in _chunks(num_tokens, chunk):
+                logits, work = buffers.logits(x2d[rows], weight)
+                partials[rows] = VocabParallelSED.forward_partials(
+                    logits, work, local_target[rows], in_shard[rows], k_local, cfg.top_k, cfg.kernel
+                )
+                part = gather_and_combine(partials[rows], target_1d[rows], cfg, group, world_size)
+                parts.append(part)
+                dz = VocabParallelSED.backward_inplace(
+                    work,
+                    partials[rows, COL_MAX] - part.lse,
+                    part.alpha,
+                    part.beta,
+                    part.gamma,
+                    local_target[rows],
+                    in_shard[rows],
+                    hint[rows],
+                    use_log,
+                    cfg.kernel,
+                )
+                _consume_logit_grad(dz, logits, x2d[rows], weight, grad_x[rows], acc)
+            out = _cat_combined(parts)
+            del parts, part, dz
+            grad_x = _reduce_token_grad(grad_x.view(x.shape), sequence_parallel, group, world_size)
+        else:
+            for rows in _chunks(num_tokens, chunk):
+                # the output layer, in its dtype; float32 logits are reduced in place (as
+                # the materialised op does), others through the float32 chunk buffer
+                logits, work = buffers.logits(x2d[rows], weight)
+                partials[rows] = VocabParallelSED.forward_partials(
+                    logits, work, local_target[rows], in_shard[rows], k_local, cfg.top_k, cfg.kernel
+                )
+            out: Combined = gather_and_combine(partials, target_1d, cfg, group, world_size)
+            grad_x = acc = hint = None
         del buffers, logits, work
-        out: Combined = gather_and_combine(partials, target_1d, cfg, group, world_size)
 
         row_max = partials[:, COL_MAX].contiguous()
         ctx.save_for_backward(
-            hidden, weight, row_max, row_max - out.lse, out.alpha, out.beta, out.gamma, local_target, in_shard
+            hidden,
+            weight,
+            row_max,
+            row_max - out.lse,
+            out.alpha,
+            out.beta,
+            out.gamma,
+            local_target,
+            in_shard,
+            grad_x,
+            acc,
+            hint,
         )
         ctx.cfg, ctx.group, ctx.world_size = cfg, group, world_size
         ctx.sequence_parallel, ctx.chunk, ctx.into_main_grad = sequence_parallel, chunk, into_main_grad
+        ctx.in_forward = in_forward
         outputs = out.outputs(target.shape)
         ctx.mark_non_differentiable(*outputs[1:])
         return outputs
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_stat_grads):
-        hidden, weight, row_max, log_scale, alpha, beta, gamma, local_target, in_shard = ctx.saved_tensors
+        (
+            hidden,
+            weight,
+            row_max,
+            log_scale,
+            alpha,
+            beta,
+            gamma,
+            local_target,
+            in_shard,
+            grad_x,
+            acc,
+            hint,
+        ) = ctx.saved_tensors
+        nones = (None,) * 9
+        if ctx.in_forward:
+            c = _upstream_scale(grad_loss, hint)
+            if c is not None:
+                if ctx.into_main_grad:
+                    weight.main_grad.add_(acc, alpha=c)
+                    return (
+                        grad_x.mul_(c),
+                        _weight_grad(weight, weight.main_grad, True),
+                    ) + nones
+                if grad_x.dtype == torch.float64:  # the gradcheck dtype: saved tensors stay intact
+                    return (grad_x * c, _weight_grad(weight, acc * c, False)) + nones
+                return (grad_x.mul_(c), _weight_grad(weight, acc.mul_(c), False)) + nones
+            _say_fallback()
         group, world_size, cfg = ctx.group, ctx.world_size, ctx.cfg
         sp = ctx.sequence_parallel and world_size > 1
         x = _gather_tokens(hidden, group, world_size) if sp else hidden
@@ -194,9 +356,7 @@ class FusedLinearSED(torch.autograd.Function):
         else:
             acc = torch.zeros(weight.shape, dtype=work_dtype, device=weight.device)
         buffers = _ChunkBuffers(min(ctx.chunk, num_tokens), weight.shape[0], x.dtype, work_dtype, x.device)
-        for start in range(0, num_tokens, ctx.chunk):
-            end = min(start + ctx.chunk, num_tokens)
-            rows = slice(start, end)
+        for rows in _chunks(num_tokens, ctx.chunk):
             logits, work = buffers.logits(x2d[rows], weight)
             if work is not logits:
                 work.copy_(logits)
@@ -214,26 +374,22 @@ class FusedLinearSED(torch.autograd.Function):
                 use_log,
                 cfg.kernel,
             )
-            if x.dtype != work_dtype:
-                # autograd rounds the materialised gradient to the logits' dtype; so do we,
-                # and accumulate dW of those rounded values in float32 (exact products, as
-                # a low-precision GEMM with float32 accumulation; one rounding at the end)
-                dz_low = logits.copy_(dz)  # the logits' buffer is free again
-                torch.mm(dz_low, weight, out=grad_x[rows])
-                if not _addmm_low_precision(acc, dz_low.t(), x2d[rows]):
-                    dz.copy_(dz_low)
-                    acc.addmm_(dz.t(), x2d[rows].to(work_dtype))
-            else:
-                torch.mm(dz, weight, out=grad_x[rows])
-                acc.addmm_(dz.t(), x2d[rows])
+            _consume_logit_grad(dz, logits, x2d[rows], weight, grad_x[rows], acc)
         del buffers, logits, work, dz
-        grad_x = grad_x.view(x.shape)
-        if sp:
-            grad_x = _scatter_token_grad(grad_x, group, world_size)
-        elif world_size > 1:
-            dist.all_reduce(grad_x, group=group)
-        grad_w = _weight_grad(weight, acc, ctx.into_main_grad)
-        return grad_x, grad_w, None, None, None, None, None, None, None, None
+        grad_x = _reduce_token_grad(grad_x.view(x.shape), ctx.sequence_parallel, group, world_size)
+        return (grad_x, _weight_grad(weight, acc, ctx.into_main_grad)) + nones
+
+
+def _reduce_token_grad(grad_x: torch.Tensor, sequence_parallel: bool, group, world_size: int) -> torch.Tensor:
+    """Each rank's hidden-state gradient holds its vocab shard's part: with sequence
+    parallelism reduce-scatter it back to the rank's tokens, without it all-reduce it
+    (Megatron's column-parallel dgrad all-reduce)."""
+    if world_size == 1:
+        return grad_x
+    if sequence_parallel:
+        return _scatter_token_grad(grad_x, group, world_size)
+    dist.all_reduce(grad_x, group=group)
+    return grad_x
 
 
 def fused_linear_sed_loss(
@@ -245,6 +401,7 @@ def fused_linear_sed_loss(
     sequence_parallel: bool = False,
     chunk_tokens: Optional[int] = None,
     accumulate_into_main_grad: bool = False,
+    grad_hint: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, SEDStats]:
     """SED-SFT loss of the output layer `hidden @ weight.T`, never materialising its logits.
 
@@ -261,6 +418,12 @@ def fused_linear_sed_loss(
         chunk_tokens: tokens per chunk (None: default_chunk_tokens).
         accumulate_into_main_grad: add the weight gradient into `weight.main_grad` (float32)
             as Megatron's gradient_accumulation_fusion does.
+        grad_hint: [s, b] (or [s/tp, b]-free: the whole sequence, like target) the weights
+            the caller reduces the per-token loss with (the loss mask): the upstream
+            gradient is then c * grad_hint for one scalar c, and the gradient is computed
+            during the forward while each chunk's logits are at hand (3 GEMMs instead of
+            4; see grad_in_forward_fits). The backward checks the proportionality (one
+            host sync) and recomputes, exactly, where it does not hold. None: recompute.
 
     Returns:
         (loss [s, b] float32, SEDStats of [s, b] tensors): exactly vocab_parallel_sed_loss
@@ -293,10 +456,15 @@ def fused_linear_sed_loss(
         chunk_tokens = default_chunk_tokens(num_tokens, weight.shape[0])
     elif isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be a positive integer or None, got {chunk_tokens!r}")
+    if grad_hint is not None and tuple(grad_hint.shape) != tuple(target.shape):
+        raise ValueError(
+            f"grad_hint shape {tuple(grad_hint.shape)} must be the target's {tuple(target.shape)}"
+        )
     outputs = FusedLinearSED.apply(
         hidden,
         weight,
         target,
+        grad_hint,
         cfg,
         group,
         world_size,

@@ -45,6 +45,23 @@ def test_config_is_megatrons_own_for_parsed_args():
 
 
 @needs_megatron_training
+def test_linear_fusion_leaves_megatrons_own_losses_its_native_fused_ce():
+    """--cross-entropy-fusion-impl linear is the plugin's (the main head); the losses
+    Megatron computes itself (the MTP heads') get its native fused CE: with 'linear' in
+    the config, megatron-core's compute_language_model_loss computes nothing (it raised
+    UnboundLocalError in an MTP run)."""
+    from megatron_sed.model.config import parse_megatron_args
+    from megatron_sed.train.arguments import add_trainer_args  # adds the 'linear' choice
+
+    fusion = ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl"]
+    for impl, want in (("linear", "native"), ("native", "native")):
+        args = parse_megatron_args(TINY_MODEL_FLAGS + fusion + [impl], extra_args_provider=add_trainer_args)
+        cfg = transformer_config_from_args(args)
+        assert cfg.cross_entropy_loss_fusion and cfg.cross_entropy_fusion_impl == want, impl
+        assert args.cross_entropy_fusion_impl == impl  # the plugin reads its choice from the args
+
+
+@needs_megatron_training
 def test_checkpoint_args_are_completed_with_megatrons_defaults():
     """A converted checkpoint's args record the model only; what they lack is what the
     trainer's parser would give a run that loads them (not TransformerConfig's own

@@ -75,19 +75,54 @@ def _materialised(x, w, target, grad, cfg, tp_group=None):
     return loss, stats, x.grad, w.grad
 
 
+def _loss_mask(seed=5):
+    """A loss mask (0/1) and the upstream gradient Megatron's loss_func gives the per-token
+    loss with it: one scalar (1 / tokens, the loss scale) times the mask."""
+    hint = (torch.rand(S, B, generator=torch.Generator().manual_seed(seed)) < 0.7).float()
+    return hint, 0.37 * hint
+
+
+class _LogitGEMMs:
+    """Counts the output layer's logit GEMMs (one per chunk and pass) of the fused op."""
+
+    def __init__(self, monkeypatch):
+        from megatron_sed.ops import fused_linear_sed
+
+        self.calls = 0
+        original = fused_linear_sed._ChunkBuffers.logits
+
+        def counted(buffers, x_rows, weight):
+            self.calls += 1
+            return original(buffers, x_rows, weight)
+
+        monkeypatch.setattr(fused_linear_sed._ChunkBuffers, "logits", counted)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("regularizer,mask", [("quadratic", "topk_mass"), ("entropy", "entropy")])
-def test_fused_equals_reference_and_materialised(dtype, regularizer, mask):
+@pytest.mark.parametrize("upstream", ["any", "loss_mask"])
+def test_fused_equals_reference_and_materialised(dtype, regularizer, mask, upstream, monkeypatch):
+    """upstream "any": a general upstream gradient, no hint: the backward recomputes the
+    logits. "loss_mask": the gradient is c x the hint (the trainer's case): computed in the
+    forward, the backward forms no logits."""
     from megatron_sed.ops.fused_linear_sed import fused_linear_sed_loss
 
     x, w, target, grad = _inputs(dtype)
+    hint = None
+    if upstream == "loss_mask":
+        hint, grad = _loss_mask()
     cfg = _cfg(regularizer, mask)
     ref_loss, ref_stats, ref_dx, ref_dw = _reference(x, w, target, grad, cfg)
     mat = _materialised(x, w, target, grad, cfg)
+    gemms = _LogitGEMMs(monkeypatch)
     for chunk in (1, 5, None):  # one token per chunk, uneven chunks, the default
         xf, wf = x.clone().requires_grad_(), w.clone().requires_grad_()
-        loss, stats = fused_linear_sed_loss(xf, wf, target, cfg, chunk_tokens=chunk)
+        loss, stats = fused_linear_sed_loss(xf, wf, target, cfg, chunk_tokens=chunk, grad_hint=hint)
+        chunks = -(-S * B // (chunk or S * B))
+        assert gemms.calls == chunks
         (loss * grad).sum().backward()
+        assert gemms.calls == chunks * (1 if hint is not None else 2), "logits formed in the backward"
+        gemms.calls = 0
         assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
         torch.testing.assert_close(loss.double(), ref_loss.detach(), **TOL[dtype])
         _assert_stats_close(stats, ref_stats, dtype)
@@ -130,16 +165,56 @@ def test_tied_weight_and_main_grad_accumulation():
     torch.testing.assert_close(run(True, w_fused), run(False, w_mat), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(w_fused.grad, w_mat.grad, rtol=1e-6, atol=1e-6)
 
-    weight = w.clone().requires_grad_()
-    weight.main_grad = torch.full(w.shape, 0.5)  # an earlier micro-batch's gradient
-    weight.grad_added_to_main_grad = False
-    x = torch.randn(S, B, H).requires_grad_()
-    loss, _ = fused_linear_sed_loss(x, weight, target, cfg, chunk_tokens=4, accumulate_into_main_grad=True)
-    (loss * grad).sum().backward()
+    # main_grad: at 16 tokens x hidden 16 the in-forward gradient's float32 buffer would
+    # exceed its budget (recomputed in the backward); at 8 x 16 tokens it fits
+    for repeat in (1, 8):
+        weight = w.clone().requires_grad_()
+        weight.main_grad = torch.full(w.shape, 0.5)  # an earlier micro-batch's gradient
+        weight.grad_added_to_main_grad = False
+        x = torch.randn(S * repeat, B, H).requires_grad_()
+        tgt = target.repeat(repeat, 1)
+        hint, upstream = (t.repeat(repeat, 1) for t in _loss_mask())
+        loss, _ = fused_linear_sed_loss(
+            x, weight, tgt, cfg, chunk_tokens=4, accumulate_into_main_grad=True, grad_hint=hint
+        )
+        (loss * upstream).sum().backward()
+        mat = _materialised(x, w, tgt, upstream, cfg)
+        assert weight.grad_added_to_main_grad is True
+        torch.testing.assert_close(weight.main_grad, mat[3] + 0.5, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(x.grad, mat[2], rtol=1e-6, atol=1e-6)
+
+
+def test_gradient_not_proportional_to_the_hint_is_recomputed(monkeypatch):
+    """A hint that does not match the upstream gradient (a caller weighting tokens some
+    other way) must not give a wrong gradient: the backward notices and recomputes."""
+    from megatron_sed.ops import fused_linear_sed
+
+    monkeypatch.setattr(fused_linear_sed, "_fallback_said", False)
+    x, w, target, grad = _inputs(torch.float32)
+    hint, _ = _loss_mask()
+    cfg = _cfg()
     mat = _materialised(x, w, target, grad, cfg)
-    assert weight.grad_added_to_main_grad is True
-    torch.testing.assert_close(weight.main_grad, mat[3] + 0.5, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(x.grad, mat[2], rtol=1e-6, atol=1e-6)
+    gemms = _LogitGEMMs(monkeypatch)
+    xf, wf = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss, _ = fused_linear_sed.fused_linear_sed_loss(xf, wf, target, cfg, chunk_tokens=4, grad_hint=hint)
+    with pytest.warns(UserWarning, match="not proportional to grad_hint"):
+        (loss * grad).sum().backward()
+    assert gemms.calls == 2 * 4
+    _assert_grad_close(xf.grad, mat[2].double(), torch.float32, "dX")
+    _assert_grad_close(wf.grad, mat[3].double(), torch.float32, "dW")
+
+
+def test_grad_in_forward_memory_rule():
+    """With gradient-accumulation fusion the in-forward gradient's float32 [V/tp, h]
+    buffer is extra memory: spent only within 1/8 of the materialised logits plus
+    gradient (Llama-3 8B, bf16, TP 1: from 32,768 tokens per micro-batch on)."""
+    from megatron_sed.ops.fused_linear_sed import grad_in_forward_fits
+
+    weight = torch.empty((128256, 4096), dtype=torch.bfloat16, device="meta")
+    assert grad_in_forward_fits(8192, weight, into_main_grad=False)
+    assert not grad_in_forward_fits(8192, weight, into_main_grad=True)
+    assert not grad_in_forward_fits(32767, weight, into_main_grad=True)
+    assert grad_in_forward_fits(32768, weight, into_main_grad=True)
 
 
 def test_bad_inputs_are_named():
@@ -180,11 +255,17 @@ def _tp2_checks(rank, world):
     seq = slice(rank * S // world, (rank + 1) * S // world)
     for dtype in (torch.float32, torch.bfloat16):
         for regularizer, mask in (("quadratic", "topk_mass"), ("entropy", "all")):
-            x, w, target, grad = _inputs(dtype, seed=1)
+            x, w, target, grad_any = _inputs(dtype, seed=1)
             cfg = _cfg(regularizer, mask)
-            ref_loss, ref_stats, ref_dx, ref_dw = _reference(x, w, target, grad, cfg)
-            mat = _materialised(x, w[rows], target, grad, cfg, tp_group=group)
-            for sp in (False, True):
+            ref_any = _reference(x, w, target, grad_any, cfg)
+            ref_masked = _reference(x, w, target, _loss_mask()[1], cfg)
+            mat_any = _materialised(x, w[rows], target, grad_any, cfg, tp_group=group)
+            hint, masked_grad = _loss_mask()
+            mat_masked = _materialised(x, w[rows], target, masked_grad, cfg, tp_group=group)
+            for sp, in_forward in ((False, False), (True, False), (False, True), (True, True)):
+                grad = masked_grad if in_forward else grad_any
+                mat = mat_masked if in_forward else mat_any
+                ref_loss, ref_stats, ref_dx, ref_dw = ref_masked if in_forward else ref_any
                 xl = (x[seq] if sp else x).clone().requires_grad_()
                 wl = w[rows].clone().requires_grad_()
                 counts = {}
@@ -198,7 +279,14 @@ def _tp2_checks(rank, world):
                     setattr(dist, name, counted)
                 try:
                     loss, stats = fused_linear_sed_loss(
-                        xl, wl, target, cfg, tp_group=group, sequence_parallel=sp, chunk_tokens=3
+                        xl,
+                        wl,
+                        target,
+                        cfg,
+                        tp_group=group,
+                        sequence_parallel=sp,
+                        chunk_tokens=3,
+                        grad_hint=hint if in_forward else None,
                     )
                     forward_counts = dict(counts)
                     (loss * grad).sum().backward()
@@ -207,14 +295,21 @@ def _tp2_checks(rank, world):
                         setattr(dist, name, fn)
                 backward_counts = {n: counts[n] - forward_counts.get(n, 0) for n in counts}
                 backward_counts = {n: c for n, c in backward_counts.items() if c}
-                # bounded, whatever the number of chunks (here 6)
-                if sp:
+                # recomputed in the backward: bounded, whatever the number of chunks (here
+                # 6); in the forward: one small all-gather of the partials per chunk, the
+                # hidden-state gradient reduced there too, nothing left for the backward
+                if in_forward:
+                    gathers = 6 + (1 if sp else 0)
+                    reduce = "reduce_scatter_tensor" if sp else "all_reduce"
+                    assert forward_counts == {"all_gather_into_tensor": gathers, reduce: 1}, forward_counts
+                    assert backward_counts == {}, backward_counts
+                elif sp:
                     assert forward_counts == {"all_gather_into_tensor": 2}, forward_counts
                     assert backward_counts == {"all_gather_into_tensor": 1, "reduce_scatter_tensor": 1}
                 else:
                     assert forward_counts == {"all_gather_into_tensor": 1}, forward_counts
                     assert backward_counts == {"all_reduce": 1}, backward_counts
-                what = f"{dtype} {regularizer} sp={sp} rank {rank}"
+                what = f"{dtype} {regularizer} sp={sp} in_forward={in_forward} rank {rank}"
                 torch.testing.assert_close(loss.double(), ref_loss.detach(), **TOL[dtype], msg=what)
                 _assert_stats_close(stats, ref_stats, dtype)
                 _assert_grad_close(

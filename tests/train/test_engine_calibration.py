@@ -92,6 +92,8 @@ def _reference(llama, recipe):
     return float(np.quantile(masses, 0.3)), len(masses)
 
 
+LINEAR_FUSION = ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "linear"]
+
 # (with --calculate-per-token-loss: the layout tests cover CP without it)
 EMA = [
     "--train-iters",
@@ -113,14 +115,17 @@ def test_calibration_is_exact_and_the_same_at_dp1_and_dp2(tiny_llama, tmp_path):
     The supervised runs track tau with the EMA for two iterations, with per-token loss:
     context parallelism (each CP rank holds part of every sample: THD, per-sample split)
     must give the same calibrated tau, the same EMA step, losses and grad norm as data
-    parallelism over whole sequences (packed with the same per-sample padding)."""
+    parallelism over whole sequences (packed with the same per-sample padding), also with
+    the CP run's output layer fused with the loss."""
     runs = {}
     for name, n, recipe, extra in (
         ("dp1", 1, "authors", ["--train-iters", "2", "--calculate-per-token-loss"]),
         ("dp2", 2, "authors", ["--train-iters", "2", "--calculate-per-token-loss"]),
         # packed + CP 2 pads each sample to a multiple of 4: DP 2 packs the same way
         ("dp2_sup", 2, "supervised", [*EMA, "--sft-pad-granularity", "4"]),
-        ("cp2_sup", 2, "supervised", [*EMA, "--context-parallel-size", "2"]),
+        # ... and with the output layer fused with the loss: calibration forwards, the EMA
+        # and the per-token loss through the fused path
+        ("cp2_sup", 2, "supervised", [*EMA, "--context-parallel-size", "2", *LINEAR_FUSION]),
     ):
         flags = _llama_flags(tiny_llama, "--sed-calibration", recipe, *extra)
         run = train(tmp_path, name, n, flags)
@@ -133,6 +138,7 @@ def test_calibration_is_exact_and_the_same_at_dp1_and_dp2(tiny_llama, tmp_path):
     assert runs["dp1"][0] == runs["dp2"][0]
     assert runs["dp2_sup"][0] != runs["dp2"][0]  # the recipes differ (k, positions, statistic)
     assert runs["cp2_sup"][0] == pytest.approx(runs["dp2_sup"][0], rel=1e-6)
+    assert "gradient computed in the forward" in runs["cp2_sup"][1].log
     ema_taus = runs["dp2_sup"][1].series("sed_threshold")
     assert len(ema_taus) == 2 and ema_taus[1] != ema_taus[0]  # the EMA moved tau
     worst_cp = assert_close(

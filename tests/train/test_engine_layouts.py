@@ -224,8 +224,21 @@ LINEAR_FUSION = ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "
 def fused_layouts(tiny_llama, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fused_layouts")
     return {
-        # chunks of 100 tokens: several per micro-batch of 2 x 128, one uneven
-        "tp1": train(tmp, "tp1", 1, _flags(tiny_llama, *LINEAR_FUSION, "--sed-fused-chunk-tokens", "100")),
+        # TP 1 on the last of 2 pipeline stages; chunks of 100 tokens: several per
+        # micro-batch of 2 x 128, one uneven
+        "pp2": train(
+            tmp,
+            "pp2",
+            2,
+            _flags(
+                tiny_llama,
+                *LINEAR_FUSION,
+                "--pipeline-model-parallel-size",
+                "2",
+                "--sed-fused-chunk-tokens",
+                "100",
+            ),
+        ),
         "tp2sp": train(
             tmp,
             "tp2sp",
@@ -243,12 +256,17 @@ def fused_layouts(tiny_llama, tmp_path_factory):
     }
 
 
-@pytest.mark.parametrize("layout", ["tp1", "tp2sp"])
+@pytest.mark.parametrize("layout", ["pp2", "tp2sp"])
 def test_linear_fusion_reproduces_the_materialised_run(layouts, fused_layouts, layout):
-    """The fused output layer + loss (chunked, logit-free; TP 2 with sequence parallelism:
-    the fused op gathers the hidden states and reduce-scatters their gradient) trains
-    exactly like the materialised TP 1 run: losses, every statistic, gradient norm."""
+    """The fused output layer + loss (chunked, logit-free; at TP 1 on the last pipeline
+    stage, and at TP 2 with sequence parallelism, where the fused op gathers the hidden
+    states and reduce-scatters their gradient) trains exactly like the materialised
+    single-rank run: losses, every statistic, gradient norm."""
     worst = assert_close(layouts["tp1"], fused_layouts[layout], KEYS, atol=1e-5)
     assert len(fused_layouts[layout].records) == ITERS
-    assert "output layer fused with the loss" in fused_layouts[layout].log
+    log = fused_layouts[layout].log
+    # the trainer hands the op the loss mask: the gradient is computed in the forward (3
+    # GEMMs), and the backward found the upstream gradient proportional to it
+    assert "output layer fused with the loss" in log and "gradient computed in the forward" in log
+    assert "not proportional to grad_hint" not in log
     print(f"fused {layout} vs materialised tp1: max |diff| {worst:.2e}")

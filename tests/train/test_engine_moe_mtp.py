@@ -174,8 +174,10 @@ def mtp_runs(tmp_path_factory):
         sed=train(tmp, "mtp_sed", 1, [*base, *sed, "--save", str(ckpt), "--save-interval", "1"]),
     )
     # the TP 1 checkpoint of iteration 1 resumed at TP 2, at the same padded vocabulary
-    # (the padding multiple is --make-vocab-size-divisible-by x TP): MTP at TP 2
+    # (the padding multiple is --make-vocab-size-divisible-by x TP): MTP at TP 2, with the
+    # output layer fused with the loss (the MTP heads keep Megatron's CE on that path too)
     tp2 = [*base, *sed, "--tensor-model-parallel-size", "2", "--make-vocab-size-divisible-by", "64"]
+    tp2 += ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "linear"]
     runs["sed_tp2"] = train(tmp, "mtp_sed_tp2", 2, [*tp2, "--load", str(ckpt), "--ckpt-step", "1"])
     return runs
 
@@ -204,14 +206,16 @@ def test_mtp_heads_keep_megatron_ce_under_sed(mtp_runs):
 
 
 def test_mtp_checkpoint_resumes_at_tp2_with_the_uninterrupted_losses(mtp_runs):
-    """A TP 1 MTP checkpoint (iteration 1) resumed at TP 2 continues the uninterrupted TP 1
-    run: main and MTP losses and grad norms per iteration. The metrics file carries
+    """A TP 1 MTP checkpoint (iteration 1) resumed at TP 2, with the output layer fused with
+    the loss, continues the uninterrupted (materialised) TP 1 run: main and MTP losses and
+    grad norms per iteration. The metrics file carries
     Megatron's per-iteration `mtp_1 loss` (its training line is no reference after a
     start: Megatron does not reset its accumulators after a job's first iteration, so the
     line of iteration 2 averages iterations 1 and 2, about 1e-2 away from a job resumed
     at 1, whose first line is iteration 2 alone)."""
     straight, resumed = mtp_runs["sed"], mtp_runs["sed_tp2"]
     assert [r["iteration"] for r in resumed.records] == [2, 3]
+    assert "gradient computed in the forward" in resumed.log
     keys = ("lm_loss", "ce_loss", "sed_reg", "grad_norm", "mtp_1_loss")
     worst = assert_close(straight, resumed, keys, atol=1e-5, iterations=[2, 3])
     print(f"MTP TP 1 -> TP 2 resume vs uninterrupted TP 1: max |diff| {worst:.2e}")

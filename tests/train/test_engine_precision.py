@@ -1,5 +1,5 @@
-"""Mixed precision through Megatron's loop: --fp16 (dynamic loss scaling) trains like
---bf16. (--calculate-per-token-loss at DP 1 vs DP 2: test_engine_calibration.)"""
+"""Mixed precision through Megatron's loop: --fp16 (dynamic loss scaling, with the output
+layer fused with the loss) trains like --bf16. (--calculate-per-token-loss at DP 1 vs DP 2: test_engine_calibration.)"""
 
 from __future__ import annotations
 
@@ -17,7 +17,13 @@ def test_fp16_trains_like_bf16(tmp_path):
     run, the fp16 loss would not move."""
     common = ["--train-iters", "30", "--lr", "3e-3", "--log-interval", "5"]
     bf16 = train(tmp_path, "bf16", 1, _flags(tmp_path, *common, "--bf16"))
-    fp16 = train(tmp_path, "fp16", 1, _flags(tmp_path, *common, "--fp16", "--initial-loss-scale", "65536"))
+    # the fp16 run on the fused output layer + loss: the loss scale reaches its gradient
+    # (computed in the forward for the loss mask, scaled in the backward)
+    fused = ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "linear"]
+    fp16 = train(
+        tmp_path, "fp16", 1, _flags(tmp_path, *common, *fused, "--fp16", "--initial-loss-scale", "65536")
+    )
+    assert "gradient computed in the forward" in fp16.log
     first, last = bf16.records[0]["lm_loss"], bf16.records[-1]["lm_loss"]
     assert last < first - 0.5, (first, last)
     f_last = fp16.records[-1]["lm_loss"]
