@@ -300,13 +300,13 @@ class FusedLinearSED(torch.autograd.Function):
             out.gamma,
             local_target,
             in_shard,
-            grad_x,
-            acc,
             hint,
         )
+        # the gradient for the hint, scaled in place by the backward that uses it (kept on
+        # ctx, not saved: a second backward of the graph then recomputes instead)
+        ctx.in_forward_grads = (grad_x, acc) if in_forward else None
         ctx.cfg, ctx.group, ctx.world_size = cfg, group, world_size
         ctx.sequence_parallel, ctx.chunk, ctx.into_main_grad = sequence_parallel, chunk, into_main_grad
-        ctx.in_forward = in_forward
         outputs = out.outputs(target.shape)
         ctx.mark_non_differentiable(*outputs[1:])
         return outputs
@@ -323,23 +323,18 @@ class FusedLinearSED(torch.autograd.Function):
             gamma,
             local_target,
             in_shard,
-            grad_x,
-            acc,
             hint,
         ) = ctx.saved_tensors
         nones = (None,) * 9
-        if ctx.in_forward:
+        if ctx.in_forward_grads is not None:
+            (grad_x, acc), ctx.in_forward_grads = ctx.in_forward_grads, None
             c = _upstream_scale(grad_loss, hint)
             if c is not None:
                 if ctx.into_main_grad:
                     weight.main_grad.add_(acc, alpha=c)
-                    return (
-                        grad_x.mul_(c),
-                        _weight_grad(weight, weight.main_grad, True),
-                    ) + nones
-                if grad_x.dtype == torch.float64:  # the gradcheck dtype: saved tensors stay intact
-                    return (grad_x * c, _weight_grad(weight, acc * c, False)) + nones
+                    return (grad_x.mul_(c), _weight_grad(weight, weight.main_grad, True)) + nones
                 return (grad_x.mul_(c), _weight_grad(weight, acc.mul_(c), False)) + nones
+            del grad_x, acc
             _say_fallback()
         group, world_size, cfg = ctx.group, ctx.world_size, ctx.cfg
         sp = ctx.sequence_parallel and world_size > 1

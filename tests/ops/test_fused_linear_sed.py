@@ -204,6 +204,23 @@ def test_gradient_not_proportional_to_the_hint_is_recomputed(monkeypatch):
     _assert_grad_close(wf.grad, mat[3].double(), torch.float32, "dW")
 
 
+def test_a_second_backward_of_the_graph_is_exact(monkeypatch):
+    """retain_graph: the in-forward results were scaled in place by the first backward;
+    the second recomputes (and the gradients add up to twice the materialised ones)."""
+    from megatron_sed.ops.fused_linear_sed import fused_linear_sed_loss
+
+    x, w, target, _ = _inputs(torch.float32)
+    hint, grad = _loss_mask()
+    cfg = _cfg()
+    mat = _materialised(x, w, target, grad, cfg)
+    xf, wf = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss, _ = fused_linear_sed_loss(xf, wf, target, cfg, chunk_tokens=4, grad_hint=hint)
+    (loss * grad).sum().backward(retain_graph=True)
+    (loss * grad).sum().backward()
+    _assert_grad_close(xf.grad, 2 * mat[2].double(), torch.float32, "dX")
+    _assert_grad_close(wf.grad, 2 * mat[3].double(), torch.float32, "dW")
+
+
 def test_grad_in_forward_memory_rule():
     """With gradient-accumulation fusion the in-forward gradient's float32 [V/tp, h]
     buffer is extra memory: spent only within 1/8 of the materialised logits plus
