@@ -25,12 +25,11 @@ import datetime
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from loss_bench import machine_description  # noqa: E402
+from loss_bench import machine_description, run_worker  # noqa: E402
 
 BEGIN, END = "<!-- fused_linear_bench:begin -->", "<!-- fused_linear_bench:end -->"
 
@@ -91,32 +90,17 @@ def worker(args):
 
 
 def measure(impl, tokens, vocab, hidden, dtype, repeat, threads, chunk):
-    cmd = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--worker",
-        "--impl",
-        impl,
-        "--tokens",
-        str(tokens),
-        "--vocab",
-        str(vocab),
-        "--hidden",
-        str(hidden),
-        "--dtype",
-        dtype,
-        "--repeat",
-        str(repeat),
-        "--threads",
-        str(threads),
-    ]
-    if chunk is not None:
-        cmd += ["--chunk", str(chunk)]
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(threads))
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise RuntimeError(f"benchmark worker failed ({' '.join(cmd)}):\n{out.stderr[-3000:]}")
-    return json.loads([x for x in out.stdout.splitlines() if x.startswith("{")][-1])
+    flags = dict(
+        impl=impl,
+        tokens=tokens,
+        vocab=vocab,
+        hidden=hidden,
+        dtype=dtype,
+        repeat=repeat,
+        threads=threads,
+        chunk=chunk,
+    )
+    return run_worker(__file__, flags, threads)
 
 
 HEADER = (

@@ -118,33 +118,26 @@ def worker(args):
 
 
 # --------------------------------------------------------------------------- driver
-def measure(impl, tokens, vocab, dtype, tp, repeat, threads):
-    cmd = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--worker",
-        "--impl",
-        impl,
-        "--tokens",
-        str(tokens),
-        "--vocab",
-        str(vocab),
-        "--dtype",
-        dtype,
-        "--tp",
-        str(tp),
-        "--repeat",
-        str(repeat),
-        "--threads",
-        str(threads),
-    ]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp}"] + cmd[1:]
+def run_worker(script: str, flags: dict, threads: int, launcher: tuple = ()) -> dict:
+    """Run `script --worker --KEY VALUE ...` (None values left out) in a fresh process,
+    under `launcher` (e.g. torch.distributed.run's arguments) if given, and return the last
+    JSON line it prints. Shared by the CPU benchmarks that measure each arm in its own
+    process."""
+    cmd = [sys.executable, *launcher, os.path.abspath(script), "--worker"]
+    for key, value in flags.items():
+        if value is not None:
+            cmd += [f"--{key}", str(value)]
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(threads))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"benchmark worker failed ({' '.join(cmd)}):\n{out.stderr[-3000:]}")
-    line = [x for x in out.stdout.splitlines() if x.startswith("{")][-1]
-    return json.loads(line)
+    return json.loads([x for x in out.stdout.splitlines() if x.startswith("{")][-1])
+
+
+def measure(impl, tokens, vocab, dtype, tp, repeat, threads):
+    flags = dict(impl=impl, tokens=tokens, vocab=vocab, dtype=dtype, tp=tp, repeat=repeat, threads=threads)
+    launcher = ("-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp}")
+    return run_worker(__file__, flags, threads, launcher)
 
 
 def machine_description() -> str:

@@ -189,21 +189,6 @@ def _upstream_scale(grad_loss: torch.Tensor, hint: torch.Tensor) -> Optional[flo
     return c if proportional else None
 
 
-_fallback_said = False
-
-
-def _say_fallback() -> None:
-    global _fallback_said
-    if not _fallback_said:
-        _fallback_said = True
-        warnings.warn(
-            "fused_linear_sed_loss: the upstream gradient is not proportional to grad_hint; "
-            "the backward recomputes the logits instead (exact, one GEMM slower). Pass the "
-            "weights the per-token loss is reduced with as grad_hint, or none.",
-            stacklevel=2,
-        )
-
-
 class FusedLinearSED(torch.autograd.Function):
     """apply(hidden, weight, target, grad_hint, cfg, group, world_size, rank,
     sequence_parallel, chunk_tokens, into_main_grad) -> (loss, *stats in STAT_NAMES
@@ -335,7 +320,13 @@ class FusedLinearSED(torch.autograd.Function):
                     return (grad_x.mul_(c), _weight_grad(weight, weight.main_grad, True)) + nones
                 return (grad_x.mul_(c), _weight_grad(weight, acc.mul_(c), False)) + nones
             del grad_x, acc
-            _say_fallback()
+            # (shown once per process: Python's default filter, one call site)
+            warnings.warn(
+                "fused_linear_sed_loss: the upstream gradient is not proportional to grad_hint; "
+                "the backward recomputes the logits instead (exact, one GEMM slower). Pass the "
+                "weights the per-token loss is reduced with as grad_hint, or none.",
+                stacklevel=2,
+            )
         group, world_size, cfg = ctx.group, ctx.world_size, ctx.cfg
         sp = ctx.sequence_parallel and world_size > 1
         x = _gather_tokens(hidden, group, world_size) if sp else hidden

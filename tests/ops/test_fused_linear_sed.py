@@ -189,7 +189,6 @@ def test_gradient_not_proportional_to_the_hint_is_recomputed(monkeypatch):
     other way) must not give a wrong gradient: the backward notices and recomputes."""
     from megatron_sed.ops import fused_linear_sed
 
-    monkeypatch.setattr(fused_linear_sed, "_fallback_said", False)
     x, w, target, grad = _inputs(torch.float32)
     hint, _ = _loss_mask()
     cfg = _cfg()
