@@ -191,13 +191,14 @@ def main(argv=None) -> int:
                 ),
             )
         )
-    for vocab in a.vocab if a.fused else []:
-        flags = [
+
+    def vocab_flags(vocab: int, micro: int, global_batch: int) -> list[str]:
+        return [
             *common,
             "--micro-batch-size",
-            "16",
+            str(micro),
             "--global-batch-size",
-            "32",
+            str(global_batch),
             "--tokenizer-type",
             "NullTokenizer",
             "--vocab-size",
@@ -208,11 +209,10 @@ def main(argv=None) -> int:
             "100000",
             "--synthetic-cache-dir",
             str(tmp / "syn_new"),
-            "--loss-type",
-            "sed",
-            "--sed-threshold",
-            "0.9",
         ]
+
+    for vocab in a.vocab if a.fused else []:
+        flags = [*vocab_flags(vocab, 16, 32), "--loss-type", "sed", "--sed-threshold", "0.9"]
         d = tmp / f"fused{vocab}"
         d.mkdir()
         linear = ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "linear"]
@@ -229,23 +229,7 @@ def main(argv=None) -> int:
             )
         )
     for vocab in [] if a.fused else a.vocab:
-        flags = [
-            *common,
-            "--micro-batch-size",
-            "4",
-            "--global-batch-size",
-            "8",
-            "--tokenizer-type",
-            "NullTokenizer",
-            "--vocab-size",
-            str(vocab),
-            "--eval-iters",
-            "1",
-            "--eval-interval",
-            "100000",
-            "--synthetic-cache-dir",
-            str(tmp / "syn_new"),
-        ]
+        flags = vocab_flags(vocab, 4, 8)
         d = tmp / f"v{vocab}"
         d.mkdir()
         rows.append(
