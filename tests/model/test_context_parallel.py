@@ -14,6 +14,7 @@ from megatron_sed.model.context_parallel import (
     cp_chunk_positions,
     thd_partition_indices,
 )
+from tests.helpers.attention import tiny_sdpa_attention
 from tests.helpers.host_sync import NoHostSync
 
 
@@ -59,29 +60,9 @@ def test_thd_partition_needs_samples_padded_to_2cp():
 def test_sdpa_core_attention_thd_equals_the_block_causal_mask():
     """THD input (one flattened row, PackedSeqParams with each sample's padding) gives the
     mask path's outputs on every real token; no real token sees another sample or padding."""
-    from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.enums import AttnMaskType
-
     from megatron_sed.data.reader import build_block_causal_mask, packed_seq_params_from_segments
-    from megatron_sed.model import SDPACoreAttention
 
-    cfg = TransformerConfig(
-        num_layers=1,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_query_groups=2,
-        use_cpu_initialization=True,
-        attention_dropout=0.0,
-    )
-
-    class _TP:  # a 1-rank TP group stand-in
-        def size(self):
-            return 1
-
-    class _PG:
-        tp = _TP()
-
-    attn = SDPACoreAttention(cfg, 1, AttnMaskType.causal, pg_collection=_PG())
+    attn = tiny_sdpa_attention()
     seg = torch.tensor([[0, 0, 0, -2, 1, 1, 1, 1, 2, 2, -2, -2, -1, -1, -1, -1]])
     s = seg.shape[1]
     g = torch.Generator().manual_seed(0)

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_sed.data.reader import build_block_causal_mask
+from tests.helpers.attention import tiny_sdpa_attention
 from tests.helpers.dist import run_distributed
 from tests.helpers.model_args import tiny_model_args
 from tests.helpers.sed_reference import reference_sed
@@ -144,28 +145,7 @@ def test_packed_mask_blocks_cross_sample_attention(tp_results):
 
 def test_sdpa_core_attention_matches_reference():
     """GQA, causal + extra mask, [s, b, h, d] layout, against float64 naive attention."""
-    from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.enums import AttnMaskType
-
-    from megatron_sed.model import SDPACoreAttention
-
-    cfg = TransformerConfig(
-        num_layers=1,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_query_groups=2,
-        use_cpu_initialization=True,
-        attention_dropout=0.0,
-    )
-
-    class _TP:  # a 1-rank TP group stand-in
-        def size(self):
-            return 1
-
-    class _PG:
-        tp = _TP()
-
-    attn = SDPACoreAttention(cfg, 1, AttnMaskType.causal, pg_collection=_PG())
+    attn = tiny_sdpa_attention()
     s, b = 6, 2
     g = torch.Generator().manual_seed(0)
     q = torch.randn(s, b, 4, 8, generator=g)
