@@ -29,9 +29,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from loss_bench import machine_description, run_worker  # noqa: E402
-
-BEGIN, END = "<!-- fused_linear_bench:begin -->", "<!-- fused_linear_bench:end -->"
+from loss_bench import machine_description, run_worker, write_docs_block  # noqa: E402
 
 
 def _rss_now() -> int:
@@ -171,20 +169,9 @@ def main():
     stamp = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {machine_description()}"
     print(f"\n{stamp}, {args.threads} thread(s)")
     if args.write_docs:
-        path = os.path.join(
-            os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "performance.md"
-        )
-        text = open(path).read()
         table = "\n".join([HEADER, "|" + "---|" * NCOLS] + rows)
-        block = (
-            f"{BEGIN}\nMeasured {stamp}, {args.threads} thread(s), median of {args.repeat}:\n\n{table}\n{END}"
-        )
-        if BEGIN in text:
-            text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
-        else:
-            text += f"\n## CPU: output layer + loss, fused vs materialised\n\n{block}\n"
-        with open(path, "w") as f:
-            f.write(text)
+        body = f"Measured {stamp}, {args.threads} thread(s), median of {args.repeat}:\n\n{table}"
+        write_docs_block("fused_linear_bench", "CPU: output layer + loss, fused vs materialised", body)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,6 @@ import subprocess
 import sys
 import time
 
-BEGIN, END = "<!-- loss_bench:begin -->", "<!-- loss_bench:end -->"
-
 
 # --------------------------------------------------------------------------- worker
 def _rss_peak_bytes() -> int:
@@ -226,14 +224,23 @@ def main():
 
 
 def write_docs(table: str, stamp: str, args) -> None:
+    cmd = "python benchmarks/loss_bench.py" + (" --quick" if args.quick else "")
+    body = f"Measured {stamp}, `{cmd}`, median of {args.repeat} fwd+bwd runs:\n\n{table}"
+    write_docs_block("loss_bench", "CPU loss: SED vs Megatron CE", body)
+
+
+def write_docs_block(name: str, heading: str, body: str) -> None:
+    """Put `body` between docs/performance.md's `<!-- name:begin -->` / `:end` markers (a new
+    `## heading` section at the end where they are missing), atomically. Shared by the CPU
+    benchmarks' --write-docs."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "performance.md")
     text = open(path).read() if os.path.exists(path) else "# Performance\n"
-    cmd = "python benchmarks/loss_bench.py" + (" --quick" if args.quick else "")
-    block = f"{BEGIN}\nMeasured {stamp}, `{cmd}`, median of {args.repeat} fwd+bwd runs:\n\n{table}\n{END}"
-    if BEGIN in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
+    block = f"{begin}\n{body}\n{end}"
+    if begin in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
     else:
-        text += f"\n## CPU loss: SED vs Megatron CE\n\n{block}\n"
+        text += f"\n## {heading}\n\n{block}\n"
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)
